@@ -1,0 +1,3 @@
+from dimee_models.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The `dimee` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pydantic
+
+from dimee_models.artifact import ArtifactError
+from dimee_models.data import DatasetError
+
+
+def _fractions(value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {value!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {value!r}")
+    return parts
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a multi-exit model and write an artifact directory")
+    p.add_argument("--dataset", required=True, help="rt-polarity, trec6, sms-spam, glue/<task>, csv:PATH or jsonl:PATH")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    p.add_argument("--backbone", default="default", help="local directory or hub id (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--epochs", type=_positive_int, default=3)
+    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=_positive_float, default=5e-5, help="backbone learning rate")
+    p.add_argument("--head-lr", type=_positive_float, default=5e-4, help="exit-head learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--splits", type=_fractions, default=(0.65, 0.2, 0.15), help="train,calibration,test fractions")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--mobile-exit", type=_positive_int, default=None, help="layer of the mobile exit (default L/3)")
+    p.add_argument("--edge-exit", type=_positive_int, default=None, help="layer of the edge exit (default 2L/3)")
+    p.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
+
+
+def cmd_train(args) -> int:
+    from dimee_models.train import TrainConfig, train
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"--out {args.out} exists and is not empty; choose a new directory")
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}
+    manifest = train(TrainConfig(**fields), args.out)
+    print(f"wrote {args.out} ({manifest['training']['wall_seconds']:.0f} s)")
+    return 0
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="show an artifact's manifest")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+
+
+def cmd_info(args) -> int:
+    from dimee_models.artifact import read_manifest
+
+    m = read_manifest(args.dir)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"artifact   {args.dir}")
+    print(f"backbone   {m['backbone']} ({m['model_type']}, {m['num_layers']} layers, hidden {m['hidden_size']})")
+    print(f"dataset    {m['dataset']['name']}: {m['split_sizes']} (train/calibration/test)")
+    print(f"labels     {m['labels'] or 'regression'}")
+    print(f"exits      mobile after layer {m['exits']['mobile']}, edge after layer {m['exits']['edge']}")
+    for tier, t in m["tiers"].items():
+        print(f"tier {tier:6s} layers {t['layers'][0]}..{t['layers'][1]}, heads {t['exit_heads']}, "
+              f"{t['parameters'] / 1e6:.2f} M params, {t['parameter_bytes'] / 2**20:.1f} MiB")
+    for name, values in m.get("metrics", {}).items():
+        print(f"{name}: " + " ".join(f"{i}:{v:.4f}" for i, v in enumerate(values, start=1)))
+    if "policy" in m:
+        print(f"policy     {json.dumps(m['policy'])}")
+    print(f"files      {len(m['files'])} verified by sha256")
+    return 0
+
+
+def _cost_flags(p) -> None:
+    g = p.add_argument_group("cost model (defaults, then --cost-config JSON, then these flags)")
+    g.add_argument("--cost-config", type=Path, default=None, help="JSON file with any CostModel fields")
+    for name, help_text in (
+        ("lambda-mobile", "cost of one layer on mobile (default 0.1)"),
+        ("lambda-edge", "cost of one layer on edge (default 0.1)"),
+        ("lambda-cloud", "cost of one layer on cloud (default 0.1)"),
+        ("o-1", "offload cost mobile -> edge (default 0.2)"),
+        ("o-2", "offload cost mobile -> cloud (default 0.5)"),
+        ("o-edge-cloud", "offload cost edge -> cloud (default 0.3)"),
+        ("mu", "weight of cost in the DIMEE reward (default 1.0)"),
+    ):
+        g.add_argument(f"--{name}", type=float, default=None, help=help_text)
+
+
+def _cost_model(args, fallback_to_defaults: bool = True):
+    from dimee_models.cost import load_cost_model
+
+    overrides = {k: getattr(args, k) for k in
+                 ("lambda_mobile", "lambda_edge", "lambda_cloud", "o_1", "o_2", "o_edge_cloud", "mu")}
+    if not fallback_to_defaults and args.cost_config is None and all(v is None for v in overrides.values()):
+        return None
+    if args.cost_config is not None and not args.cost_config.is_file():
+        raise ValueError(f"--cost-config {args.cost_config}: file not found")
+    try:
+        return load_cost_model(args.cost_config, **overrides)
+    except (json.JSONDecodeError, pydantic.ValidationError) as err:
+        raise ValueError(f"invalid cost model: {err}") from None
+
+
+def add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit the DIMEE routing policies on the calibration split")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--max-accuracy-drop", type=float, default=0.3, help="budget in percentage points (default 0.3)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="cross-fitting folds on the calibration split")
+    p.add_argument("--default-policy", default=None,
+                   help="policy the server uses by default (default: the cheapest *_constrained on calibration data)")
+    _cost_flags(p)
+
+
+def cmd_calibrate(args) -> int:
+    from dimee_models.evaluate import run_calibration
+
+    if not 0 <= args.max_accuracy_drop <= 100:
+        raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")
+    doc = run_calibration(args.dir, _cost_model(args), args.max_accuracy_drop, args.folds, default=args.default_policy)
+    print(f"cost model: {json.dumps(doc['cost_model'])}")
+    print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
+    for name, pol in doc["policies"].items():
+        print(f"  {name:28s} {pol['kind']:8s} thresholds {pol['thresholds']}")
+    for name, threshold in doc["cascade_thresholds"].items():
+        print(f"  {name:28s} cascade  threshold {threshold}")
+    print(f"default serving policy: {doc['default']}")
+    for warning in doc["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy and cost of DIMEE and its baselines on the test split")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write an accuracy-vs-cost PNG here")
+    _cost_flags(p)
+
+
+def cmd_evaluate(args) -> int:
+    from dimee_models.evaluate import format_table, plot, run_evaluation
+
+    result, cal_out, test_out = run_evaluation(args.dir, _cost_model(args, fallback_to_defaults=False))
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        from dimee_models.cost import CostModel
+
+        plot(args.plot, cal_out, test_out, CostModel(**result["cost_model"]), result["methods"])
+    return 0
+
+
+COMMANDS = {
+    "train": (add_train, cmd_train),
+    "info": (add_info, cmd_info),
+    "calibrate": (add_calibrate, cmd_calibrate),
+    "evaluate": (add_evaluate, cmd_evaluate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimee", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, run) in COMMANDS.items():
+        add(sub)
+        sub.choices[name].set_defaults(func=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DatasetError, ArtifactError, ValueError, OSError) as err:
+        print(f"dimee {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

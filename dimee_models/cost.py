@@ -1,0 +1,57 @@
+"""The inference cost model: per-layer compute on each tier plus the price of each offload hop.
+
+A sample's cost follows from the path it took (layers are 1-based, m < e < L):
+    mobile      answered at exit m          lambda_m*m
+    edge        mobile -> edge, exit e      lambda_m*m + o_1 + lambda_e*(e-m)
+    cloud       mobile -> cloud, exit L     lambda_m*m + o_2 + lambda_c*(L-m)
+    edge_cloud  mobile -> edge -> cloud     lambda_m*m + o_1 + lambda_e*(e-m) + o_ec + lambda_c*(L-e)
+    cloud_only  raw input -> cloud          o_2 + lambda_c*L   (the baseline every report compares with)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+PATHS = ("mobile", "edge", "cloud", "edge_cloud", "cloud_only")
+TIER_OF_PATH = {"mobile": "mobile", "edge": "edge", "cloud": "cloud", "edge_cloud": "cloud", "cloud_only": "cloud"}
+
+
+class CostModel(BaseModel):
+    """Costs in arbitrary units; only their ratios matter."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    lambda_mobile: float = Field(0.1, ge=0, description="cost of one layer on the mobile tier")
+    lambda_edge: float = Field(0.1, ge=0, description="cost of one layer on the edge tier")
+    lambda_cloud: float = Field(0.1, ge=0, description="cost of one layer on the cloud tier")
+    o_1: float = Field(0.2, ge=0, description="offload cost mobile -> edge")
+    o_2: float = Field(0.5, ge=0, description="offload cost mobile -> cloud (also raw input -> cloud)")
+    o_edge_cloud: float = Field(0.3, ge=0, description="offload cost edge -> cloud, for escalating methods")
+    mu: float = Field(1.0, ge=0, description="weight of cost against confidence in the DIMEE reward")
+
+    def path_costs(self, m: int, e: int, num_layers: int) -> dict[str, float]:
+        mobile = self.lambda_mobile * m
+        edge = mobile + self.o_1 + self.lambda_edge * (e - m)
+        return {
+            "mobile": mobile,
+            "edge": edge,
+            "cloud": mobile + self.o_2 + self.lambda_cloud * (num_layers - m),
+            "edge_cloud": edge + self.o_edge_cloud + self.lambda_cloud * (num_layers - e),
+            "cloud_only": self.o_2 + self.lambda_cloud * num_layers,
+        }
+
+    def costs_of(self, paths: np.ndarray, m: int, e: int, num_layers: int) -> np.ndarray:
+        """Per-sample cost for an array of path indices into PATHS."""
+        table = self.path_costs(m, e, num_layers)
+        return np.array([table[p] for p in PATHS])[paths]
+
+
+def load_cost_model(path: str | Path | None, **overrides: float | None) -> CostModel:
+    """Defaults, then a JSON config file, then explicit (CLI) values that are not None."""
+    values = json.loads(Path(path).read_text()) if path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CostModel(**values)

