@@ -192,21 +192,24 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands=None) -> argparse.ArgumentParser:
+    """`extra_commands(subparsers)` adds commands defined outside this package (the serving ones)."""
     parser = argparse.ArgumentParser(prog="dimee", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run) in COMMANDS.items():
         add(sub)
         sub.choices[name].set_defaults(func=run)
+    if extra_commands is not None:
+        extra_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_commands=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra_commands).parse_args(argv)
     try:
         return args.func(args)
-    except (DatasetError, ArtifactError, ValueError, OSError) as err:
+    except (DatasetError, ArtifactError, ValueError, OSError, RuntimeError) as err:
         print(f"dimee {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,64 @@
+"""`build_app(args)`: the one way the application is built, by `serve run`, Serve config files,
+`dimee serve` and the tests.
+
+    serve run deployments.app:build_app artifact=artifacts/rt-polarity
+    serve deploy deployments/serve_config.yaml
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+from ray.serve import Application
+
+from deployments.router import Router
+from deployments.schemas import AppArgs, TierOptions, tier_resource
+from deployments.tier import TierModel
+from dimee_models import artifact
+from dimee_models.policy import load_policies
+
+TIER_NAMES = ("mobile", "edge", "cloud")
+
+
+def deployment_name(tier: str) -> str:
+    return f"{tier.capitalize()}Tier"
+
+
+def tier_deployment(args: AppArgs, tier: str):
+    options: TierOptions = getattr(args, tier)
+    return TierModel.options(
+        name=deployment_name(tier),
+        num_replicas=options.num_replicas,
+        max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_cpus": options.num_cpus, "resources": {tier_resource(tier): 0.01}},
+    ).bind(str(Path(args.artifact).resolve()), tier, options)
+
+
+def check_artifact(args: AppArgs) -> None:
+    """Fail at build time, with the reason, rather than in three replicas later."""
+    artifact.read_manifest(args.artifact)
+    policies, doc = load_policies(args.artifact)
+    if args.policy is not None and args.policy not in policies:
+        raise ValueError(f"policy {args.policy!r} is not in {args.artifact}; it has {sorted(policies)}")
+
+
+def check_placement() -> None:
+    """A tier whose resource no node carries would wait forever for a node: refuse instead."""
+    available = ray.cluster_resources()
+    missing = [tier_resource(t) for t in TIER_NAMES if available.get(tier_resource(t), 0) <= 0]
+    if missing:
+        raise RuntimeError(
+            f"no node in this Ray cluster carries the resource(s) {missing}: start nodes with e.g. "
+            f"--resources='{{\"{missing[0]}\": 1}}' (see `dimee cluster up` and cluster.yaml)"
+        )
+
+
+def build_app(args: AppArgs) -> Application:
+    if isinstance(args, dict):
+        args = AppArgs(**args)
+    check_artifact(args)
+    if args.require_placement and ray.is_initialized():
+        check_placement()
+    tiers = {t: tier_deployment(args, t) for t in TIER_NAMES}
+    return Router.options(ray_actor_options={"num_cpus": 0}).bind(tiers["mobile"], tiers["edge"], tiers["cloud"], args)

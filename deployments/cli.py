@@ -1,0 +1,112 @@
+"""The `dimee` command: the model commands of `dimee_models.cli` plus the serving commands
+(`up`, `down`, `cluster up|down`, `serve`), which need Ray and so live here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from dimee_models import cli as model_cli
+
+DEFAULT_ARTIFACT = Path("artifacts/default")
+QUICK_EPOCHS = 1  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
+
+
+def add_serve_flags(p) -> None:
+    p.add_argument("--policy", default=None, help="stored policy to serve (default: the artifact's default)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    for tier in ("mobile", "edge", "cloud"):
+        p.add_argument(f"--{tier}-replicas", type=model_cli._positive_int, default=1, help=f"replicas of the {tier} tier")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("serve", help="deploy a calibrated artifact onto a running cluster")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster)")
+    add_serve_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("cluster", help="start or stop a local three-node cluster (mobile, edge, cloud)")
+    p.add_argument("action", choices=("up", "down"))
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
+    p.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT, help=f"artifact to serve (default {DEFAULT_ARTIFACT})")
+    p.add_argument("--dataset", default="rt-polarity", help="dataset for the default model when it must be trained")
+    p.add_argument("--epochs", type=model_cli._positive_int, default=QUICK_EPOCHS,
+                   help=f"epochs for the default model when it must be trained (default {QUICK_EPOCHS})")
+    add_serve_flags(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the local cluster and everything it serves")
+    p.set_defaults(func=cmd_down)
+
+
+def cmd_cluster(args) -> int:
+    if args.action == "down":
+        return cmd_down(args)
+    from deployments import local_cluster
+
+    print(f"cluster up at {local_cluster.up()}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from deployments import local_cluster
+
+    local_cluster.down()
+    print("cluster down")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import ray
+    from ray import serve
+
+    from deployments import local_cluster
+    from deployments.app import build_app
+    from deployments.schemas import AppArgs
+
+    app_args = AppArgs(
+        artifact=str(args.dir.resolve()), policy=args.policy,
+        mobile={"num_replicas": args.mobile_replicas}, edge={"num_replicas": args.edge_replicas},
+        cloud={"num_replicas": args.cloud_replicas},
+    )
+    ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING)
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+    serve.run(build_app(app_args), name="dimee", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {args.dir} at {url}  (OpenAPI docs: {url}/docs)")
+    print(f"try: curl -s {url}/v1/classify -H 'Content-Type: application/json' "
+          "-d '{\"texts\": [\"a gorgeous, witty, seductive movie.\", \"the plot is a mess.\"]}'")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from deployments import local_cluster
+    from dimee_models.artifact import read_manifest
+
+    if not (args.artifact / "manifest.json").is_file():
+        from dimee_models.train import TrainConfig, train
+
+        print(f"no artifact at {args.artifact}: training a {args.epochs}-epoch {args.dataset} model (cached there)")
+        train(TrainConfig(dataset=args.dataset, epochs=args.epochs), args.artifact)
+    if "policy" not in read_manifest(args.artifact):
+        from dimee_models.cost import CostModel
+        from dimee_models.evaluate import run_calibration
+
+        run_calibration(args.artifact, CostModel(), 0.3)
+    local_cluster.down()  # a stale cluster from an earlier run would hold the ports
+    local_cluster.up()
+    args.dir, args.address = args.artifact, None
+    return cmd_serve(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return model_cli.main(argv, extra_commands=add_commands)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

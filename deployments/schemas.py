@@ -1,0 +1,116 @@
+"""Typed shapes: HTTP bodies, the app builder's arguments, and what travels between deployments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Policy = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
+TierName = Literal["mobile", "edge", "cloud"]
+
+
+# HTTP ---------------------------------------------------------------------------------------------
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] = Field(..., min_length=1, description="texts to classify (1 to the server's limit, 64 by default)")
+    text_pairs: list[str] | None = Field(None, description="second sentences, one per text, for sentence-pair models")
+    policy: Policy = Field("dimee", description="dimee, or a baseline: cloud_only, mobile_only, edge_only")
+
+    @model_validator(mode="after")
+    def _pairs_match(self) -> ClassifyRequest:
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
+            raise ValueError(f"text_pairs has {len(self.text_pairs)} items but texts has {len(self.texts)}")
+        for i, text in enumerate(self.texts):
+            if not text.strip():
+                raise ValueError(f"texts[{i}] is empty")
+        return self
+
+
+class Prediction(BaseModel):
+    label: str
+    label_id: int
+    confidence: float
+    tier: TierName
+    exit_layer: int
+    cost: float
+
+
+class ClassifyResponse(BaseModel):
+    predictions: list[Prediction]
+    model: str
+
+
+# app builder ----------------------------------------------------------------------------------------
+
+
+class TierOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, description="replicas of this tier")
+    num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per replica (also sets torch threads)")
+    max_ongoing_requests: int = Field(16, ge=1, description="requests a replica accepts at once")
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch: most requests merged into one forward pass")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch: how long to wait for a batch to fill")
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app`; the same for `serve run`, Serve config files, the CLI and tests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str = Field(..., description="calibrated artifact directory (visible on every node)")
+    policy: str | None = Field(None, description="stored DIMEE policy to serve; default: the artifact's default")
+    max_texts: int = Field(64, ge=1, le=4096, description="most texts in one request")
+    mobile: TierOptions = Field(default_factory=TierOptions)
+    edge: TierOptions = Field(default_factory=TierOptions)
+    cloud: TierOptions = Field(default_factory=TierOptions)
+    require_placement: bool = Field(
+        True, description="fail at deploy time if the cluster has no node with a tier's resource"
+    )
+
+
+def tier_resource(tier: str) -> str:
+    """The custom resource that pins a tier's replicas to its kind of node."""
+    return f"tier_{tier}"
+
+
+# between deployments -----------------------------------------------------------------------------------
+
+
+@dataclass
+class HiddenRef:
+    """The layer-m hidden state in Ray's object store. Wrapped in a dataclass so that Serve and Ray
+    pass the reference along instead of resolving it: the router never holds the bytes."""
+
+    ref: ray.ObjectRef  # -> (hidden (B, T, H) float32, attention_mask (B, T) int64)
+    layer: int
+    nbytes: int
+
+
+@dataclass
+class TierRequest:
+    """Either raw token ids (mobile; cloud for cloud-only) or rows of a stored hidden state."""
+
+    input_ids: list[list[int]] | None = None
+    token_type_ids: list[list[int]] | None = None
+    hidden: HiddenRef | None = None
+    rows: list[int] | None = None
+    keep_hidden: bool = False  # mobile: store the hidden state for a later tier
+
+
+@dataclass
+class TierReply:
+    probs: np.ndarray  # (B, C) at the tier's exit
+    exit_layer: int
+    z: np.ndarray | None  # (B, H) mobile embedding, mobile only
+    hidden: HiddenRef | None  # mobile only, when asked to keep it
+    compute_ms: float  # layer compute for the whole batch this request rode in
+    received: str  # "tokens" or "object_store": how the input arrived
+    node_id: str

@@ -1,0 +1,122 @@
+"""One tier deployment class, bound three times (mobile, edge, cloud) with its own layer range.
+
+A replica loads only its tier's weights from the artifact. Requests arriving within a few
+milliseconds share one forward pass (`@serve.batch`); every sample keeps its own result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+import numpy as np
+import ray
+import torch
+from ray import serve
+
+from deployments.schemas import HiddenRef, TierOptions, TierReply, TierRequest
+from dimee_models import artifact
+from dimee_models.model import HiddenState
+
+log = logging.getLogger("ray.serve")
+
+
+def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.ndarray:
+    """Right-pad (b_i, T_i, ...) arrays along T to `length` and stack them along the batch."""
+    padded = [np.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+              for a in arrays]
+    return np.concatenate(padded)
+
+
+@serve.deployment
+class TierModel:
+    def __init__(self, artifact_dir: str, tier: str, options: TierOptions):
+        torch.set_num_threads(max(1, math.ceil(options.num_cpus)))
+        manifest = artifact.read_manifest(artifact_dir)
+        self.tier = tier
+        self.model = artifact.load_tier(artifact_dir, tier, manifest)
+        self.end = artifact.tier_specs(manifest["num_layers"], manifest["exits"]["mobile"],
+                                       manifest["exits"]["edge"])[tier].end
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.forward_batch.set_max_batch_size(options.max_batch_size)
+        self.forward_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        params, nbytes = self.model.parameter_bytes()
+        log.info("%s tier: layers ..%d, %d parameters (%.1f MiB)", tier, self.end, params, nbytes / 2**20)
+
+    async def __call__(self, request: TierRequest) -> TierReply:
+        return await self.forward_batch(request)
+
+    def describe(self) -> dict:
+        params, nbytes = self.model.parameter_bytes()
+        return {"tier": self.tier, "node_id": self.node_id, "parameters": params, "parameter_bytes": nbytes,
+                "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
+                "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads)}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
+        stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
+        inputs, fetched = [], iter(stored)
+        for r in requests:
+            if r.hidden is None:
+                inputs.append((0, r.input_ids, r.token_type_ids))
+            else:
+                hidden, mask = next(fetched)
+                inputs.append((r.hidden.layer, hidden[r.rows], mask[r.rows]))
+        replies: list[TierReply | None] = [None] * len(requests)
+        for start in sorted({i[0] for i in inputs}):  # one forward per starting layer
+            members = [k for k, i in enumerate(inputs) if i[0] == start]
+            for k, reply in zip(members, await asyncio.to_thread(self._forward, [requests[k] for k in members],
+                                                                 [inputs[k] for k in members], start)):
+                replies[k] = reply
+        return replies
+
+    def _forward(self, requests: list[TierRequest], inputs: list[tuple], start: int) -> list[TierReply]:
+        began = time.perf_counter()
+        with torch.inference_mode():
+            state = self._state(inputs, start)
+            state = self.model.run_layers(state, self.end)
+            out = self.model.exit(state)
+        probs = out.logits.softmax(-1).numpy() if self.model.num_labels > 1 else out.logits.numpy()
+        compute_ms = (time.perf_counter() - began) * 1000
+        replies, lo = [], 0
+        for r, (_, first, _) in zip(requests, inputs):
+            rows = slice(lo, lo + len(first))
+            lo = rows.stop
+            hidden = None
+            if r.keep_hidden:
+                mask = state.attention_mask[rows].numpy()
+                length = int(mask.sum(1).max())  # trim the batch padding this request does not need
+                payload = (state.hidden[rows, :length].numpy(), mask[:, :length])
+                hidden = HiddenRef(ray.put(payload), self.end, payload[0].nbytes)
+            replies.append(TierReply(
+                probs=probs[rows], exit_layer=self.end,
+                z=out.pooled[rows].numpy() if self.tier == "mobile" else None,
+                hidden=hidden, compute_ms=compute_ms,
+                received="tokens" if start == 0 else "object_store", node_id=self.node_id,
+            ))
+        return replies
+
+    def _state(self, inputs: list[tuple], start: int) -> HiddenState:
+        if start == 0:
+            length = max(len(row) for _, ids, _ in inputs for row in ids)
+            ids = np.concatenate([_pad_rows(ids, length, self.pad_id) for _, ids, _ in inputs])
+            mask = np.concatenate([_pad_rows([[1] * len(row) for row in ids_], length, 0) for _, ids_, _ in inputs])
+            types = None
+            if all(t is not None for _, _, t in inputs):
+                types = torch.as_tensor(np.concatenate([_pad_rows(t, length, 0) for _, _, t in inputs]))
+            return self.model.embed(torch.as_tensor(ids), torch.as_tensor(mask), types)
+        length = max(h.shape[1] for _, h, _ in inputs)
+        hidden = pad_stack([h for _, h, _ in inputs], length)
+        mask = pad_stack([m for _, _, m in inputs], length)
+        return HiddenState(torch.from_numpy(hidden), torch.from_numpy(mask), start)
+
+
+def _pad_rows(rows, length: int, value: int) -> np.ndarray:
+    """Token-id lists (ragged) -> (b, length) int64 array."""
+    out = np.full((len(rows), length), value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
