@@ -25,14 +25,22 @@ def deployment_name(tier: str) -> str:
     return f"{tier.capitalize()}Tier"
 
 
+def deployment_options(args: AppArgs, tier: str) -> dict:
+    """Serve options of one tier: its name, replicas and placement by the tier's custom resource."""
+    options: TierOptions = getattr(args, tier)
+    return {
+        "name": deployment_name(tier),
+        "num_replicas": options.num_replicas,
+        "max_ongoing_requests": options.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": options.num_cpus, "resources": {tier_resource(tier): 0.01}},
+    }
+
+
 def tier_deployment(args: AppArgs, tier: str):
     options: TierOptions = getattr(args, tier)
-    return TierModel.options(
-        name=deployment_name(tier),
-        num_replicas=options.num_replicas,
-        max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.num_cpus, "resources": {tier_resource(tier): 0.01}},
-    ).bind(str(Path(args.artifact).resolve()), tier, options)
+    return TierModel.options(**deployment_options(args, tier)).bind(
+        str(Path(args.artifact).resolve()), tier, options.max_batch_size, options.batch_wait_timeout_s
+    )
 
 
 def check_artifact(args: AppArgs) -> None:

@@ -16,7 +16,7 @@ import ray
 import torch
 from ray import serve
 
-from deployments.schemas import HiddenRef, TierOptions, TierReply, TierRequest
+from deployments.schemas import HiddenRef, TierReply, TierRequest
 from dimee_models import artifact
 from dimee_models.model import HiddenState
 
@@ -32,8 +32,10 @@ def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.nda
 
 @serve.deployment
 class TierModel:
-    def __init__(self, artifact_dir: str, tier: str, options: TierOptions):
-        torch.set_num_threads(max(1, math.ceil(options.num_cpus)))
+    def __init__(self, artifact_dir: str, tier: str, max_batch_size: int, batch_wait_timeout_s: float):
+        # threads follow the CPU share this replica was given (its config may override the code's)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, math.ceil(cpus)))
         manifest = artifact.read_manifest(artifact_dir)
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
@@ -41,8 +43,8 @@ class TierModel:
                                        manifest["exits"]["edge"])[tier].end
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.forward_batch.set_max_batch_size(options.max_batch_size)
-        self.forward_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self.forward_batch.set_max_batch_size(max_batch_size)
+        self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         params, nbytes = self.model.parameter_bytes()
         log.info("%s tier: layers ..%d, %d parameters (%.1f MiB)", tier, self.end, params, nbytes / 2**20)
 

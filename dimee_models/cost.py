@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PATHS = ("mobile", "edge", "cloud", "edge_cloud", "cloud_only")
 TIER_OF_PATH = {"mobile": "mobile", "edge": "edge", "cloud": "cloud", "edge_cloud": "cloud", "cloud_only": "cloud"}
@@ -32,6 +32,12 @@ class CostModel(BaseModel):
     o_2: float = Field(0.5, ge=0, description="offload cost mobile -> cloud (also raw input -> cloud)")
     o_edge_cloud: float = Field(0.3, ge=0, description="offload cost edge -> cloud, for escalating methods")
     mu: float = Field(1.0, ge=0, description="weight of cost against confidence in the DIMEE reward")
+
+    @model_validator(mode="after")
+    def _baseline_costs_something(self) -> "CostModel":
+        if self.o_2 == 0 and self.lambda_cloud == 0:
+            raise ValueError("o_2 and lambda_cloud are both 0: cloud-only would be free and no saving is defined")
+        return self
 
     def path_costs(self, m: int, e: int, num_layers: int) -> dict[str, float]:
         mobile = self.lambda_mobile * m

@@ -214,3 +214,29 @@ def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict
     result = {"dataset": manifest["dataset"]["name"], "split": "test", "n": int(len(test_out.labels)),
               "cost_model": cost.model_dump(), "methods": methods}
     return result, split_outputs(directory, "calibration", manifest), test_out
+
+
+def predict_texts(directory: str | Path, texts: list[str], policy: str = "dimee", pairs: list[str] | None = None,
+                  policy_name: str | None = None) -> list[dict]:
+    """What the server answers for these texts, computed offline from the full model and the
+    same routing function: [{"tier", "label_id", "confidence", "exit_layer"}] in input order."""
+    from dimee_models.data import TextDataset
+    from dimee_models.policy import load_policies
+
+    manifest = artifact.read_manifest(directory)
+    m, e, n = manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"]
+    ds = TextDataset("texts", texts, [0] * len(texts), manifest["labels"], pairs)
+    model, tokenizer = artifact.load_full(directory, manifest), artifact.load_tokenizer(directory)
+    with torch.inference_mode():
+        (enc, _), = batches(ds, tokenizer, len(texts), manifest["max_length"])
+        outs = model(**model_inputs(enc))
+    probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in zip(TIERS, (m, e, n))}
+    if policy == "dimee":
+        policies, doc = load_policies(directory)
+        tiers = policies[policy_name or doc["default"]].route(outs[m - 1].pooled.numpy(), probs["mobile"])
+    else:
+        tiers = np.full(len(texts), {"mobile_only": MOBILE, "edge_only": EDGE, "cloud_only": CLOUD}[policy])
+    exit_layer = {"mobile": m, "edge": e, "cloud": n}
+    return [{"tier": TIERS[t], "label_id": int(probs[TIERS[t]][i].argmax()),
+             "confidence": float(probs[TIERS[t]][i].max()), "exit_layer": exit_layer[TIERS[t]]}
+            for i, t in enumerate(tiers)]

@@ -1,0 +1,122 @@
+"""Shared fixtures: a small real artifact, and one real three-node Ray cluster per test session."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+
+from dimee_models import artifact
+from dimee_models.cost import CostModel
+from dimee_models.evaluate import run_calibration
+from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, Policy, load_policies
+from dimee_models.train import TrainConfig, train
+
+THREE_WAY_TEXTS = [
+    "a gorgeous, witty, seductive movie.",
+    "the plot is a mess and the acting is worse.",
+    "it is a film.",
+]
+PORT = 8011
+DASHBOARD = "http://127.0.0.2:8265"
+
+
+@pytest.fixture(scope="session")
+def served_artifact(tmp_path_factory) -> Path:
+    """The default backbone briefly fine-tuned on rt-polarity, calibrated for real, plus a policy
+    `three_way` whose centroids are the embeddings of THREE_WAY_TEXTS (mobile, edge, cloud), so a
+    request with those texts is guaranteed to split across all three tiers."""
+    out = tmp_path_factory.mktemp("artifact") / "rt"
+    train(TrainConfig(dataset="rt-polarity", epochs=1, max_train_samples=32, batch_size=16, max_length=32,
+                      splits=(0.9, 0.05, 0.05)), out)
+    run_calibration(out, CostModel(), 0.3)
+    manifest = artifact.read_manifest(out)
+    model, tokenizer = artifact.load_full(out, manifest), artifact.load_tokenizer(out)
+    with torch.inference_mode():
+        enc = tokenizer(THREE_WAY_TEXTS, padding=True, return_tensors="pt")
+        z = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["mobile"] - 1].pooled.numpy()
+    add_policy(out, Policy("three_way", "centroid", 2, 4, 6, {"alpha": 0.0}, {"centroids": z.astype(np.float32)}))
+    return out
+
+
+def add_policy(directory: Path, policy: Policy) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(directory / POLICY_TENSORS)
+    tensors.update({f"{policy.name}/{k}": v for k, v in policy.tensors.items()})
+    save_file(tensors, directory / POLICY_TENSORS)
+    doc = json.loads((directory / POLICY_JSON).read_text())
+    doc["policies"][policy.name] = policy.to_json()
+    (directory / POLICY_JSON).write_text(json.dumps(doc))
+    artifact.write_manifest(directory, artifact.read_manifest(directory, verify=False))
+    assert policy.name in load_policies(directory)[0]
+
+
+def serve_config(directory: Path, replicas: dict[str, int], policy: str = "three_way") -> dict:
+    doc = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "serve_config.yaml").read_text())
+    doc["http_options"]["port"] = PORT
+    app = doc["applications"][0]
+    app["args"].update({"artifact": str(directory), "policy": policy})
+    for entry in app["deployments"]:
+        tier = entry["name"].removesuffix("Tier").lower()
+        if tier in replicas:
+            entry.pop("autoscaling_config", None)
+            entry["num_replicas"] = replicas[tier]
+    return doc
+
+
+def deploy(config: dict, tmp_path: Path) -> None:
+    """`serve deploy` a config (the declarative path users take) and wait until it is RUNNING."""
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run(["serve", "deploy", "--address", DASHBOARD, str(path)], check=True, timeout=120,
+                   capture_output=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = subprocess.run(["serve", "status", "--address", DASHBOARD], capture_output=True, text=True,
+                                timeout=60).stdout
+        app = (yaml.safe_load(status) or {}).get("applications", {}).get("dimee", {})
+        if app.get("status") == "RUNNING":
+            return
+        if app.get("status") == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploy failed: {app.get('message')}")
+        time.sleep(2)
+    raise TimeoutError(f"application not RUNNING after 300 s: {status}")
+
+
+@pytest.fixture(scope="session")
+def cluster(served_artifact, tmp_path_factory):
+    """A real local cluster (cloud head + mobile + edge nodes), the app deployed from the Serve
+    config file; torn down at the end of the session."""
+    import ray
+
+    from deployments import local_cluster
+
+    local_cluster.down()
+    local_cluster.up()
+    try:
+        ray.init(address=local_cluster.address(), logging_level="ERROR")
+        deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path_factory.mktemp("cfg"))
+        url = f"http://127.0.0.1:{PORT}"
+        wait_http(url + "/healthz")
+        yield url
+    finally:
+        ray.shutdown()
+        local_cluster.down()
+
+
+def wait_http(url: str, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")

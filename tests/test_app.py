@@ -1,0 +1,90 @@
+"""The app builder, its typed arguments, the HTTP body models and the Serve config: no cluster."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve.schema import ServeDeploySchema
+
+from deployments import app as app_module
+from deployments.schemas import AppArgs, ClassifyRequest
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"texts": []}, "at least 1 item"),
+    ({"texts": ["fine", "   "]}, "texts[1] is empty"),
+    ({"texts": ["a", "b"], "text_pairs": ["x"]}, "text_pairs has 1 items but texts has 2"),
+    ({"texts": ["a"], "policy": "fastest"}, "'dimee', 'cloud_only', 'mobile_only' or 'edge_only'"),
+    ({"texts": "a single string"}, "valid list"),
+    ({"texts": ["a"], "colour": "red"}, "Extra inputs are not permitted"),
+])
+def test_classify_request_rejects_bad_bodies(body, message):
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ClassifyRequest(**body)
+
+
+def test_classify_request_defaults_to_dimee():
+    assert ClassifyRequest(texts=["ok"]).policy == "dimee"
+
+
+@pytest.mark.parametrize("args,message", [
+    ({}, "artifact"),
+    ({"artifact": "x", "mobile": {"num_replicas": 0}}, "greater than or equal to 1"),
+    ({"artifact": "x", "edge": {"num_cpus": 0}}, "greater than 0"),
+    ({"artifact": "x", "max_texts": 0}, "greater than or equal to 1"),
+    ({"artifact": "x", "replicas": 3}, "Extra inputs are not permitted"),
+])
+def test_app_args_are_validated(args, message):
+    with pytest.raises(ValidationError, match=message):
+        AppArgs(**args)
+
+
+def test_placement_check_names_the_missing_resource(monkeypatch):
+    monkeypatch.setattr(app_module.ray, "cluster_resources", lambda: {"CPU": 4.0, "tier_mobile": 1.0})
+    with pytest.raises(RuntimeError, match=r"\['tier_edge', 'tier_cloud'\]"):
+        app_module.check_placement()
+    monkeypatch.setattr(app_module.ray, "cluster_resources",
+                        lambda: {"tier_mobile": 1.0, "tier_edge": 1.0, "tier_cloud": 1.0})
+    app_module.check_placement()
+
+
+def test_builder_refuses_an_uncalibrated_or_missing_artifact(tmp_path):
+    with pytest.raises(ValueError, match="not a DIMEE artifact"):
+        app_module.build_app({"artifact": str(tmp_path)})
+
+
+def test_builder_refuses_an_unknown_policy(served_artifact):
+    with pytest.raises(ValueError, match="policy 'nope' is not in"):
+        app_module.build_app({"artifact": str(served_artifact), "policy": "nope"})
+
+
+def test_each_tier_is_pinned_by_its_resource_and_scaled_on_its_own():
+    args = AppArgs(artifact="x", edge={"num_replicas": 3, "num_cpus": 1.5})
+    for tier in ("mobile", "edge", "cloud"):
+        options = app_module.deployment_options(args, tier)
+        assert options["name"] == f"{tier.capitalize()}Tier"
+        assert options["ray_actor_options"]["resources"] == {f"tier_{tier}": 0.01}
+    assert app_module.deployment_options(args, "edge")["num_replicas"] == 3
+    assert app_module.deployment_options(args, "edge")["ray_actor_options"]["num_cpus"] == 1.5
+    assert app_module.deployment_options(args, "mobile")["num_replicas"] == 1
+
+
+def test_builder_returns_an_application(served_artifact):
+    from ray.serve import Application
+
+    assert isinstance(app_module.build_app({"artifact": str(served_artifact)}), Application)
+
+
+def test_repo_serve_config_is_valid_and_scales_each_tier():
+    doc = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema(**doc)
+    app = schema.applications[0]
+    assert app.import_path == "deployments.app:build_app"
+    AppArgs(**app.args)
+    names = {d.name: d for d in app.deployments}
+    for tier in ("mobile", "edge", "cloud"):
+        entry = names[f"{tier.capitalize()}Tier"]
+        assert entry.ray_actor_options.resources == {f"tier_{tier}": 0.01}

@@ -1,0 +1,102 @@
+"""Integration tests on a real three-node Ray cluster with real HTTP (see conftest.cluster)."""
+
+import pickle
+
+import pytest
+import ray
+import requests
+from ray.util.state import list_actors
+
+from deployments.schemas import HiddenRef, TierRequest
+from dimee_models.evaluate import predict_texts
+from tests.conftest import THREE_WAY_TEXTS, deploy, serve_config
+
+pytestmark = pytest.mark.cluster
+
+
+def classify(url: str, texts: list[str], policy: str = "dimee") -> list[dict]:
+    response = requests.post(f"{url}/v1/classify", json={"texts": texts, "policy": policy}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+def replicas() -> dict[str, list[dict]]:
+    """Alive replica actors by deployment name, with their node ids."""
+    out = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+        if actor.class_name.startswith("ServeReplica:dimee:"):
+            out.setdefault(actor.class_name.split(":")[-1], []).append({"id": actor.actor_id, "node": actor.node_id})
+    return out
+
+
+def test_each_tier_runs_on_the_node_with_its_resource(cluster):
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    placed = replicas()
+    for tier in ("mobile", "edge", "cloud"):
+        for replica in placed[f"{tier.capitalize()}Tier"]:
+            assert nodes[replica["node"]].get(f"tier_{tier}", 0) > 0, (tier, replica)
+
+
+def test_a_batch_split_across_three_tiers_comes_back_in_order_and_matches_offline(cluster, served_artifact):
+    texts = THREE_WAY_TEXTS * 2 + ["an utterly forgettable sequel."]
+    served = classify(cluster, texts)
+    offline = predict_texts(served_artifact, texts, "dimee", policy_name="three_way")
+    assert [p["tier"] for p in served[:3]] == ["mobile", "edge", "cloud"]
+    assert [p["tier"] for p in served[3:6]] == ["mobile", "edge", "cloud"]
+    for got, want in zip(served, offline):
+        assert (got["tier"], got["label_id"], got["exit_layer"]) == (want["tier"], want["label_id"], want["exit_layer"])
+        assert abs(got["confidence"] - want["confidence"]) < 1e-4
+    assert {p["cost"] for p in served[:3]} == {0.2, 0.6, 1.1}
+
+
+@pytest.mark.parametrize("policy,tier,layer", [("cloud_only", "cloud", 6), ("edge_only", "edge", 4),
+                                               ("mobile_only", "mobile", 2)])
+def test_baseline_policies_equal_the_offline_exits(cluster, served_artifact, policy, tier, layer):
+    texts = THREE_WAY_TEXTS + ["an utterly forgettable sequel."]
+    served = classify(cluster, texts, policy)
+    for got, want in zip(served, predict_texts(served_artifact, texts, policy)):
+        assert got["tier"] == tier and got["exit_layer"] == layer
+        assert got["label_id"] == want["label_id"] and abs(got["confidence"] - want["confidence"]) < 1e-4
+
+
+def test_hidden_state_travels_through_the_object_store(cluster, served_artifact):
+    """The mobile reply carries a reference, not the tensor; edge reads it from the object store."""
+    from ray import serve
+
+    from dimee_models.artifact import load_tokenizer
+
+    ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS * 8)["input_ids"]
+    mobile = serve.get_deployment_handle("MobileTier", app_name="dimee")
+    edge = serve.get_deployment_handle("EdgeTier", app_name="dimee")
+    reply = mobile.remote(TierRequest(input_ids=ids, keep_hidden=True)).result(timeout_s=60)
+    assert isinstance(reply.hidden, HiddenRef) and isinstance(reply.hidden.ref, ray.ObjectRef)
+    assert len(pickle.dumps(reply)) < reply.hidden.nbytes / 4  # the reply is small; the hidden state is not
+    edge_reply = edge.remote(TierRequest(hidden=reply.hidden, rows=[0, 5])).result(timeout_s=60)
+    assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
+
+
+def test_info_health_and_docs(cluster):
+    info = requests.get(f"{cluster}/v1/info", timeout=30).json()
+    assert info["exit_layers"] == {"mobile": 2, "edge": 4, "cloud": 6}
+    assert info["labels"] == ["negative", "positive"] and info["policy"]["name"] == "three_way"
+    assert info["replicas"] == {"mobile": 1, "edge": 1, "cloud": 1}
+    assert requests.get(f"{cluster}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{cluster}/docs", timeout=30).status_code == 200
+
+
+def test_bad_requests_get_422_with_a_reason(cluster):
+    too_many = requests.post(f"{cluster}/v1/classify", json={"texts": ["x"] * 65}, timeout=30)
+    assert too_many.status_code == 422 and "too many texts" in too_many.text
+    pairs = requests.post(f"{cluster}/v1/classify", json={"texts": ["a"], "text_pairs": ["b"]}, timeout=30)
+    assert pairs.status_code == 422 and "single texts" in pairs.text
+    assert classify(cluster, ["still serving"])[0]["tier"] in ("mobile", "edge", "cloud")
+
+
+def test_scaling_one_tier_leaves_the_others_alone(cluster, served_artifact, tmp_path):
+    before = replicas()
+    deploy(serve_config(served_artifact, {"mobile": 1, "edge": 2, "cloud": 1}), tmp_path)
+    after = replicas()
+    assert len(after["EdgeTier"]) == 2
+    for name in ("MobileTier", "CloudTier", "Router"):
+        assert {r["id"] for r in after[name]} == {r["id"] for r in before[name]}, name
+    assert len(classify(cluster, THREE_WAY_TEXTS)) == 3

@@ -1,0 +1,181 @@
+"""Calibration, evaluation table, CLI and offline prediction on a tiny real artifact."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer, BertConfig
+
+from dimee_models import artifact, evaluate
+from dimee_models.cli import main
+from dimee_models.cost import CostModel
+from dimee_models.data import Splits, TextDataset
+from dimee_models.evaluate import predict_texts, run_calibration, run_evaluation, split_outputs
+from dimee_models.model import MultiExitEncoder
+from dimee_models.policy import load_policies
+from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
+
+VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
+         ["engine", "wheel", "brake", "piston", "gear", "clutch", "motor", "tire"])
+METHODS = {"cloud_only", "mobile_only", "edge_only", "confidence_cascade", "confidence_cascade_constrained", "random",
+           "oracle", "dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained"}
+ROW_KEYS = {"accuracy", "accuracy_drop_pp", "accuracy_drop_pp_ci95", "cost", "cost_reduction", "tier_fraction"}
+POLICY_FILES = ("policy.json", "policy.safetensors")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def texts(n: int, seed: int) -> TextDataset:
+    """Class 0 speaks of fruit, class 1 of cars; 3-6 words each, 35% of them from the other class
+    (so the exits disagree and confidences vary)."""
+    rng = np.random.default_rng(seed)
+    labels = [int(i % 2) for i in range(n)]
+    words = [" ".join(rng.choice(VOCAB[y if rng.random() > 0.35 else 1 - y]) for _ in range(rng.integers(3, 7)))
+             for y in labels]
+    return TextDataset("toy", words, labels, ["fruit", "car"])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """An uncalibrated artifact: tiny 6-layer BERT (exits 2 and 4) briefly trained on 60 texts."""
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("default"))
+    config = BertConfig(hidden_size=32, num_hidden_layers=6, num_attention_heads=4, intermediate_size=37,
+                        vocab_size=tokenizer.vocab_size, max_position_embeddings=64)
+    model = MultiExitEncoder.from_backbone(AutoModel.from_config(config), num_labels=2)
+    splits = Splits(texts(60, 0), texts(40, 1), texts(40, 2))
+    enc, labels = encode(tokenizer, splits.train.texts, None, 16), torch.tensor(splits.train.labels)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(6):
+        opt.zero_grad()
+        weighted_exit_loss(model(**model_inputs(enc)), labels).backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("eval") / "base"
+    artifact.save(out, model.eval(), tokenizer, splits,
+                  {"backbone": "tiny", "labels": ["fruit", "car"], "task": "classification", "text_pair": False,
+                   "max_length": 16, "exits": {"mobile": 2, "edge": 4}, "dataset": {"name": "toy"}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(base, tmp_path_factory):
+    """(directory, policy doc, files present right after calibration)."""
+    out = shutil.copytree(base, tmp_path_factory.mktemp("eval") / "cal")
+    doc = run_calibration(out, CostModel(), 0.3)
+    return out, doc, {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+
+def check_shape(result: dict) -> None:
+    assert set(result) == {"dataset", "split", "n", "cost_model", "methods"}
+    assert result["split"] == "test" and result["n"] == 40 and result["dataset"] == "toy"
+    assert result["cost_model"] == CostModel().model_dump()
+    methods = result["methods"]
+    assert set(methods) == METHODS
+    for name, row in methods.items():
+        assert set(row) == ROW_KEYS, name
+        assert 0.0 <= row["accuracy"] <= 1.0, name
+        assert set(row["tier_fraction"]) == {"mobile", "edge", "cloud"}, name
+        assert sum(row["tier_fraction"].values()) == pytest.approx(1.0), name
+        assert row["accuracy"] <= methods["oracle"]["accuracy"], name
+        ref = methods["cloud_only"]["accuracy"]
+        assert row["accuracy_drop_pp"] == pytest.approx((ref - row["accuracy"]) * 100), name
+        assert row["cost_reduction"] == pytest.approx(1 - row["cost"] / 1.1), name  # cloud_only = 0.5 + 0.1 * 6
+    assert methods["cloud_only"]["cost_reduction"] == pytest.approx(0.0)
+    assert methods["cloud_only"]["accuracy_drop_pp"] == pytest.approx(0.0)
+    assert methods["cloud_only"]["tier_fraction"]["cloud"] == 1.0
+    assert methods["mobile_only"]["cost"] == pytest.approx(0.2) and methods["edge_only"]["cost"] == pytest.approx(0.6)
+
+
+def test_calibration_writes_policy_and_caches_outputs(calibrated, monkeypatch):
+    out, doc, files = calibrated
+    manifest = artifact.read_manifest(out)  # checksums still verify
+    for name in (*POLICY_FILES, "outputs/calibration.safetensors"):
+        assert name in files and manifest["files"][name] == artifact.sha256(out / name)
+    assert "outputs/test.safetensors" not in files  # calibration computed nothing on the test split
+    assert manifest["policy"] == {"default": doc["default"], "file": "policy.json"}
+    policies, stored = load_policies(out)
+    assert doc["default"] in policies and doc["default"].endswith("_constrained")
+    assert set(stored["cascade_thresholds"]) == {"confidence_cascade", "confidence_cascade_constrained"}
+    first = split_outputs(out, "calibration")
+    assert first.logits.shape == (40, 6, 2) and first.z.shape == (40, 32)
+    monkeypatch.setattr(evaluate.artifact, "load_full", lambda *a, **k: pytest.fail("cache not used"))
+    again = split_outputs(out, "calibration")
+    np.testing.assert_array_equal(again.logits, first.logits)
+    np.testing.assert_array_equal(again.labels, [int(y) for y in artifact.load_split(out, "calibration").labels])
+
+
+def test_calibration_never_reads_the_test_split(base, calibrated, tmp_path):
+    poisoned = shutil.copytree(base, tmp_path / "poisoned")
+    clean = artifact.load_split(base, "test")
+    rows = [{"text": f"@@ zzqx {i} ## !!", "label": 1 - y} for i, y in enumerate(clean.labels)]
+    artifact.write_jsonl(poisoned / "splits" / "test.jsonl", rows)
+    artifact.write_manifest(poisoned, artifact.read_manifest(poisoned, verify=False))
+    poison = artifact.load_split(poisoned, "test")  # in place, and the manifest verifies it
+    assert not set(poison.texts) & set(clean.texts) and all(a != b for a, b in zip(poison.labels, clean.labels))
+    run_calibration(poisoned, CostModel(), 0.3)
+    for name in POLICY_FILES:
+        assert (poisoned / name).read_bytes() == (calibrated[0] / name).read_bytes(), name
+    assert not (poisoned / "outputs" / "test.safetensors").exists()
+
+
+def test_run_evaluation_shape(calibrated):
+    out = calibrated[0]
+    result, cal_out, test_out = run_evaluation(out)
+    check_shape(result)
+    json.dumps(result)  # plain JSON types only
+    assert len(cal_out.labels) == 40 and len(test_out.labels) == 40
+    methods = result["methods"]
+    for k, name in enumerate(("mobile_only", "edge_only", "cloud_only")):
+        assert methods[name]["accuracy"] == pytest.approx((test_out.tier_predictions[:, k] == test_out.labels).mean())
+
+
+def test_cli_evaluate_writes_json_and_png(calibrated, tmp_path, capsys):
+    out = calibrated[0]
+    table, png = tmp_path / "table.json", tmp_path / "curve.png"
+    assert main(["evaluate", str(out), "--json", str(table), "--plot", str(png)]) == 0
+    assert "cloud_only" in capsys.readouterr().out
+    check_shape(json.loads(table.read_text()))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_errors(base, capsys):
+    assert main(["calibrate", str(base), "--mu", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "cost model" in err and "mu" in err and "Traceback" not in err
+    assert not (base / "policy.json").exists()
+    assert main(["evaluate", str(base)]) == 2
+    assert "run `dimee calibrate" in capsys.readouterr().err
+    assert not (base / "outputs" / "test.safetensors").exists()
+
+
+def test_predict_texts_agrees_with_split_outputs(calibrated):
+    out = calibrated[0]
+    rows = [0, 3, 7, 12, 25]
+    test_texts = artifact.load_split(out, "test").texts
+    sample = [test_texts[i] for i in rows]
+    test_out = split_outputs(out, "test")
+    cloud = predict_texts(out, sample, "cloud_only")
+    assert [r["tier"] for r in cloud] == ["cloud"] * 5 and {r["exit_layer"] for r in cloud} == {6}
+    assert [r["label_id"] for r in cloud] == test_out.logits[rows, -1].argmax(-1).tolist()
+    np.testing.assert_allclose([r["confidence"] for r in cloud], test_out.tier_confidences[rows, 2], atol=1e-4)
+    policies, doc = load_policies(out)
+    mobile_probs = test_out.probs(test_out.mobile_exit)
+    for name in (None, "dimee_constrained"):  # the default policy, and one that splits this data three ways
+        policy = policies[name or doc["default"]]
+        tiers = policy.route(test_out.z, mobile_probs)
+        rows = [int(i) for t in range(3) for i in np.flatnonzero(tiers == t)[:2]]  # up to two rows per tier
+        expected = tiers[rows]
+        if name:
+            assert len(set(expected.tolist())) == 3
+        dimee = predict_texts(out, [test_texts[i] for i in rows], "dimee", policy_name=name)
+        assert [r["tier"] for r in dimee] == [("mobile", "edge", "cloud")[t] for t in expected]
+        assert [r["label_id"] for r in dimee] == test_out.tier_predictions[rows, expected].tolist()
+        assert [r["exit_layer"] for r in dimee] == [(2, 4, 6)[t] for t in expected]

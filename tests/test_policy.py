@@ -1,0 +1,185 @@
+"""DIMEE routing policies on synthetic exit outputs: pools, centroids, per-sample routing,
+calibration, choice of operating point, persistence."""
+
+import numpy as np
+import pytest
+import torch
+
+from dimee_models.cost import CostModel
+from dimee_models.policy import (
+    ALPHA_GRID, CLOUD, EDGE, MOBILE, ExitOutputs, Outcome, Policy, calibrate, centroids_of, choose, fit_learned,
+    load_policies, nearest_centroid, pools, save_policies, score,
+)
+
+H, L, M, E = 8, 6, 2, 4
+NAMES = {"dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained"}
+
+
+def synthetic(n_per: int = 60, seed: int = 0) -> tuple[ExitOutputs, np.ndarray]:
+    """Three clusters of z (cluster c on axis c). Cluster 0: the mobile exit is right and confident;
+    cluster 1: mobile wrong and unsure, edge right and confident; cluster 2: only the final exit is
+    right. Returns the outputs and each sample's cluster (= the tier it should go to)."""
+    rng = np.random.default_rng(seed)
+    cluster = np.repeat(np.arange(3), n_per)
+    n = len(cluster)
+    z = (4.0 * np.eye(H)[cluster] + 0.3 * rng.standard_normal((n, H))).astype(np.float32)
+    labels = rng.integers(0, 2, n)
+    logits = np.zeros((n, L, 2), dtype=np.float32)
+    for layer in range(1, L + 1):
+        right = {M: cluster == 0, E: cluster <= 1}.get(layer, np.ones(n, bool) if layer == L else cluster < 0)
+        conf = np.where(right, rng.uniform(0.92, 0.98, n), rng.uniform(0.55, 0.65, n))
+        pred = np.where(right, labels, 1 - labels)
+        logits[np.arange(n), layer - 1, pred] = np.log(conf / (1 - conf))
+    return ExitOutputs(logits, z, labels, M, E), cluster
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The learned router fits with torch; tiny problems gain nothing from threads on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cal(data):
+    return calibrate(data[0], CostModel(mu=0.1), max_drop_pp=0.3, k=5, seed=0)
+
+
+def routed(policy: Policy, out: ExitOutputs) -> np.ndarray:
+    return policy.route(out.z, out.probs(out.mobile_exit))
+
+
+def test_synthetic_outputs_are_what_they_claim(data):
+    out, cluster = data
+    correct = out.tier_predictions == out.labels[:, None]
+    assert (correct[:, 0] == (cluster == 0)).all() and (correct[:, 1] == (cluster <= 1)).all() and correct[:, 2].all()
+    assert out.tier_confidences.min() > 0.54 and out.tier_exits() == (M, E, L)
+
+
+def test_pools_thresholds_per_sample():
+    conf = np.array([[0.9, 0.5, 0.5], [0.6, 0.8, 0.9], [0.6, 0.6, 0.99], [0.8, 0.95, 0.7], [0.79, 0.79, 0.1]])
+    np.testing.assert_array_equal(pools(conf, 0.8), [MOBILE, EDGE, CLOUD, MOBILE, CLOUD])  # >= is inclusive
+    np.testing.assert_array_equal(pools(conf, 0.5), [MOBILE] * 5)
+    np.testing.assert_array_equal(pools(conf, 0.92), [CLOUD, CLOUD, CLOUD, EDGE, CLOUD])
+
+
+def test_empty_pool_centroid_is_nan_and_never_chosen():
+    z = np.array([[0.0, 0.0], [2.0, 2.0], [10.0, 10.0]], dtype=np.float32)
+    c = centroids_of(z, np.array([MOBILE, MOBILE, EDGE]))
+    assert c.shape == (3, 2) and c.dtype == np.float32
+    np.testing.assert_allclose(c[:2], [[1.0, 1.0], [10.0, 10.0]])
+    assert np.isnan(c[CLOUD]).all()
+    probe = np.array([[1.0, 1.0], [9.0, 9.0], [-50.0, -50.0], [1e3, 1e3], [6.0, 6.0]], dtype=np.float32)
+    np.testing.assert_array_equal(nearest_centroid(probe, c), [MOBILE, EDGE, MOBILE, EDGE, EDGE])
+    only_edge = centroids_of(z, np.full(3, EDGE))
+    assert np.isnan(only_edge[[MOBILE, CLOUD]]).all()
+    assert (nearest_centroid(probe, only_edge) == EDGE).all()
+
+
+def test_centroid_routing_is_per_sample_and_deterministic():
+    rng = np.random.default_rng(1)
+    centroids = (5.0 * np.eye(3, H)).astype(np.float32)
+    truth = rng.integers(0, 3, 30)
+    z = (centroids[truth] + 0.5 * rng.standard_normal((30, H))).astype(np.float32)
+    probs = np.full((30, 2), 0.5, dtype=np.float32)
+    policy = Policy("p", "centroid", M, E, L, {"alpha": 0.8}, {"centroids": centroids})
+    batch = policy.route(z, probs)
+    np.testing.assert_array_equal(batch, truth)
+    assert set(batch.tolist()) == {MOBILE, EDGE, CLOUD}
+    alone = [int(policy.route(z[i:i + 1], probs[i:i + 1])[0]) for i in range(30)]
+    assert alone == batch.tolist()
+    np.testing.assert_array_equal(policy.route(z[::-1], probs[::-1]), batch[::-1])  # order does not matter
+    np.testing.assert_array_equal(policy.route(z, probs), batch)
+
+
+def test_learned_routing_is_per_sample(data):
+    out, cluster = data
+    probs = out.probs(M)
+    targets = np.stack([cluster == 0, cluster <= 1], axis=1).astype(np.float64)
+    policy = Policy("l", "learned", M, E, L, {"mobile": 0.5, "edge": 0.5}, fit_learned(out.z, probs, targets))
+    batch = policy.route(out.z, probs)
+    assert (batch == cluster).mean() > 0.95
+    alone = [int(policy.route(out.z[i:i + 1], probs[i:i + 1])[0]) for i in range(0, len(cluster), 7)]
+    assert alone == batch[::7].tolist()
+    np.testing.assert_array_equal(policy.route(out.z, probs), batch)
+
+
+def test_score_by_hand(data):
+    out, cluster = data
+    cost = CostModel(mu=0.5)
+    o = score(out, cluster, cost)  # every sample on its right tier: all correct
+    assert o.accuracy == 1.0 and o.fractions == pytest.approx((1 / 3,) * 3)
+    assert o.cost == pytest.approx((0.2 + 0.6 + 1.1) / 3)
+    conf = out.tier_confidences[np.arange(len(cluster)), cluster]
+    assert o.reward == pytest.approx(conf.mean() - 0.5 * o.cost)
+    all_mobile = score(out, np.zeros_like(cluster), cost)
+    assert all_mobile.accuracy == pytest.approx(1 / 3) and all_mobile.cost == pytest.approx(0.2)
+
+
+def test_calibrate_gives_valid_policies_within_budget(data, cal):
+    out, cluster = data
+    assert set(cal.policies) == NAMES and cal.reference_accuracy == 1.0
+    assert set(cal.curves) == {"dimee", "dimee_learned"} and len(cal.curves["dimee"]) == len(ALPHA_GRID)
+    for name, pol in cal.policies.items():
+        assert pol.name == name and (pol.mobile_exit, pol.edge_exit, pol.num_layers) == (M, E, L)
+        tiers = routed(pol, out)
+        assert tiers.shape == cluster.shape and set(tiers.tolist()) <= {0, 1, 2}
+        if pol.kind == "centroid":
+            assert pol.tensors["centroids"].shape == (3, H) and pol.thresholds["alpha"] in ALPHA_GRID
+        else:
+            assert pol.kind == "learned" and set(pol.thresholds) == {"mobile", "edge"}
+            assert pol.tensors["weight"].shape == (H + 2 + 2, 2)  # z, probs, confidence, entropy
+    cost = CostModel(mu=0.1)
+    for name in ("dimee_constrained", "dimee_learned_constrained"):
+        o = score(out, routed(cal.policies[name], out), cost)
+        assert o.accuracy >= cal.reference_accuracy - 0.003, name
+        assert o.cost < 1.1 * 0.9, name  # and it is much cheaper than sending everything to cloud
+    # the centroids separate the clusters exactly: each goes to the cheapest tier that is right
+    np.testing.assert_array_equal(routed(cal.policies["dimee_constrained"], out), cluster)
+    np.testing.assert_array_equal(routed(cal.policies["dimee"], out), cluster)  # mu=0.1: best reward too
+    assert cal.warnings == []
+
+
+def test_calibrate_warns_when_one_tier_takes_everything(data):
+    out, _ = data
+    cal = calibrate(out, CostModel(mu=100.0), max_drop_pp=0.3, k=5, seed=0)
+    assert (routed(cal.policies["dimee"], out) == MOBILE).all()
+    assert any(w.startswith("dimee:") and "100%" in w and "mobile" in w and "mu=100.0" in w for w in cal.warnings)
+    assert not any(w.startswith("dimee_constrained:") for w in cal.warnings)  # the budget keeps it balanced
+
+
+def test_choose_max_reward_and_cheapest_feasible():
+    o = [Outcome(0.80, 0.2, 0.70, (1, 0, 0)), Outcome(0.89, 0.5, 0.30, (0, 1, 0)),
+         Outcome(0.92, 0.5, 0.10, (0, 1, 0)), Outcome(0.95, 1.0, 0.20, (0, 0, 1))]
+    # budget 1 pp below 0.90: 1, 2 and 3 qualify (0.89 exactly on the edge); 1 and 2 tie on cost, 2 is more accurate
+    assert choose(o, 0.90, 1.0) == (0, 2)
+    assert choose(o, 0.90, 0.5) == (0, 2)
+    assert choose(o, 0.94, 0.5) == (0, 3)
+    assert choose(o, 0.99, 0.3) == (0, 3)  # nothing feasible: the most accurate outcome
+    assert choose(o[:3], 0.99, 0.3) == (0, 2)
+
+
+def test_save_load_round_trip(data, cal, tmp_path):
+    out, _ = data
+    cost = CostModel(mu=0.1)
+    with pytest.raises(FileNotFoundError, match="dimee calibrate"):
+        load_policies(tmp_path)
+    doc = save_policies(tmp_path, cal, cost, "dimee_constrained", 0.3)
+    policies, loaded = load_policies(tmp_path)
+    assert loaded == doc and loaded["default"] == "dimee_constrained" and CostModel(**loaded["cost_model"]) == cost
+    assert set(policies) == NAMES
+    for name, pol in cal.policies.items():
+        back = policies[name]
+        assert (back.kind, back.thresholds, back.mobile_exit, back.edge_exit, back.num_layers) == (
+            pol.kind, pol.thresholds, pol.mobile_exit, pol.edge_exit, pol.num_layers)
+        assert set(back.tensors) == set(pol.tensors)
+        for key in pol.tensors:
+            np.testing.assert_array_equal(back.tensors[key], pol.tensors[key])
+        np.testing.assert_array_equal(routed(back, out), routed(pol, out))
