@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from dimee_models import cli as model_cli
 
 DEFAULT_ARTIFACT = Path("artifacts/default")
 QUICK_EPOCHS = 1  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
+TIERS = ("mobile", "edge", "cloud")
 
 
 def add_serve_flags(p) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
+    p.add_argument("--wait-for-nodes", type=float, default=0, metavar="SECONDS",
+                   help="wait this long for nodes carrying every tier resource to join before deploying")
     p.add_argument("--policy", default=None, help="stored policy to serve (default: the artifact's default)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -24,7 +29,6 @@ def add_serve_flags(p) -> None:
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="deploy a calibrated artifact onto a running cluster")
     p.add_argument("dir", type=Path)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster)")
     add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -37,6 +41,8 @@ def add_commands(sub) -> None:
     p.add_argument("--dataset", default="rt-polarity", help="dataset for the default model when it must be trained")
     p.add_argument("--epochs", type=model_cli._positive_int, default=QUICK_EPOCHS,
                    help=f"epochs for the default model when it must be trained (default {QUICK_EPOCHS})")
+    p.add_argument("--no-cluster", action="store_true",
+                   help="deploy onto the running cluster (--address) instead of starting the local one")
     add_serve_flags(p)
     p.set_defaults(func=cmd_up)
 
@@ -75,6 +81,7 @@ def cmd_serve(args) -> int:
         cloud={"num_replicas": args.cloud_replicas},
     )
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING)
+    wait_for_tiers(args.wait_for_nodes)
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
@@ -82,6 +89,16 @@ def cmd_serve(args) -> int:
     print(f"try: curl -s {url}/v1/classify -H 'Content-Type: application/json' "
           "-d '{\"texts\": [\"a gorgeous, witty, seductive movie.\", \"the plot is a mess.\"]}'")
     return 0
+
+
+def wait_for_tiers(seconds: float) -> None:
+    """Nodes of a freshly launched cluster join over minutes; deploy once every tier has one
+    (build_app then refuses loudly if one is still missing)."""
+    import ray
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(ray.cluster_resources().get(f"tier_{t}", 0) <= 0 for t in TIERS):
+        time.sleep(5)
 
 
 def cmd_up(args) -> int:
@@ -98,9 +115,10 @@ def cmd_up(args) -> int:
         from dimee_models.evaluate import run_calibration
 
         run_calibration(args.artifact, CostModel(), 0.3)
-    local_cluster.down()  # a stale cluster from an earlier run would hold the ports
-    local_cluster.up()
-    args.dir, args.address = args.artifact, None
+    if not args.no_cluster:
+        local_cluster.down()  # a stale cluster from an earlier run would hold the ports
+        local_cluster.up()
+    args.dir = args.artifact
     return cmd_serve(args)
 
 

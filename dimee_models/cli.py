@@ -175,6 +175,9 @@ def cmd_evaluate(args) -> int:
 
     result, cal_out, test_out = run_evaluation(args.dir, _cost_model(args, fallback_to_defaults=False))
     print(format_table(result))
+    labels = test_out.labels
+    per_exit = [(test_out.logits[:, i].argmax(-1) == labels).mean() for i in range(test_out.num_layers)]
+    print("per-exit test accuracy: " + " ".join(f"{i}:{a:.4f}" for i, a in enumerate(per_exit, start=1)))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:

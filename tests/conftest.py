@@ -89,10 +89,10 @@ def deploy(config: dict, tmp_path: Path) -> None:
     raise TimeoutError(f"application not RUNNING after 300 s: {status}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(served_artifact, tmp_path_factory):
     """A real local cluster (cloud head + mobile + edge nodes), the app deployed from the Serve
-    config file; torn down at the end of the session."""
+    config file; torn down after the module (other modules start Ray clusters of their own)."""
     import ray
 
     from deployments import local_cluster
