@@ -62,6 +62,9 @@ def add_train(sub) -> None:
     p.add_argument("--mobile-exit", type=_positive_int, default=None, help="layer of the mobile exit (default L/3)")
     p.add_argument("--edge-exit", type=_positive_int, default=None, help="layer of the edge exit (default 2L/3)")
     p.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of distilling the final exit into the earlier exits (default 0: off)")
+    p.add_argument("--distill-temperature", type=_positive_float, default=2.0)
 
 
 def cmd_train(args) -> int:

@@ -43,6 +43,8 @@ class TrainConfig:
     mobile_exit: int | None = None
     edge_exit: int | None = None
     max_train_samples: int | None = None  # for quick runs and tests
+    distill: float = 0.0  # weight of distilling the final exit into the earlier ones (0 = off)
+    distill_temperature: float = 2.0
 
 
 def resolve_backbone(name: str) -> str:
@@ -80,6 +82,14 @@ def batches(ds: TextDataset, tokenizer, batch_size: int, max_length: int, order:
 
 def model_inputs(enc: dict) -> dict:
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+
+def distill_loss(outputs: list[ExitOutput], temperature: float) -> torch.Tensor:
+    """Mean KL from the final exit's (detached) soft labels to each earlier exit's, scaled by T^2."""
+    teacher = (outputs[-1].logits.detach() / temperature).softmax(-1)
+    losses = [F.kl_div((o.logits / temperature).log_softmax(-1), teacher, reduction="batchmean")
+              for o in outputs[:-1]]
+    return torch.stack(losses).mean() * temperature**2
 
 
 def weighted_exit_loss(outputs: list[ExitOutput], labels: torch.Tensor) -> torch.Tensor:
@@ -162,7 +172,10 @@ def fit(model: MultiExitEncoder, tokenizer, train_ds: TextDataset, cfg: TrainCon
     with tqdm(total=steps, desc="train", unit="step") as bar:
         for epoch in range(cfg.epochs):
             for enc, labels in batches(train_ds, tokenizer, cfg.batch_size, cfg.max_length, rng.permutation(len(train_ds))):
-                loss = weighted_exit_loss(model(**model_inputs(enc)), labels)
+                outputs = model(**model_inputs(enc))
+                loss = weighted_exit_loss(outputs, labels)
+                if cfg.distill > 0 and not labels.dtype.is_floating_point:
+                    loss = loss + cfg.distill * distill_loss(outputs, cfg.distill_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

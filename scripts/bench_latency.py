@@ -1,19 +1,17 @@
-"""Single-text latency per answering tier: end-to-end HTTP latency per policy, the tier layers
-alone (in-process, 1 torch thread like a 0.5-CPU replica), the overhead per Serve handle hop,
-and the memory of every Serve replica.
+"""Single-text latency per answering tier: end-to-end HTTP latency per policy, the tier layers alone
+(in-process, 1 torch thread as in a 0.5-CPU replica), overhead per Serve handle hop, memory per replica.
+The end-to-end time is also split per request along Serve's access logs (router and tier replicas).
 
 Reproduce (against a running deployment; --json appends this run to OUT's {"runs": [...]}):
     dimee cluster up && dimee serve artifacts/rt-polarity
-    python scripts/bench_latency.py --artifact artifacts/rt-polarity --requests 200 \
-        --json docs/results/latency.json
+    python scripts/bench_latency.py --artifact artifacts/rt-polarity --requests 200 --json docs/results/latency.json
     dimee cluster down
 """
-
-from __future__ import annotations
 
 import argparse
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -25,100 +23,137 @@ import torch
 from dimee_models import artifact
 from dimee_models.model import HiddenState
 
-POLICIES = ("mobile_only", "edge_only", "cloud_only", "dimee")
-WARMUP, REPS = 10, 3
+POLICIES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
+PARTS, PCTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m"), ("p50_ms", "p90_ms", "p99_ms")
+SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")  # this machine's Serve access logs
 # (policy, answering tier) -> (compute parts on the path, Serve handle hops incl. proxy->router)
-PATHS = {
-    ("mobile_only", "mobile"): (("tokenize", "mobile"), 2),
-    ("edge_only", "edge"): (("tokenize", "mobile", "edge"), 3),
-    ("cloud_only", "cloud"): (("tokenize", "cloud_full"), 2),
-    ("dimee", "mobile"): (("tokenize", "mobile"), 2),
-    ("dimee", "edge"): (("tokenize", "mobile", "edge"), 3),
-    ("dimee", "cloud"): (("tokenize", "mobile", "cloud_from_m"), 3),
-}
-PARTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m")
+PATHS = {("mobile_only", "mobile"): (("tokenize", "mobile"), 2), ("edge_only", "edge"): (("tokenize", "mobile", "edge"), 3),
+         ("cloud_only", "cloud"): (("tokenize", "cloud_full"), 2), ("dimee", "mobile"): (("tokenize", "mobile"), 2),
+         ("dimee", "edge"): (("tokenize", "mobile", "edge"), 3), ("dimee", "cloud"): (("tokenize", "mobile", "cloud_from_m"), 3)}
 
 
-def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, list[tuple[int, float]]]:
-    """(policy, answering tier) -> [(text index, ms)], sequential, one text per request."""
+def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, list[tuple]]:
+    """(policy, answering tier) -> [(text index, ms, request id)]; sequential, one text per request. Every
+    text goes to all policies in turn (rotated order), so the machine's drift hits every policy alike."""
     session, groups = requests.Session(), {}
-    for policy in POLICIES:
-        for i, text in [(-1, t) for t in warmup] + list(enumerate(texts)):
+    for i, text in [(-1, t) for t in warmup] + list(enumerate(texts)):
+        for policy in POLICIES[i % 4:] + POLICIES[:i % 4]:
             began = time.perf_counter()
             reply = session.post(f"{url}/v1/classify", json={"texts": [text], "policy": policy}, timeout=60)
             ms = (time.perf_counter() - began) * 1000
             reply.raise_for_status()
             if i >= 0:
-                groups.setdefault((policy, reply.json()["predictions"][0]["tier"]), []).append((i, ms))
+                tier = reply.json()["predictions"][0]["tier"]
+                groups.setdefault((policy, tier), []).append((i, ms, reply.headers["x-request-id"]))
     return groups
 
 
 def layer_compute(directory: Path, manifest: dict, texts: list[str]) -> dict[str, np.ndarray]:
-    """Per text (median of REPS): ms of the tokenizer and of each tier's forward as TierModel._forward runs it."""
+    """Per text (median of REPS), ms of PARTS: the router's tokenizer call, then each tier's forward as
+    TierModel._forward runs it (tensors in, run_layers, exit, softmax to numpy)."""
     torch.set_num_threads(1)
-    tok = artifact.load_tokenizer(directory)
-    mods = {t: artifact.load_tier(directory, t, manifest) for t in artifact.TIERS}
+    tok, mods = artifact.load_tokenizer(directory), {t: artifact.load_tier(directory, t, manifest) for t in artifact.TIERS}
     m, e, n = manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"]
 
-    def head(model, state: HiddenState, end: int) -> HiddenState:
-        state = model.run_layers(state, end)
-        model.exit(state).logits.softmax(-1).numpy()
+    def tier(name: str, end: int, ids=None, hidden=None) -> HiddenState:
+        state = (mods[name].embed(torch.as_tensor(ids), torch.ones(ids.shape, dtype=torch.long)) if hidden is None
+                 else HiddenState(torch.from_numpy(hidden[0].copy()), torch.from_numpy(hidden[1].copy()), m))
+        state = mods[name].run_layers(state, end)
+        mods[name].exit(state).logits.softmax(-1).numpy()
         return state
 
-    def once(text: str) -> dict[str, float]:
-        clock, ms = [time.perf_counter()], {}
-
-        def lap(part):
-            clock.append(time.perf_counter())
-            ms[part] = (clock[-1] - clock[-2]) * 1000
-
-        enc = tok([text], None, truncation=True, max_length=manifest["max_length"])
-        lap("tokenize")
-        ids = torch.as_tensor(np.asarray(enc["input_ids"], dtype=np.int64))
-        types = torch.as_tensor(np.asarray(enc["token_type_ids"])) if "token_type_ids" in enc else None
-        mobile = head(mods["mobile"], mods["mobile"].embed(ids, torch.ones_like(ids), types), m)
-        hidden, mask = mobile.hidden.numpy(), mobile.attention_mask.numpy()
-        lap("mobile")
-        head(mods["edge"], HiddenState(torch.from_numpy(hidden.copy()), torch.from_numpy(mask.copy()), m), e)
-        lap("edge")
-        head(mods["cloud"], mods["cloud"].embed(ids, torch.ones_like(ids), types), n)
-        lap("cloud_full")
-        head(mods["cloud"], HiddenState(torch.from_numpy(hidden.copy()), torch.from_numpy(mask.copy()), m), n)
-        lap("cloud_from_m")
-        return ms
+    def once(text: str) -> list[float]:
+        t = [time.perf_counter()]
+        ids = np.asarray(tok([text], None, truncation=True, max_length=manifest["max_length"])["input_ids"])
+        t.append(time.perf_counter())
+        state = tier("mobile", m, ids=ids)
+        hidden = (state.hidden.numpy(), state.attention_mask.numpy())
+        t.append(time.perf_counter())
+        for name, end, kw in (("edge", e, {"hidden": hidden}), ("cloud", n, {"ids": ids}), ("cloud", n, {"hidden": hidden})):
+            tier(name, end, **kw)
+            t.append(time.perf_counter())
+        return list(np.diff(t) * 1000)
 
     with torch.inference_mode():
         for text in texts[:WARMUP]:
             once(text)
-        runs = [[once(text) for _ in range(REPS)] for text in texts]
-    return {p: np.array([np.median([r[p] for r in reps]) for reps in runs]) for p in PARTS}
+        per_text = np.array([np.median([once(text) for _ in range(REPS)], axis=0) for text in texts])
+    return dict(zip(PARTS, per_text.T))
+
+
+def serve_log_times(log_dir: Path) -> dict[str, dict[str, float]]:
+    """request id -> {router, mobile, edge, cloud: ms spent in that replica}, from Serve's access logs."""
+    line, times = re.compile(r" dimee_(Router|\w+Tier) \S+ (\S+) -- \S+ \S+ \S+ ([\d.]+)ms$"), {}
+    for path in log_dir.glob("*.log"):
+        for hit in filter(None, map(line.search, path.read_text(errors="replace").splitlines())):
+            times.setdefault(hit[2], {})[hit[1].removesuffix("Tier").lower()] = float(hit[3])
+    return times
 
 
 def replica_memory() -> list[dict]:
-    """RSS / USS of every Serve actor (replicas, proxy, controller) on the local cluster."""
+    """RSS and USS of every Serve actor (replicas, proxy, controller) of the local cluster."""
     import ray
     from ray.util.state import list_actors
 
     ray.init(address="127.0.0.2:6390", logging_level="ERROR", log_to_driver=False)
     try:
         ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
-        rows = []
-        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-            if actor.class_name.startswith("ServeReplica") or actor.class_name in ("ProxyActor", "ServeController"):
-                info = psutil.Process(actor.pid).memory_full_info()
-                rows.append({"actor": actor.class_name.split(":")[-1], "pid": actor.pid, "node": ips.get(actor.node_id),
-                             "rss_mib": round(info.rss / 2**20, 1), "uss_mib": round(info.uss / 2**20, 1)})
-        return sorted(rows, key=lambda r: r["actor"])
+        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                  if a.class_name.startswith("ServeReplica") or a.class_name in ("ProxyActor", "ServeController")]
+        return sorted(({"actor": a.class_name.split(":")[-1], "pid": a.pid, "node": ips.get(a.node_id),
+                        **{f"{k}_mib": round(getattr(psutil.Process(a.pid).memory_full_info(), k) / 2**20, 1)
+                           for k in ("rss", "uss")}} for a in actors), key=lambda r: r["actor"])
     finally:
         ray.shutdown()
+
+
+def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict[str, float]]) -> list[dict]:
+    """Percentiles per (policy, tier); overhead = e2e p50 - summed compute p50 of the path; and medians of
+    the per-request split: outside the router (client, HTTP, proxy, proxy->router hop), in the router
+    but not in a tier call (tokenize, policy, router->tier hops), in a tier call but not computing."""
+    rows = []
+    for (policy, answered), (parts, hops) in ((k, v) for k, v in PATHS.items() if k in groups):
+        idx, ms, ids = (np.array(c) for c in zip(*groups[policy, answered]))
+        row = {"policy": policy, "tier": answered, "n": len(ms), **{k: float(np.percentile(ms, int(k[1:3]))) for k in PCTS}}
+        path_ms = sum(float(np.median(compute[p][idx])) for p in parts)
+        row |= {"compute_path": list(parts), "compute_p50_ms": path_ms, "overhead_ms": row["p50_ms"] - path_ms,
+                "hops": hops, "per_hop_ms": (row["p50_ms"] - path_ms) / hops}
+        tiers = [p.split("_")[0] for p in parts[1:]]
+        seen = [k for k, r in enumerate(ids) if {"router", *tiers} <= logs.get(r, {}).keys()]
+        if seen:
+            log = [logs[r] for r in ids[seen]]
+            split = {"outside_router": ms[seen] - [t["router"] for t in log],
+                     "router_and_tier_hops": [t["router"] - sum(t[x] for x in tiers) for t in log],
+                     **{f"{x}_call_minus_compute": [t[x] for t in log] - compute[p][idx[seen]] for x, p in zip(tiers, parts[1:])}}
+            row["split_p50_ms"] = {k: float(np.median(v)) for k, v in split.items()} | {"requests": len(seen)}
+        rows.append(row)
+    return rows
+
+
+def table(run: dict) -> str:
+    out = [f"{'policy':<12}{'tier':<7}{'n':>4}{'p50':>7}{'p90':>7}{'p99':>7}{'compute':>8}{'overhd':>7}{'hops':>5}"
+           f"{'/hop':>6}  | p50 split: outside-router  router+hops  tier call - compute"]
+    for r in run["latency"]:
+        s = r.get("split_p50_ms", {})
+        calls = " ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in s.items() if k.endswith("compute"))
+        out.append(f"{r['policy']:<12}{r['tier']:<7}{r['n']:>4}" + "".join(f"{r[k]:>7.1f}" for k in PCTS)
+                   + f"{r['compute_p50_ms']:>8.1f}{r['overhead_ms']:>7.1f}{r['hops']:>5}{r['per_hop_ms']:>6.1f}  | "
+                   + (f"{s['outside_router']:>14.1f}{s['router_and_tier_hops']:>13.1f}  {calls}" if s else "no logs"))
+    out.append("compute p50 (ms, 1 thread, all texts): " + ", ".join(f"{p} {v:.2f}" for p, v in run["compute_p50_ms"].items()))
+    out.append(f"{'actor':<16}{'node':<11}{'RSS MiB':>9}{'USS MiB':>9}{'params MiB':>11}")
+    for r in run["memory"]:
+        nbytes = run["parameter_bytes"].get(r["actor"].removesuffix("Tier").lower())
+        out.append(f"{r['actor']:<16}{r['node'] or '?':<11}{r['rss_mib']:>9.1f}{r['uss_mib']:>9.1f}"
+                   + (f"{nbytes / 2**20:>11.1f}" if nbytes else f"{'-':>11}"))
+    return "\n".join(out + [f"mobile parameter bytes = {run['mobile_share_of_full']:.1%} of the full model's"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--artifact", type=Path, default=Path("artifacts/rt-polarity"))
-    ap.add_argument("--requests", type=int, default=200, help="requests per policy (after %d warm-up)" % WARMUP)
-    ap.add_argument("--json", type=Path, default=None, help="append this run to OUT ({\"runs\": [...]})")
+    ap.add_argument("--requests", type=int, default=200, help=f"requests per policy (after {WARMUP} warm-up)")
+    ap.add_argument("--json", type=Path, default=None, help='append this run to OUT ({"runs": [...]})')
     args = ap.parse_args()
     manifest = artifact.read_manifest(args.artifact)
     pool = [json.loads(line)["text"] for line in (args.artifact / "splits/test.jsonl").read_text().splitlines() if line]
@@ -127,43 +162,18 @@ def main() -> None:
 
     groups = http_latency(args.url.rstrip("/"), texts, warmup)
     compute = layer_compute(args.artifact, manifest, texts)
-    memory = replica_memory()
-
-    latency = []
-    for key, (parts, hops) in PATHS.items():
-        if key not in groups:
-            continue
-        idx, ms = map(np.array, zip(*groups[key]))
-        path_ms = sum(float(np.median(compute[p][idx])) for p in parts)
-        p50 = float(np.median(ms))
-        latency.append({"policy": key[0], "tier": key[1], "n": len(ms), "p50_ms": p50,
-                        "p90_ms": float(np.percentile(ms, 90)), "p99_ms": float(np.percentile(ms, 99)),
-                        "compute_path": list(parts), "compute_p50_ms": path_ms, "overhead_ms": p50 - path_ms,
-                        "hops": hops, "per_hop_ms": (p50 - path_ms) / hops})
+    memory = replica_memory()  # also gives the access logs time to be flushed
     params = {t: manifest["tiers"][t]["parameter_bytes"] for t in artifact.TIERS}
     run = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": args.url, "artifact": str(args.artifact),
            "requests_per_policy": args.requests, "warmup_per_policy": WARMUP, "cpus": psutil.cpu_count(),
-           "torch_threads": 1, "latency": latency,
-           "compute_p50_ms_all_texts": {p: float(np.median(v)) for p, v in compute.items()},
-           "memory": memory, "parameter_bytes": params, "mobile_share_of_full": params["mobile"] / params["cloud"]}
-
-    print(f"{'policy':<12}{'tier':<8}{'n':>5}{'p50':>8}{'p90':>8}{'p99':>8}{'compute':>9}{'overhead':>9}{'hops':>5}{'/hop':>7}")
-    for r in latency:
-        print(f"{r['policy']:<12}{r['tier']:<8}{r['n']:>5}{r['p50_ms']:>8.1f}{r['p90_ms']:>8.1f}{r['p99_ms']:>8.1f}"
-              f"{r['compute_p50_ms']:>9.1f}{r['overhead_ms']:>9.1f}{r['hops']:>5}{r['per_hop_ms']:>7.1f}")
-    print("compute p50 (ms, 1 thread, all texts): "
-          + ", ".join(f"{p} {v:.2f}" for p, v in run["compute_p50_ms_all_texts"].items()))
-    print(f"{'actor':<16}{'node':<11}{'RSS MiB':>9}{'USS MiB':>9}{'params MiB':>11}")
-    for r in memory:
-        tier = r["actor"].removesuffix("Tier").lower()
-        pm = f"{params[tier] / 2**20:.1f}" if tier in params else "-"
-        print(f"{r['actor']:<16}{r['node'] or '?':<11}{r['rss_mib']:>9.1f}{r['uss_mib']:>9.1f}{pm:>11}")
-    print(f"mobile parameter bytes = {run['mobile_share_of_full']:.1%} of the full model's")
+           "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS)),
+           "compute_p50_ms": {p: float(np.median(v)) for p, v in compute.items()}, "memory": memory,
+           "parameter_bytes": params, "mobile_share_of_full": params["mobile"] / params["cloud"]}
+    print(table(run))
     if args.json:
-        doc = json.loads(args.json.read_text()) if args.json.is_file() else {"runs": []}
-        doc["runs"].append(run)
+        runs = json.loads(args.json.read_text())["runs"] if args.json.is_file() else []
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        args.json.write_text(json.dumps({"runs": [*runs, run]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from transformers import AutoModel, BertConfig
 
 from dimee_models import artifact
 from dimee_models.model import ExitOutput, MultiExitEncoder
-from dimee_models.train import TrainConfig, train, weighted_exit_loss
+from dimee_models.train import TrainConfig, distill_loss, train, weighted_exit_loss
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +50,16 @@ def test_regression_labels_use_mse():
     outputs = [fake_exit(torch.tensor([[0.0], [0.0], [1.0]]), 1), fake_exit(torch.tensor([[0.5], [-2.0], [2.0]]), 2)]
     mse = [((0.25 + 1.0 + 1.0) / 3), (0.0 + 1.0 + 0.0) / 3]
     assert weighted_exit_loss(outputs, labels).item() == pytest.approx((mse[0] + 2 * mse[1]) / 3, rel=1e-6)
+
+
+def test_distill_loss_is_zero_when_early_exits_match_the_final_one_and_positive_otherwise():
+    final = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    same = [fake_exit(final.clone(), 1), fake_exit(final.clone(), 2), fake_exit(final, 3)]
+    assert distill_loss(same, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    other = [fake_exit(-final, 1), fake_exit(final.clone(), 2), fake_exit(final, 3)]
+    p = (final / 2).softmax(-1)
+    expected = F.kl_div((-final / 2).log_softmax(-1), p, reduction="batchmean").item() / 2 * 4  # mean of 2 exits, T^2
+    assert distill_loss(other, 2.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_few_steps_lower_the_loss():
