@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,13 @@ def address() -> str:
     return f"{HEAD_IP}:{GCS_PORT}"
 
 
+def ray_cli(name: str = "ray") -> str:
+    """Ray's command-line tools of this interpreter's environment (a venv need not be on PATH)."""
+    return str(Path(sys.executable).parent / name)
+
+
 def _ray(*args: str, timeout: float = 120) -> None:
-    cmd = ["ray", *args]
+    cmd = [ray_cli(), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")

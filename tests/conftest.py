@@ -11,6 +11,7 @@ import requests
 import torch
 import yaml
 
+from deployments.local_cluster import ray_cli
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.evaluate import run_calibration
@@ -24,6 +25,15 @@ THREE_WAY_TEXTS = [
 ]
 PORT = 8011
 DASHBOARD = "http://127.0.0.2:8265"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and lose much when the 2 cores are busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -74,12 +84,12 @@ def deploy(config: dict, tmp_path: Path) -> None:
     """`serve deploy` a config (the declarative path users take) and wait until it is RUNNING."""
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run(["serve", "deploy", "--address", DASHBOARD, str(path)], check=True, timeout=120,
+    subprocess.run([ray_cli("serve"), "deploy", "--address", DASHBOARD, str(path)], check=True, timeout=120,
                    capture_output=True)
     deadline = time.time() + 300
     while time.time() < deadline:
-        status = subprocess.run(["serve", "status", "--address", DASHBOARD], capture_output=True, text=True,
-                                timeout=60).stdout
+        status = subprocess.run([ray_cli("serve"), "status", "--address", DASHBOARD], capture_output=True,
+                                text=True, timeout=60).stdout
         app = (yaml.safe_load(status) or {}).get("applications", {}).get("dimee", {})
         if app.get("status") == "RUNNING":
             return

@@ -18,15 +18,6 @@ EXITS = {"mobile": 1, "edge": 3}
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the pool waits on the other job."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> MultiExitEncoder:
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,

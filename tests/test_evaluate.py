@@ -25,14 +25,6 @@ ROW_KEYS = {"accuracy", "accuracy_drop_pp", "accuracy_drop_pp_ci95", "cost", "co
 POLICY_FILES = ("policy.json", "policy.safetensors")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def texts(n: int, seed: int) -> TextDataset:
     """Class 0 speaks of fruit, class 1 of cars; 3-6 words each, 35% of them from the other class
     (so the exits disagree and confidences vary)."""

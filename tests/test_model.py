@@ -24,16 +24,6 @@ CONFIGS = {
 M, E, L = 1, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the thread pool waits on
-    the other job (measured: a tiny training step took ~1.4 s with 2 threads, ~15 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(family: str, num_labels: int = 3) -> tuple[MultiExitEncoder, torch.nn.Module]:
     torch.manual_seed(0)
     backbone = AutoModel.from_config(CONFIGS[family]()).eval()

@@ -3,7 +3,6 @@ calibration, choice of operating point, persistence."""
 
 import numpy as np
 import pytest
-import torch
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import (
@@ -36,15 +35,6 @@ def synthetic(n_per: int = 60, seed: int = 0) -> tuple[ExitOutputs, np.ndarray]:
 @pytest.fixture(scope="module")
 def data():
     return synthetic()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The learned router fits with torch; tiny problems gain nothing from threads on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,6 @@ from dimee_models.model import ExitOutput, MultiExitEncoder
 from dimee_models.train import TrainConfig, distill_loss, train, weighted_exit_loss
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine the thread pool waits on
-    the other job (measured: a tiny training step took ~1.4 s with 2 threads, ~15 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fake_exit(logits: torch.Tensor, layer: int) -> ExitOutput:
     batch = logits.shape[0]
     return ExitOutput(logits, torch.ones(batch), torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 4), layer)
