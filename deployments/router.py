@@ -68,6 +68,8 @@ class Router:
             raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {self.args.max_texts}")
         if body.text_pairs is not None and not self.manifest["text_pair"]:
             raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
+        if body.text_pairs is None and self.manifest["text_pair"]:
+            raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=self.manifest["max_length"])
         tokens = TierRequest(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
         answers = await self.run_policy(body.policy, tokens, len(body.texts))

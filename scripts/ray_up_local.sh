@@ -71,7 +71,7 @@ while time.time() < deadline:
         if reply.status_code == 200:
             print("answer:", reply.json())
             break
-    except requests.ConnectionError:
+    except requests.RequestException:  # not listening yet, or the replicas are still starting
         pass
     time.sleep(3)
 else:

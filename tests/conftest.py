@@ -126,7 +126,7 @@ def wait_http(url: str, seconds: float = 120) -> None:
         try:
             if requests.get(url, timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:
             pass
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {seconds} s")

@@ -37,6 +37,18 @@ def test_each_tier_runs_on_the_node_with_its_resource(cluster):
             assert nodes[replica["node"]].get(f"tier_{tier}", 0) > 0, (tier, replica)
 
 
+def test_each_replica_holds_only_its_tier(cluster):
+    from ray import serve
+
+    held = {t: serve.get_deployment_handle(f"{t.capitalize()}Tier", app_name="dimee").describe.remote()
+            .result(timeout_s=60) for t in ("mobile", "edge", "cloud")}
+    assert (held["mobile"]["holds_embeddings"], held["mobile"]["first_layer"], held["mobile"]["layers"]) == (True, 0, 2)
+    assert (held["edge"]["holds_embeddings"], held["edge"]["first_layer"], held["edge"]["layers"]) == (False, 2, 2)
+    assert (held["cloud"]["holds_embeddings"], held["cloud"]["layers"]) == (True, 6)
+    assert held["mobile"]["exit_heads"] == [2] and held["edge"]["exit_heads"] == [4]
+    assert held["mobile"]["parameter_bytes"] + held["edge"]["parameter_bytes"] < held["cloud"]["parameter_bytes"]
+
+
 def test_a_batch_split_across_three_tiers_comes_back_in_order_and_matches_offline(cluster, served_artifact):
     texts = THREE_WAY_TEXTS * 2 + ["an utterly forgettable sequel."]
     served = classify(cluster, texts)
