@@ -80,7 +80,7 @@ def cmd_serve(args) -> int:
         mobile={"num_replicas": args.mobile_replicas}, edge={"num_replicas": args.edge_replicas},
         cloud={"num_replicas": args.cloud_replicas},
     )
-    ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING)
+    ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
