@@ -193,9 +193,7 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
                                           cost).cost)
     elif default not in cal.policies:
         raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
-    doc = save_policies(directory, cal, cost, default, max_drop_pp)
-    doc["cascade_thresholds"] = cascade
-    (directory / "policy.json").write_text(json.dumps(doc, indent=1) + "\n")
+    doc = save_policies(directory, cal, cost, default, max_drop_pp, {"cascade_thresholds": cascade})
     manifest["policy"] = {"default": default, "file": "policy.json"}
     artifact.write_manifest(directory, manifest)
     return doc

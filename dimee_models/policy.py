@@ -291,7 +291,10 @@ def _pareto(items: list[tuple]) -> list[tuple]:
 POLICY_JSON, POLICY_TENSORS = "policy.json", "policy.safetensors"
 
 
-def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: str, max_drop_pp: float) -> dict:
+def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: str, max_drop_pp: float,
+                  extra: dict | None = None) -> dict:
+    """Write policy.safetensors and policy.json (`extra`: more fields for the JSON, e.g. the
+    cascade thresholds that evaluation compares against)."""
     tensors = {f"{name}/{key}": value for name, pol in cal.policies.items() for key, value in pol.tensors.items()}
     save_file(tensors, directory / POLICY_TENSORS)
     doc = {
@@ -302,6 +305,7 @@ def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: s
         "policies": {name: pol.to_json() for name, pol in cal.policies.items()},
         "curves": cal.curves,
         "warnings": cal.warnings,
+        **(extra or {}),
     }
     (directory / POLICY_JSON).write_text(json.dumps(doc, indent=1) + "\n")
     return doc
