@@ -17,7 +17,7 @@ from transformers import AutoModel, PretrainedConfig
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
 
-SUPPORTED_FAMILIES = ("bert", "roberta", "distilbert", "mpnet", "xlm-roberta", "electra")
+SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet")
 
 
 @dataclass
