@@ -17,7 +17,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PATHS = ("mobile", "edge", "cloud", "edge_cloud", "cloud_only")
-TIER_OF_PATH = {"mobile": "mobile", "edge": "edge", "cloud": "cloud", "edge_cloud": "cloud", "cloud_only": "cloud"}
 
 
 class CostModel(BaseModel):

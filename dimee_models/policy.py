@@ -61,9 +61,6 @@ class ExitOutputs:
     def tier_exits(self) -> tuple[int, int, int]:
         return self.mobile_exit, self.edge_exit, self.num_layers
 
-    def subset(self, idx: np.ndarray) -> ExitOutputs:
-        return ExitOutputs(self.logits[idx], self.z[idx], self.labels[idx], self.mobile_exit, self.edge_exit)
-
 
 @dataclass(frozen=True)
 class Policy:
