@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 
+DEFAULT_SPLITS = (0.65, 0.2, 0.15)  # train / calibration / test
+DEFAULT_SEED = 0
+
+
 class DatasetError(ValueError):
     """A dataset could not be loaded; the message says what is wrong and where."""
 

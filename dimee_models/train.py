@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from dimee_models import artifact
-from dimee_models.data import Splits, TextDataset, load_dataset, split
+from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, Splits, TextDataset, load_dataset, split
 from dimee_models.model import ExitOutput, MultiExitEncoder
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     max_length: int = 128
     dropout: float = 0.1
-    seed: int = 0
-    splits: tuple[float, float, float] = (0.65, 0.2, 0.15)
+    seed: int = DEFAULT_SEED
+    splits: tuple[float, float, float] = DEFAULT_SPLITS
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"

@@ -1,0 +1,102 @@
+"""Locust load test of the DIMEE-Serve HTTP API with real texts from a dataset's test split.
+
+    locust -f load/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -r 16 -t 60s \
+        --policy dimee --texts-per-request 1 --dataset rt-polarity
+    python load/locustfile.py --host http://127.0.0.1:8000      # one user, prints every request
+
+`load/run.py` runs this headless for `dimee` and `cloud_only` and writes the comparison report.
+The test split is the one `dimee train` holds out with its default split fractions and seed, so
+the load has the same mix of easy and hard samples as the offline evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+from locust import FastHttpUser, between, constant, events, run_single_user, task
+
+from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, load_dataset, split
+
+TIERS = ("mobile", "edge", "cloud")
+TEXTS: list[str] = []
+PAIRS: list[str] | None = None
+SEEN = {"tiers": Counter(), "layers": 0, "predictions": 0, "fallback": 0, "degraded": 0}  # answers checked here
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    parser.add_argument("--policy", default="dimee", choices=("dimee", "cloud_only", "mobile_only", "edge_only"),
+                        help="routing policy asked for in every request")
+    parser.add_argument("--texts-per-request", type=int, default=1, help="texts in each request")
+    parser.add_argument("--think-time", type=float, default=0.0,
+                        help="seconds a user waits between requests (uniform in [0, 2x]; 0: none)")
+    parser.add_argument("--dataset", default="rt-polarity",
+                        help="dataset whose test split supplies the texts: a name or csv:/jsonl:PATH")
+    parser.add_argument("--tier-stats", default="", help="write the answering-tier counts to this JSON file at the end")
+
+
+@events.init.add_listener
+def _load_texts(environment, **_) -> None:
+    global TEXTS, PAIRS
+    options = environment.parsed_options
+    if options.texts_per_request < 1:
+        raise SystemExit(f"--texts-per-request must be at least 1, got {options.texts_per_request}")
+    test = split(load_dataset(options.dataset), DEFAULT_SPLITS, DEFAULT_SEED).test
+    TEXTS, PAIRS = test.texts, test.text_pairs
+    ClassifyUser.wait_time = between(0, 2 * options.think_time) if options.think_time > 0 else constant(0)
+
+
+@events.test_stop.add_listener
+def _write_tier_stats(environment, **_) -> None:
+    if environment.parsed_options.tier_stats:
+        with open(environment.parsed_options.tier_stats, "w") as f:
+            json.dump({**SEEN, "tiers": dict(SEEN["tiers"])}, f)
+
+
+def check(body: dict, sent: int) -> str | None:
+    """Why a 200 answer is wrong, or None when it is right."""
+    predictions = body.get("predictions")
+    if not isinstance(predictions, list) or len(predictions) != sent:
+        return f"sent {sent} texts, got {len(predictions) if isinstance(predictions, list) else 'no'} predictions"
+    for p in predictions:
+        if p.get("tier") not in TIERS or not isinstance(p.get("exit_layer"), int):
+            return f"prediction without a valid tier and exit layer: {p}"
+    return None
+
+
+class ClassifyUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def classify(self) -> None:
+        options = self.environment.parsed_options
+        rows = random.sample(range(len(TEXTS)), min(options.texts_per_request, len(TEXTS)))
+        payload = {"texts": [TEXTS[i] for i in rows], "policy": options.policy}
+        if PAIRS is not None:
+            payload["text_pairs"] = [PAIRS[i] for i in rows]
+        with self.client.post("/v1/classify", json=payload, name=f"/v1/classify [{options.policy}]",
+                              catch_response=True) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            try:
+                body = response.json()
+            except ValueError:
+                response.failure(f"answer is not JSON: {response.text[:200]}")
+                return
+            problem = check(body, len(rows))
+            if problem:
+                response.failure(problem)
+                return
+            for p in body["predictions"]:
+                SEEN["tiers"][p["tier"]] += 1
+                SEEN["layers"] += p["exit_layer"]
+                SEEN["predictions"] += 1
+                SEEN["fallback"] += bool(p.get("fallback"))
+                SEEN["degraded"] += bool(p.get("degraded"))
+
+
+if __name__ == "__main__":
+    run_single_user(ClassifyUser)

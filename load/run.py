@@ -1,0 +1,263 @@
+"""Load-test `dimee` against `cloud_only` on a running cluster with Locust (headless), same users,
+spawn rate and duration for each, and write a report directory: report.json, report.md, report.png
+and runs.json (every run of every repeat).
+
+    python load/run.py --host http://127.0.0.1:8000 --users 16 --duration 60 --repeat 2 --out runs/load
+    python load/run.py --host ... --sweep 2,4,8,16,32 --p99-limit-ms 1000 --out runs/sweep
+
+`rps_ratio` is dimee's requests per second over cloud_only's (median of the per-repeat ratios;
+the two policies alternate order between repeats so drift of the machine hits both alike), and
+`rps_ratio_ceiling` is cloud_only's layers per request over dimee's: the ratio if only layer
+compute cost anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+POLICIES = ("dimee", "cloud_only")
+LATENCY = ("p50_ms", "p95_ms", "p99_ms")
+# process-name fragment -> part of the serving path it belongs to (first match wins)
+PARTS = (("Router", "router"), ("MobileTier", "mobile"), ("EdgeTier", "edge"), ("CloudTier", "cloud"),
+         ("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxy", "proxy"), ("raylet", "ray_core"), ("gcs_server", "ray_core"), ("ray", "ray_other"))
+
+
+def cpu_by_part() -> dict[str, float]:
+    """CPU seconds used so far by each part of a cluster running on this machine, and by the
+    Locust subprocesses that have finished (this process's reaped children)."""
+    used = {"locust": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime"))}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        times = proc.info["cpu_times"]
+        part = next((name for fragment, name in PARTS if fragment in cmdline), None)
+        if part and times:
+            used[part] = used.get(part, 0.0) + times.user + times.system
+    return used
+
+
+def parse_stats(path: Path) -> dict:
+    """Totals of Locust's `--json-file` stats (written once the run has stopped, unlike its CSV,
+    which is refreshed every second and can miss the last requests)."""
+    entries = json.loads(Path(path).read_text())
+    if not entries:
+        raise ValueError(f"{path} has no stats: did Locust send any request?")
+    histogram: dict[float, int] = {}
+    for entry in entries:
+        for ms, count in entry["response_times"].items():
+            histogram[float(ms)] = histogram.get(float(ms), 0) + count
+    times, counts = zip(*sorted(histogram.items()))
+    cumulative = np.cumsum(counts)
+
+    def percentile(q: float) -> float:
+        return times[int(np.searchsorted(cumulative, q * cumulative[-1]))]
+
+    requests = sum(e["num_requests"] for e in entries)
+    seconds = max(e["last_request_timestamp"] for e in entries) - min(e["start_time"] for e in entries)
+    return {"rps": requests / seconds, "p50_ms": percentile(0.5), "p95_ms": percentile(0.95),
+            "p99_ms": percentile(0.99), "max_ms": max(e["max_response_time"] for e in entries),
+            "requests": requests, "failures": sum(e["num_failures"] for e in entries)}
+
+
+def parse_tiers(path: Path) -> dict:
+    """Answering-tier fractions and mean exit layer from the locustfile's `--tier-stats` file."""
+    seen = json.loads(Path(path).read_text())
+    n = max(seen["predictions"], 1)
+    return {"tier_fraction": {t: seen["tiers"].get(t, 0) / n for t in ("mobile", "edge", "cloud")},
+            "mean_layers": seen["layers"] / n}
+
+
+def run_locust(args, policy: str, users: int, seconds: float, prefix: Path) -> dict:
+    """One headless Locust run; its stats and tier counts."""
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+               "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--stop-timeout", "10",
+               "--host", args.host, "--csv", str(prefix), "--json-file", str(prefix), "--loglevel", "WARNING",
+               "--policy", policy, "--texts-per-request", str(args.texts_per_request),
+               "--think-time", str(args.think_time), "--dataset", args.dataset,
+               "--tier-stats", f"{prefix}_tiers.json"]
+    before = cpu_by_part() if args.cpu_breakdown else None
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode not in (0, 1):  # 1 only means some requests failed; the stats say how many
+        raise RuntimeError(f"locust exited with {done.returncode}:\n{done.stderr[-2000:]}")
+    run = {"policy": policy, "users": users, "seconds": seconds,
+           **parse_stats(Path(f"{prefix}.json")), **parse_tiers(Path(f"{prefix}_tiers.json"))}
+    if before is not None:
+        after = cpu_by_part()
+        run["cpu_ms_per_request"] = {part: (after[part] - before.get(part, 0.0)) * 1000 / max(run["requests"], 1)
+                                     for part in after}
+    return run
+
+
+def summarize(runs: list[dict]) -> dict:
+    """report.json: per policy the median of each repeat's rates and percentiles, totals of
+    requests and failures, tier fractions over all answers; then the ratios."""
+    report = {}
+    for policy in POLICIES:
+        mine = [r for r in runs if r["policy"] == policy]
+        requests = sum(r["requests"] for r in mine)
+        report[policy] = {
+            **{k: statistics.median(r[k] for r in mine) for k in ("rps",) + LATENCY},
+            "requests": requests, "failures": sum(r["failures"] for r in mine),
+            "tier_fraction": {t: sum(r["tier_fraction"][t] * r["requests"] for r in mine) / max(requests, 1)
+                              for t in ("mobile", "edge", "cloud")},
+            "mean_layers": sum(r["mean_layers"] * r["requests"] for r in mine) / max(requests, 1),
+        }
+    report["rps_ratio"] = statistics.median(per_repeat_ratios(runs))
+    report["rps_ratio_ceiling"] = report["cloud_only"]["mean_layers"] / report["dimee"]["mean_layers"]
+    return report
+
+
+def per_repeat_ratios(runs: list[dict]) -> list[float]:
+    by_repeat = {}
+    for r in runs:
+        by_repeat.setdefault(r["repeat"], {})[r["policy"]] = r["rps"]
+    return [pair["dimee"] / pair["cloud_only"] for pair in by_repeat.values()]
+
+
+def markdown(report: dict, runs: list[dict], args) -> str:
+    ratios = per_repeat_ratios(runs)
+    lines = [
+        "# Load test: dimee vs cloud_only", "",
+        f"{args.users} users (spawned at once), {args.duration:g} s per policy after a {args.warmup:g} s warm-up, "
+        f"{args.texts_per_request} text(s) per request from the {args.dataset} test split, "
+        f"think time {args.think_time:g} s, {args.repeat} repeat(s), against {args.host}.", "",
+        "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | mobile | edge | cloud | mean layers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for policy in POLICIES:
+        r = report[policy]
+        f = r["tier_fraction"]
+        lines.append(f"| {policy} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['requests']} | {r['failures']} | {f['mobile']:.1%} | {f['edge']:.1%} | {f['cloud']:.1%} | "
+                     f"{r['mean_layers']:.2f} |")
+    lines += ["", f"rps_ratio (dimee / cloud_only): **{report['rps_ratio']:.2f}** "
+              f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
+              f"ceiling from layers: {report['rps_ratio_ceiling']:.2f}; "
+              f"ratio / ceiling: {report['rps_ratio'] / report['rps_ratio_ceiling']:.0%}."]
+    if "cpu_ms_per_request" in runs[0]:
+        lines += ["", "CPU ms per request by process (median over repeats):", ""] + cpu_table(runs)
+    lines += ["", "Every run:", ""]
+    lines += [f"- repeat {r['repeat']} {r['policy']}: {r['rps']:.1f} rps, p50 {r['p50_ms']:.0f} ms, "
+              f"p99 {r['p99_ms']:.0f} ms, {r['failures']} failures" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
+def cpu_table(runs: list[dict]) -> list[str]:
+    parts = sorted(runs[0]["cpu_ms_per_request"], key=lambda k: -runs[0]["cpu_ms_per_request"][k])
+    lines = ["| policy | " + " | ".join(parts) + " | total |", "|---|" + "---|" * (len(parts) + 1)]
+    for policy in POLICIES:
+        cpu = {k: statistics.median(r["cpu_ms_per_request"].get(k, 0.0) for r in runs if r["policy"] == policy)
+               for k in parts}
+        lines.append(f"| {policy} | " + " | ".join(f"{cpu[k]:.1f}" for k in parts) + f" | {sum(cpu.values()):.1f} |")
+    return lines
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.35
+    for i, policy in enumerate(POLICIES):
+        lat.bar([x + i * width for x in range(len(LATENCY))], [report[policy][k] for k in LATENCY], width, label=policy)
+    lat.set_xticks([x + width / 2 for x in range(len(LATENCY))], [k.removesuffix("_ms") for k in LATENCY])
+    lat.set_ylabel("latency (ms)")
+    lat.legend()
+    thr.bar(POLICIES, [report[p]["rps"] for p in POLICIES], color=["C0", "C1"])
+    thr.set_ylabel("requests / s")
+    thr.set_title(f"ratio {report['rps_ratio']:.2f} (ceiling {report['rps_ratio_ceiling']:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep(args) -> dict:
+    """Throughput and p99 per user count; the highest rps whose p99 stays within the limit."""
+    out = {policy: [] for policy in POLICIES}
+    for users in args.sweep:
+        for policy in POLICIES:
+            if args.warmup:
+                run_locust(args, policy, users, args.warmup, args.out / f"warmup-{policy}-{users}")
+            r = run_locust(args, policy, users, args.duration, args.out / f"sweep-{policy}-{users}")
+            out[policy].append({k: r[k] for k in ("users", "rps", "p50_ms", "p99_ms", "failures")})
+            print(f"{users:4d} users {policy:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms", flush=True)
+    out["max_rps_within_p99_limit"] = {
+        policy: max((p for p in out[policy] if p["p99_ms"] <= args.p99_limit_ms and not p["failures"]),
+                    key=lambda p: p["rps"], default=None)
+        for policy in POLICIES
+    }
+    out["p99_limit_ms"] = args.p99_limit_ms
+    return out
+
+
+def user_counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep wants comma-separated user counts, got {text!r}") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"--sweep user counts must be positive, got {text!r}")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="http://127.0.0.1:8000", help="the service's base URL")
+    p.add_argument("--users", type=int, default=16, help="concurrent Locust users (all spawned at once)")
+    p.add_argument("--duration", type=float, default=60, help="seconds measured per policy (and per sweep point)")
+    p.add_argument("--warmup", type=float, default=5, help="seconds of unmeasured load before each measured run")
+    p.add_argument("--repeat", type=int, default=1, help="run the pair of policies this many times")
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--think-time", type=float, default=0.0, help="mean seconds a user waits between requests")
+    p.add_argument("--dataset", default="rt-polarity", help="texts come from this dataset's test split")
+    p.add_argument("--sweep", type=user_counts, default=None, metavar="U1,U2,..",
+                   help="instead of the comparison, sweep these user counts and write sweep.json")
+    p.add_argument("--p99-limit-ms", type=float, default=1000, help="with --sweep: the p99 latency limit")
+    p.add_argument("--cpu-breakdown", action="store_true",
+                   help="the cluster runs on this machine: also report CPU ms per request by process")
+    p.add_argument("--out", type=Path, required=True, help="report directory (created)")
+    args = p.parse_args(argv)
+    for flag in ("users", "repeat", "texts_per_request"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.duration <= 0 or args.warmup < 0 or args.think_time < 0:
+        p.error("--duration must be positive; --warmup and --think-time not negative")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.sweep:
+        result = sweep(args)
+        (args.out / "sweep.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["max_rps_within_p99_limit"], indent=2))
+        return 0
+
+    runs = []
+    for repeat in range(args.repeat):
+        for policy in POLICIES if repeat % 2 == 0 else POLICIES[::-1]:
+            if args.warmup:
+                run_locust(args, policy, args.users, args.warmup, args.out / f"warmup-{policy}")
+            run = run_locust(args, policy, args.users, args.duration, args.out / f"{policy}-{repeat}")
+            runs.append({"repeat": repeat, **run})
+            print(f"repeat {repeat} {policy:>10}: {run['rps']:.1f} rps, p50 {run['p50_ms']:.0f} ms, "
+                  f"p99 {run['p99_ms']:.0f} ms, {run['failures']} failures", flush=True)
+    report = summarize(runs)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
+    (args.out / "report.md").write_text(markdown(report, runs, args))
+    plot(report, args.out / "report.png")
+    print((args.out / "report.md").read_text())
+    return 1 if any(report[p]["failures"] for p in POLICIES) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

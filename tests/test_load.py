@@ -1,0 +1,114 @@
+"""The load tooling without a cluster: Locust's stats parsed into the report, and the locustfile
+run headless against a small stand-in HTTP server (right and wrong answers)."""
+
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "load"))
+import run as load_run  # noqa: E402  (load/ is a folder of scripts, not a package)
+
+def entry(response_times: dict, failures: int, start: float, last: float) -> dict:
+    """One endpoint's stats as Locust's --json-file writes them (the fields we read)."""
+    return {"name": "/v1/classify [dimee]", "method": "POST", "num_requests": sum(response_times.values()),
+            "num_failures": failures, "response_times": {str(k): v for k, v in response_times.items()},
+            "start_time": start, "last_request_timestamp": last, "max_response_time": max(response_times)}
+
+
+def test_parse_stats_totals_locust_json(tmp_path):
+    times = {100: 50, 200: 45, 300: 4, 900: 1}  # 100 requests: p50 100 ms, p95 200, p99 300, max 900
+    (tmp_path / "s.json").write_text(json.dumps([entry(times, 2, 1000.0, 1010.0)]))
+    assert load_run.parse_stats(tmp_path / "s.json") == {
+        "rps": 10.0, "p50_ms": 100.0, "p95_ms": 200.0, "p99_ms": 300.0, "max_ms": 900, "requests": 100, "failures": 2}
+    (tmp_path / "two.json").write_text(json.dumps([entry({100: 10}, 0, 1000.0, 1004.0),
+                                                    entry({400: 10}, 1, 1001.0, 1005.0)]))
+    two = load_run.parse_stats(tmp_path / "two.json")
+    assert (two["requests"], two["failures"], two["rps"], two["p50_ms"], two["p99_ms"]) == (20, 1, 4.0, 100.0, 400.0)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="no stats"):
+        load_run.parse_stats(tmp_path / "empty.json")
+
+
+def test_parse_tiers_gives_fractions_and_mean_layers(tmp_path):
+    (tmp_path / "t.json").write_text(json.dumps({"tiers": {"mobile": 3, "edge": 1}, "layers": 10, "predictions": 4}))
+    assert load_run.parse_tiers(tmp_path / "t.json") == {
+        "tier_fraction": {"mobile": 0.75, "edge": 0.25, "cloud": 0.0}, "mean_layers": 2.5}
+
+
+def run_row(repeat: int, policy: str, rps: float, p50: float, mean_layers: float, fractions: tuple) -> dict:
+    return {"repeat": repeat, "policy": policy, "rps": rps, "p50_ms": p50, "p95_ms": 2 * p50, "p99_ms": 3 * p50,
+            "requests": 100, "failures": 0, "mean_layers": mean_layers,
+            "tier_fraction": dict(zip(("mobile", "edge", "cloud"), fractions))}
+
+
+def test_summarize_gives_the_report_shape_medians_and_ratios():
+    runs = [run_row(0, "dimee", 30.0, 200, 3.0, (0.5, 0.5, 0.0)), run_row(0, "cloud_only", 20.0, 300, 6.0, (0, 0, 1)),
+            run_row(1, "cloud_only", 25.0, 280, 6.0, (0, 0, 1)), run_row(1, "dimee", 25.0, 220, 4.0, (0.3, 0.5, 0.2))]
+    report = load_run.summarize(runs)
+    assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling"}
+    assert set(report["dimee"]) == {"rps", "p50_ms", "p95_ms", "p99_ms", "requests", "failures", "tier_fraction",
+                                    "mean_layers"}
+    assert report["dimee"]["rps"] == 27.5 and report["dimee"]["p50_ms"] == 210 and report["dimee"]["requests"] == 200
+    assert report["dimee"]["tier_fraction"] == pytest.approx({"mobile": 0.4, "edge": 0.5, "cloud": 0.1})
+    assert report["dimee"]["mean_layers"] == 3.5
+    assert report["rps_ratio"] == pytest.approx((30 / 20 + 25 / 25) / 2)  # median of the per-repeat ratios
+    assert report["rps_ratio_ceiling"] == pytest.approx(6 / 3.5)
+
+
+def test_run_refuses_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_run.main(["--out", "x", "--users", "0"])
+    assert exit_.value.code == 2 and "--users must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_run.main(["--out", "x", "--sweep", "4,eight"])
+    assert "--sweep wants comma-separated user counts" in capsys.readouterr().err
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """Answers /v1/classify like the service, or (wrong=True) with one prediction too few."""
+
+    wrong = False
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        n = len(body["texts"]) - (1 if self.wrong else 0)
+        answer = json.dumps({"model": "stand-in", "predictions": [
+            {"label": "positive", "label_id": 1, "confidence": 0.9, "tier": "edge", "exit_layer": 4, "cost": 0.6}] * n})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_locustfile_counts_tiers_and_marks_wrong_answers_as_failures(tmp_path, wrong):
+    handler = type("Handler", (StandIn,), {"wrong": wrong})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        subprocess.run([sys.executable, "-m", "locust", "-f", str(load_run.LOCUSTFILE), "--headless", "-u", "1", "-r", "1",
+                        "-t", "3s", "--host", f"http://127.0.0.1:{server.server_port}", "--csv", str(tmp_path / "x"),
+                        "--json-file", str(tmp_path / "x"),
+                        "--texts-per-request", "3", "--tier-stats", str(tmp_path / "tiers.json"), "--only-summary"],
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
+    stats = load_run.parse_stats(tmp_path / "x.json")
+    tiers = json.loads((tmp_path / "tiers.json").read_text())
+    assert stats["requests"] > 0
+    if wrong:
+        assert stats["failures"] == stats["requests"] and tiers["predictions"] == 0
+        assert "sent 3 texts, got 2 predictions" in (tmp_path / "x_failures.csv").read_text()
+    else:
+        assert stats["failures"] == 0
+        n = 3 * stats["requests"]
+        assert tiers == {"tiers": {"edge": n}, "layers": 4 * n, "predictions": n, "fallback": 0, "degraded": 0}
