@@ -112,5 +112,6 @@ class TierReply:
     z: np.ndarray | None  # (B, H) mobile embedding, mobile only
     hidden: HiddenRef | None  # mobile only, when asked to keep it
     compute_ms: float  # layer compute for the whole batch this request rode in
+    batch_size: int  # requests that shared this forward pass (@serve.batch)
     received: str  # "tokens" or "object_store": how the input arrived
     node_id: str

@@ -10,17 +10,23 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 
 import numpy as np
 import ray
 import torch
 from ray import serve
+from ray.serve import metrics
 
 from deployments.schemas import HiddenRef, TierReply, TierRequest
 from dimee_models import artifact
 from dimee_models.model import HiddenState
 
 log = logging.getLogger("ray.serve")
+# The hidden state's owner (this replica) keeps each reference alive this long: a reference that
+# leaves a Serve deployment inside a reply is not always counted by Ray (ray-project/ray#51953), and
+# under load the object was freed before edge/cloud fetched it. Far above any hop's timeout.
+HIDDEN_TTL_S = 30.0
 
 
 def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.ndarray:
@@ -43,6 +49,18 @@ class TierModel:
                                        manifest["exits"]["edge"])[tier].end
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
+        self.compute_ms = metrics.Histogram(
+            "dimee_tier_compute_ms", "layer compute of one forward pass (a whole batch), ms",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=("tier",))
+        self.batch_size = metrics.Histogram(
+            "dimee_tier_batch_size", "requests merged into one forward pass by @serve.batch",
+            boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("tier",))
+        self.offloaded = metrics.Counter(
+            "dimee_hidden_state_bytes", "bytes of layer-m hidden state fetched from the object store, per hop",
+            tag_keys=("hop",))
+        self.compute_ms.set_default_tags({"tier": tier})
+        self.batch_size.set_default_tags({"tier": tier})
         self.forward_batch.set_max_batch_size(max_batch_size)
         self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         params, nbytes = self.model.parameter_bytes()
@@ -50,6 +68,18 @@ class TierModel:
 
     async def __call__(self, request: TierRequest) -> TierReply:
         return await self.forward_batch(request)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the weights are loaded and a one-sample forward pass works."""
+        with torch.inference_mode():
+            if self.model.embeddings is not None:
+                state = self.model.embed(torch.full((1, 2), self.pad_id), torch.ones(1, 2, dtype=torch.long))
+            else:
+                state = HiddenState(torch.zeros(1, 2, self.model.config.hidden_size), torch.ones(1, 2, dtype=torch.long),
+                                    self.model.first_layer)
+            logits = self.model.exit(self.model.run_layers(state, self.end)).logits
+        if not torch.isfinite(logits).all():
+            raise RuntimeError(f"{self.tier} tier: the health-check forward pass gave non-finite logits")
 
     def describe(self) -> dict:
         params, nbytes = self.model.parameter_bytes()
@@ -60,6 +90,10 @@ class TierModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
         stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
+        for r in requests:
+            if r.hidden is not None:
+                self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"mobile->{self.tier}"})
+        self.batch_size.observe(len(requests))
         inputs, fetched = [], iter(stored)
         for r in requests:
             if r.hidden is None:
@@ -71,11 +105,11 @@ class TierModel:
         for start in sorted({i[0] for i in inputs}):  # one forward per starting layer
             members = [k for k, i in enumerate(inputs) if i[0] == start]
             for k, reply in zip(members, await asyncio.to_thread(self._forward, [requests[k] for k in members],
-                                                                 [inputs[k] for k in members], start)):
+                                                                 [inputs[k] for k in members], start, len(requests))):
                 replies[k] = reply
         return replies
 
-    def _forward(self, requests: list[TierRequest], inputs: list[tuple], start: int) -> list[TierReply]:
+    def _forward(self, requests: list[TierRequest], inputs: list[tuple], start: int, batch: int) -> list[TierReply]:
         began = time.perf_counter()
         with torch.inference_mode():
             state = self._state(inputs, start)
@@ -83,6 +117,7 @@ class TierModel:
             out = self.model.exit(state)
         probs = out.logits.softmax(-1).numpy() if self.model.num_labels > 1 else out.logits.numpy()
         compute_ms = (time.perf_counter() - began) * 1000
+        self.compute_ms.observe(compute_ms)
         replies, lo = [], 0
         for r, (_, first, _) in zip(requests, inputs):
             rows = slice(lo, lo + len(first))
@@ -92,14 +127,21 @@ class TierModel:
                 mask = state.attention_mask[rows].numpy()
                 length = int(mask.sum(1).max())  # trim the batch padding this request does not need
                 payload = (state.hidden[rows, :length].numpy(), mask[:, :length])
-                hidden = HiddenRef(ray.put(payload), self.end, payload[0].nbytes)
+                hidden = HiddenRef(self._hold(ray.put(payload)), self.end, payload[0].nbytes)
             replies.append(TierReply(
                 probs=probs[rows], exit_layer=self.end,
                 z=out.pooled[rows].numpy() if self.tier == "mobile" else None,
-                hidden=hidden, compute_ms=compute_ms,
+                hidden=hidden, compute_ms=compute_ms, batch_size=batch,
                 received="tokens" if start == 0 else "object_store", node_id=self.node_id,
             ))
         return replies
+
+    def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
+        now = time.monotonic()
+        while self.held and self.held[0][0] < now:
+            self.held.popleft()
+        self.held.append((now + HIDDEN_TTL_S, ref))
+        return ref
 
     def _state(self, inputs: list[tuple], start: int) -> HiddenState:
         if start == 0:

@@ -1,7 +1,12 @@
 """Integration tests on a real three-node Ray cluster with real HTTP (see conftest.cluster)."""
 
+import json
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import requests
@@ -112,3 +117,52 @@ def test_scaling_one_tier_leaves_the_others_alone(cluster, served_artifact, tmp_
     for name in ("MobileTier", "CloudTier", "Router"):
         assert {r["id"] for r in after[name]} == {r["id"] for r in before[name]}, name
     assert len(classify(cluster, THREE_WAY_TEXTS)) == 3
+
+
+def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact):
+    """@serve.batch merges concurrent requests of different lengths into one padded forward pass;
+    every request must still get what it would get alone (mobile from tokens, edge from hidden states)."""
+    from ray import serve
+
+    from dimee_models.artifact import load_tokenizer
+
+    texts = THREE_WAY_TEXTS + ["ok.", "a long, meandering and ultimately pointless film about nothing much at all",
+                               "superb.", "the cast is fine but the script never finds its footing", "why?"]
+    ids = load_tokenizer(served_artifact)(texts)["input_ids"]
+    handles = {t: serve.get_deployment_handle(f"{t.capitalize()}Tier", app_name="dimee") for t in ("mobile", "edge")}
+
+    def single(tier, requests_):
+        return [handles[tier].remote(r).result(timeout_s=60) for r in requests_]
+
+    def together(tier, requests_):
+        return [response.result(timeout_s=60) for response in [handles[tier].remote(r) for r in requests_]]
+
+    mobile_requests = [TierRequest(input_ids=[row], keep_hidden=True) for row in ids]
+    alone, batched = single("mobile", mobile_requests), together("mobile", mobile_requests)
+    edge_requests = [TierRequest(hidden=reply.hidden, rows=[0]) for reply in alone]
+    edge_alone, edge_batched = single("edge", edge_requests), together("edge", edge_requests)
+    assert {r.batch_size for r in alone + edge_alone} == {1}
+    assert max(r.batch_size for r in batched) > 1 and max(r.batch_size for r in edge_batched) > 1
+    for a, b in zip(alone + edge_alone, batched + edge_batched):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+    for a, b in zip(alone, batched):
+        np.testing.assert_allclose(a.z, b.z, atol=1e-5)
+
+
+def test_locust_load_test_runs_headless_and_reports(cluster, tmp_path):
+    """load/run.py drives real Locust against the cluster for both policies: no failures, full report."""
+    done = subprocess.run([sys.executable, "load/run.py", "--host", cluster, "--users", "2", "--duration", "4",
+                           "--warmup", "0", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling"}
+    for policy in ("dimee", "cloud_only"):
+        r = report[policy]
+        assert r["requests"] > 0 and r["failures"] == 0 and r["rps"] > 0 and r["p50_ms"] <= r["p99_ms"]
+        assert sum(r["tier_fraction"].values()) == pytest.approx(1)
+    assert report["cloud_only"]["tier_fraction"]["cloud"] == 1 and report["cloud_only"]["mean_layers"] == 6
+    assert 2 <= report["dimee"]["mean_layers"] <= 6
+    assert report["rps_ratio_ceiling"] == pytest.approx(6 / report["dimee"]["mean_layers"])
+    assert report["rps_ratio"] > 0 and (tmp_path / "report.png").stat().st_size > 0
+    assert "rps_ratio" in (tmp_path / "report.md").read_text()
