@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,12 @@ QUICK_EPOCHS = 1  # the first `dimee up` trains this many epochs so it finishes 
 TIERS = ("mobile", "edge", "cloud")
 
 
+def _env_var_set(name: str) -> str:
+    if not os.environ.get(name):
+        raise argparse.ArgumentTypeError(f"environment variable {name!r} is unset or empty")
+    return name
+
+
 def add_serve_flags(p) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
     p.add_argument("--wait-for-nodes", type=float, default=0, metavar="SECONDS",
@@ -22,6 +30,9 @@ def add_serve_flags(p) -> None:
     p.add_argument("--policy", default=None, help="stored policy to serve (default: the artifact's default)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    # the name of a variable, not the key: a key on the command line would show in `ps` and shell history
+    p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
+                   help="require the API key held in this environment variable in the X-API-Key header")
     for tier in ("mobile", "edge", "cloud"):
         p.add_argument(f"--{tier}-replicas", type=model_cli._positive_int, default=1, help=f"replicas of the {tier} tier")
 
@@ -79,6 +90,7 @@ def cmd_serve(args) -> int:
         artifact=str(args.dir.resolve()), policy=args.policy,
         mobile={"num_replicas": args.mobile_replicas}, edge={"num_replicas": args.edge_replicas},
         cloud={"num_replicas": args.cloud_replicas},
+        api_key=os.environ[args.api_key_env] if args.api_key_env else None,
     )
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
@@ -86,7 +98,8 @@ def cmd_serve(args) -> int:
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.dir} at {url}  (OpenAPI docs: {url}/docs)")
-    print(f"try: curl -s {url}/v1/classify -H 'Content-Type: application/json' "
+    key_header = f"-H \"X-API-Key: ${args.api_key_env}\" " if args.api_key_env else ""
+    print(f"try: curl -s {url}/v1/classify -H 'Content-Type: application/json' {key_header}"
           "-d '{\"texts\": [\"a gorgeous, witty, seductive movie.\", \"the plot is a mess.\"]}'")
     return 0
 

@@ -9,10 +9,13 @@ import asyncio
 import logging
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.http import check_api_key, parse_classify, truncated, validation_detail
 from deployments.schemas import AppArgs, ClassifyRequest, ClassifyResponse, Prediction, TierReply, TierRequest
 from dimee_models import artifact
 from dimee_models.cost import CostModel
@@ -22,12 +25,19 @@ log = logging.getLogger("ray.serve")
 api = FastAPI(title="DIMEE-Serve", description="Early-exit text classification across mobile, edge and cloud tiers")
 
 
+@api.exception_handler(RequestValidationError)
+async def one_sentence_422(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Every error body is {"detail": "<one sentence>"}, FastAPI's own 422s included."""
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Router:
     def __init__(self, mobile: DeploymentHandle, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
         self.mobile, self.edge, self.cloud = mobile, edge, cloud
         self.args = args
+        self.api_key = args.api_key.get_secret_value() if args.api_key else None
         self.manifest = artifact.read_manifest(args.artifact)
         self.tokenizer = artifact.load_tokenizer(args.artifact)
         policies, doc = load_policies(args.artifact)
@@ -47,7 +57,8 @@ class Router:
         return {"status": "ok"}
 
     @api.get("/v1/info")
-    def info(self) -> dict:
+    def info(self, request: Request) -> dict:
+        check_api_key(self.api_key, request.headers)
         status = serve.status().applications
         replicas = {
             d.removesuffix("Tier").lower(): sum(v for v in state.replica_states.values())
@@ -62,17 +73,26 @@ class Router:
             "replicas": replicas,
         }
 
-    @api.post("/v1/classify")
-    async def classify(self, body: ClassifyRequest) -> ClassifyResponse:
+    # The body is parsed by hand (deployments/http.py) for one-sentence errors; the schema is declared
+    # here so that /docs still shows it.
+    @api.post("/v1/classify", response_model=ClassifyResponse, openapi_extra={"requestBody": {
+        "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}, "required": True}})
+    async def classify(self, request: Request) -> ClassifyResponse:
+        check_api_key(self.api_key, request.headers)
+        body = parse_classify(await request.body(), request.headers.get("content-type"), self.args.max_body_bytes)
         if len(body.texts) > self.args.max_texts:
             raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {self.args.max_texts}")
         if body.text_pairs is not None and not self.manifest["text_pair"]:
             raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
         if body.text_pairs is None and self.manifest["text_pair"]:
             raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
-        enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=self.manifest["max_length"])
+        max_length = self.manifest["max_length"]
+        enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         tokens = TierRequest(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
+        cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
         answers = await self.run_policy(body.policy, tokens, len(body.texts))
+        for answer, was_cut in zip(answers, cut):
+            answer.truncated = was_cut
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
     async def run_policy(self, policy: str, tokens: TierRequest, n: int) -> list[Prediction]:

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 Policy = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
 TierName = Literal["mobile", "edge", "cloud"]
@@ -24,12 +24,18 @@ class ClassifyRequest(BaseModel):
     policy: Policy = Field("dimee", description="dimee, or a baseline: cloud_only, mobile_only, edge_only")
 
     @model_validator(mode="after")
-    def _pairs_match(self) -> ClassifyRequest:
+    def _texts_are_usable(self) -> ClassifyRequest:
         if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
             raise ValueError(f"text_pairs has {len(self.text_pairs)} items but texts has {len(self.texts)}")
         for i, text in enumerate(self.texts):
             if not text.strip():
                 raise ValueError(f"texts[{i}] is empty")
+        for field in ("texts", "text_pairs"):
+            for i, text in enumerate(getattr(self, field) or ()):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # a JSON escape like \ud800 alone: not text, and the tokenizer fails on it
+                    raise ValueError(f"{field}[{i}] holds a lone surrogate, which is not text") from None
         return self
 
 
@@ -40,6 +46,7 @@ class Prediction(BaseModel):
     tier: TierName
     exit_layer: int
     cost: float
+    truncated: bool = Field(False, description="the text was longer than the model's maximum length and was cut")
 
 
 class ClassifyResponse(BaseModel):
@@ -68,6 +75,10 @@ class AppArgs(BaseModel):
     artifact: str = Field(..., description="calibrated artifact directory (visible on every node)")
     policy: str | None = Field(None, description="stored DIMEE policy to serve; default: the artifact's default")
     max_texts: int = Field(64, ge=1, le=4096, description="most texts in one request")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body; larger ones get 413")
+    api_key: SecretStr | None = Field(
+        None, min_length=1, description="if set, /v1/classify and /v1/info need it in the X-API-Key header"
+    )
     mobile: TierOptions = Field(default_factory=TierOptions)
     edge: TierOptions = Field(default_factory=TierOptions)
     cloud: TierOptions = Field(default_factory=TierOptions)

@@ -35,11 +35,20 @@ def test_classify_request_defaults_to_dimee():
     ({"artifact": "x", "mobile": {"num_replicas": 0}}, "greater than or equal to 1"),
     ({"artifact": "x", "edge": {"num_cpus": 0}}, "greater than 0"),
     ({"artifact": "x", "max_texts": 0}, "greater than or equal to 1"),
+    ({"artifact": "x", "max_body_bytes": 100}, "greater than or equal to 1024"),
+    ({"artifact": "x", "api_key": ""}, "api_key\n  Value should have at least 1 item"),
     ({"artifact": "x", "replicas": 3}, "Extra inputs are not permitted"),
 ])
 def test_app_args_are_validated(args, message):
     with pytest.raises(ValidationError, match=message):
         AppArgs(**args)
+
+
+def test_the_api_key_never_shows_in_printed_or_dumped_args():
+    args = AppArgs(artifact="x", api_key="s3cret")
+    assert args.api_key.get_secret_value() == "s3cret"
+    for shown in (repr(args), str(args), args.model_dump_json(), str(args.model_dump())):
+        assert "s3cret" not in shown
 
 
 def test_placement_check_names_the_missing_resource(monkeypatch):

@@ -1,4 +1,5 @@
-"""`dimee train` / `dimee info`: bad input gives exit code 2 and a message, not a traceback."""
+"""`dimee train`, `dimee info` and the serving flags: bad input gives exit code 2 and a message, not a
+traceback."""
 
 import json
 import shutil
@@ -7,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
+from deployments import cli as serve_cli
 from dimee_models import artifact
-from dimee_models.cli import main
+from dimee_models.cli import build_parser, main
 from dimee_models.data import TextDataset, split
 from dimee_models.model import MultiExitEncoder
 from dimee_models.train import resolve_backbone
@@ -135,3 +137,23 @@ def test_info_reports_tampering(tiny_artifact, tmp_path, capsys):
     (copy / "splits" / "test.jsonl").write_text("changed\n")
     code, _, err = run(["info", str(copy)], capsys)
     assert code == 2 and "modified" in err and "test.jsonl" in err
+
+
+@pytest.mark.parametrize("command", [["serve", "some/artifact"], ["up"]])
+def test_api_key_env_must_name_a_set_variable(command, capsys, monkeypatch):
+    monkeypatch.delenv("DIMEE_TEST_KEY", raising=False)
+    for value in (None, ""):
+        if value is not None:
+            monkeypatch.setenv("DIMEE_TEST_KEY", value)
+        with pytest.raises(SystemExit) as exc:
+            serve_cli.main([*command, "--api-key-env", "DIMEE_TEST_KEY"])  # refused before Ray or training start
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --api-key-env" in err and "'DIMEE_TEST_KEY' is unset or empty" in err
+
+
+def test_api_key_env_names_the_variable_not_the_key(monkeypatch):
+    monkeypatch.setenv("DIMEE_TEST_KEY", "s3cret")
+    args = build_parser(serve_cli.add_commands).parse_args(["serve", "a", "--api-key-env", "DIMEE_TEST_KEY"])
+    assert args.api_key_env == "DIMEE_TEST_KEY"
+    assert build_parser(serve_cli.add_commands).parse_args(["serve", "a"]).api_key_env is None

@@ -101,11 +101,46 @@ def test_info_health_and_docs(cluster):
     assert requests.get(f"{cluster}/docs", timeout=30).status_code == 200
 
 
-def test_bad_requests_get_422_with_a_reason(cluster):
-    too_many = requests.post(f"{cluster}/v1/classify", json={"texts": ["x"] * 65}, timeout=30)
-    assert too_many.status_code == 422 and "too many texts" in too_many.text
-    pairs = requests.post(f"{cluster}/v1/classify", json={"texts": ["a"], "text_pairs": ["b"]}, timeout=30)
-    assert pairs.status_code == 422 and "single texts" in pairs.text
+def post(url: str, body: bytes, content_type: str | None = "application/json") -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    return requests.post(f"{url}/v1/classify", data=body, headers=headers, timeout=60)
+
+
+def replica_ids() -> dict[str, set[str]]:
+    return {name: {r["id"] for r in placed} for name, placed in replicas().items()}
+
+
+def test_every_bad_input_gets_a_clear_4xx_and_serving_goes_on(cluster):
+    good = json.dumps({"texts": ["fine"]}).encode()
+    bad = [  # body, content type, status, a piece of the detail
+        (b'{"texts": ["a",]}', "application/json", 400, "line 1, column 16"),
+        (b'{"texts": ["caf\xe9"]}', "application/json", 400, "not UTF-8"),
+        (good, "text/plain", 415, "application/json"),
+        (good, None, 415, "application/json"),
+        (b'{"texts": ["' + b"x" * 1_048_576 + b'"]}', "application/json", 413, "limit of 1048576 bytes"),
+        (b'["fine"]', "application/json", 422, "must be an object"),
+        (b"{}", "application/json", 422, "texts: Field required"),
+        (b'{"texts": "fine"}', "application/json", 422, "texts: Input should be a valid list"),
+        (b'{"texts": ["fine", 3]}', "application/json", 422, "texts[1]"),
+        (b'{"texts": []}', "application/json", 422, "texts"),
+        (b'{"texts": ["fine", ""]}', "application/json", 422, "texts[1] is empty"),
+        (b'{"texts": ["fine", " \\n "]}', "application/json", 422, "texts[1] is empty"),
+        (b'{"texts": ["a\\ud800"]}', "application/json", 422, "texts[0] holds a lone surrogate"),
+        (b'{"texts": ["a", "b"], "text_pairs": ["x"]}', "application/json", 422, "text_pairs has 1 items"),
+        (b'{"texts": ["fine"], "policy": "fastest"}', "application/json", 422, "policy: Input should be"),
+        (json.dumps({"texts": ["x"] * 65}).encode(), "application/json", 422, "too many texts"),
+        (b'{"texts": ["a"], "text_pairs": ["b"]}', "application/json", 422, "single texts"),  # a single-text model
+    ]
+    before = replica_ids()
+    for body, content_type, status, fragment in bad:
+        response = post(cluster, body, content_type)
+        assert response.status_code == status, (body[:60], response.text[:300])
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and fragment in detail, (body[:60], detail)
+    assert replica_ids() == before
+    long_text = " ".join(["a slow, long and thoughtful film about nothing much"] * 550)  # ~5,000 words
+    predictions = classify(cluster, ["a gorgeous, witty, seductive movie.", long_text])
+    assert [p["truncated"] for p in predictions] == [False, True]
     assert classify(cluster, ["still serving"])[0]["tier"] in ("mobile", "edge", "cloud")
 
 

@@ -1,0 +1,133 @@
+"""Bad input to /v1/classify gets a clear 4xx, the API key is checked, long texts are flagged: no cluster."""
+
+import json
+
+import pytest
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
+from transformers import AutoTokenizer
+
+from deployments.http import check_api_key, parse_classify, truncated
+from deployments.router import api, one_sentence_422
+from dimee_models.train import resolve_backbone
+
+LIMIT = 1_048_576  # the default
+JSON = "application/json"
+
+
+def rejected(body: bytes, content_type: str | None = JSON) -> tuple[int, str]:
+    with pytest.raises(HTTPException) as exc:
+        parse_classify(body, content_type, LIMIT)
+    detail = exc.value.detail
+    assert isinstance(detail, str) and detail and "\n" not in detail and detail.count(". ") == 0, detail
+    return exc.value.status_code, detail
+
+
+def doc(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+@pytest.mark.parametrize("body,content_type,status,words", [
+    (b'{"texts": ["a",]}', JSON, 400, ["not valid JSON", "line 1, column 16"]),
+    (b'{"texts":\n ["a"', JSON, 400, ["not valid JSON", "line 2"]),
+    (b"", JSON, 400, ["not valid JSON", "line 1, column 1"]),
+    (b'{"texts": ["caf\xe9"]}', JSON, 400, ["not UTF-8", "offset 15"]),
+    (b'{"texts": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", JSON, 400, ["not usable JSON", "recursion"]),
+    (b'{"texts": [' + b"1" * 5000 + b"]}", JSON, 400, ["not usable JSON", "digits"]),
+    (doc({"texts": ["a"]}), "text/plain", 415, ["application/json", "text/plain"]),
+    (doc({"texts": ["a"]}), None, 415, ["application/json", "none"]),
+    (doc({"texts": ["x" * LIMIT]}), JSON, 413, [f"{LIMIT + 15} bytes", f"limit of {LIMIT} bytes"]),
+    (doc(["a", "b"]), JSON, 422, ["must be an object", "texts", "not an array"]),
+    (doc("a"), JSON, 422, ["must be an object", "not a string"]),
+    (doc({}), JSON, 422, ["texts: Field required"]),
+    (doc({"text": ["a"]}), JSON, 422, ["texts: Field required"]),
+    (doc({"texts": "a single string"}), JSON, 422, ["texts: Input should be a valid list"]),
+    (doc({"texts": ["a", 3]}), JSON, 422, ["texts[1]: Input should be a valid string"]),
+    (doc({"texts": []}), JSON, 422, ["texts: List should have at least 1 item"]),
+    (doc({"texts": ["fine", "", "ok"]}), JSON, 422, ["texts[1] is empty"]),
+    (doc({"texts": ["fine", "ok", " \t\n"]}), JSON, 422, ["texts[2] is empty"]),
+    (b'{"texts": ["a\\ud800b"]}', JSON, 422, ["texts[0] holds a lone surrogate"]),
+    (doc({"texts": ["a", "b"], "text_pairs": ["x"]}), JSON, 422, ["text_pairs has 1 items but texts has 2"]),
+    (doc({"texts": ["a"], "text_pairs": "x"}), JSON, 422, ["text_pairs: Input should be a valid list"]),
+    (doc({"texts": ["a"], "policy": "fastest"}), JSON, 422,
+     ["policy: Input should be 'dimee', 'cloud_only', 'mobile_only' or 'edge_only'"]),
+    (doc({"texts": ["a"], "colour": "red"}), JSON, 422, ["colour: Extra inputs are not permitted"]),
+])
+def test_each_bad_body_gets_its_status_and_one_sentence(body, content_type, status, words):
+    got, detail = rejected(body, content_type)
+    assert got == status, detail
+    for word in words:
+        assert word in detail, detail
+    assert not detail.startswith("Value error")
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"])
+def test_a_good_body_is_parsed(content_type):
+    body = doc({"texts": ["a gorgeous movie.", "meh"], "policy": "cloud_only"})
+    request = parse_classify(body, content_type, LIMIT)
+    assert request.texts == ["a gorgeous movie.", "meh"] and request.policy == "cloud_only"
+    assert parse_classify(b"\xef\xbb\xbf" + body, content_type, LIMIT).texts == request.texts  # byte order mark
+    assert parse_classify(doc({"texts": ["x" * (LIMIT - 15)]}), content_type, LIMIT).texts[0].startswith("x")
+
+
+def test_fastapis_own_422s_are_one_sentence_too():
+    import asyncio
+
+    exc = RequestValidationError([{"loc": ("body", "texts", 0), "msg": "Input should be a valid string",
+                                   "type": "string_type"}])
+    response = asyncio.run(one_sentence_422(None, exc))
+    assert response.status_code == 422
+    assert json.loads(response.body) == {"detail": "texts[0]: Input should be a valid string"}
+
+
+def test_the_docs_still_show_the_classify_body():
+    post = api.openapi()["paths"]["/v1/classify"]["post"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert post["requestBody"]["required"] and schema["required"] == ["texts"]
+    assert set(schema["properties"]) == {"texts", "text_pairs", "policy"}
+    assert "ClassifyResponse" in post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+
+
+def test_no_api_key_configured_lets_everyone_in():
+    check_api_key(None, Headers({}))
+    check_api_key(None, Headers({"X-API-Key": "anything"}))
+
+
+@pytest.mark.parametrize("headers,message", [
+    ({}, "needs an API key: send it in the X-API-Key header"),
+    ({"X-API-Key": ""}, "needs an API key"),
+    ({"X-API-Key": "wrong"}, "does not hold this server's API key"),
+    ({"X-API-Key": "s3cret "}, "does not hold"),
+    ({"X-API-Key": "s3crét"}, "does not hold"),  # non-ASCII: no TypeError from compare_digest
+    ({"Authorization": "Bearer s3cret"}, "needs an API key"),
+])
+def test_a_missing_or_wrong_api_key_gets_401(headers, message):
+    with pytest.raises(HTTPException) as exc:
+        check_api_key("s3cret", Headers(headers))
+    assert exc.value.status_code == 401 and message in exc.value.detail
+
+
+def test_the_right_api_key_passes_in_any_header_case():
+    check_api_key("s3cret", Headers({"X-API-Key": "s3cret"}))
+    check_api_key("s3cret", Headers({"x-api-key": "s3cret"}))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_backbone("default"))
+
+
+@pytest.mark.parametrize("pairs", [None, ["a", "x " * 40, "b"]])
+def test_only_texts_longer_than_max_length_are_flagged_truncated(tokenizer, pairs):
+    texts = ["short", "word " * 5000, "exactly this long"]
+    max_length = len(tokenizer(texts[2], pairs[2] if pairs else None)["input_ids"])  # row 2 fits exactly
+    ids = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    assert [len(row) for row in ids][1:] == [max_length, max_length]
+    assert truncated(tokenizer, texts, pairs, ids, max_length) == [False, True, False]
+
+
+def test_a_long_pair_alone_is_flagged_truncated(tokenizer):
+    texts, pairs = ["short", "short"], ["short", "pair " * 100]
+    ids = tokenizer(texts, pairs, truncation=True, max_length=16)["input_ids"]
+    assert truncated(tokenizer, texts, pairs, ids, 16) == [False, True]
