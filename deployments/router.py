@@ -3,23 +3,32 @@ MEDIUM samples to edge and HARD samples to cloud, and puts the answers back in i
 
 The router only sees small things (probabilities, the mobile embedding z, decisions); the
 layer-m hidden state goes from the mobile replica to edge/cloud through the object store.
+
+Every tier call has a timeout. A failed or late edge sends its samples to cloud (`fallback`); a
+failed or late cloud leaves them with the deepest exit already computed (`degraded`); a failed
+mobile sends the request to cloud from tokens. Live settings (policy, thresholds, cost model, hop
+timeout) come from Serve's `user_config` and change without a restart.
 """
 
 import asyncio
+import dataclasses
 import logging
+import time
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
-from deployments.schemas import AppArgs, ClassifyRequest, ClassifyResponse, Prediction, TierReply, TierRequest
+from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
+                                 TierRequest)
 from dimee_models import artifact
 from dimee_models.cost import CostModel
-from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, load_policies
+from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, Policy, load_policies
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="DIMEE-Serve", description="Early-exit text classification across mobile, edge and cloud tiers")
@@ -31,26 +40,74 @@ async def one_sentence_422(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
 
 
+TIER_WEIGHTS = ("mobile.safetensors", "edge.safetensors", "cloud.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a request routes with; replaced as a whole by `reconfigure`, read once per request."""
+
+    policy: Policy
+    cost: CostModel
+    path_cost: dict[str, float]
+    hop_timeout_s: float
+
+
 @serve.deployment
 @serve.ingress(api)
 class Router:
     def __init__(self, mobile: DeploymentHandle, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
-        self.mobile, self.edge, self.cloud = mobile, edge, cloud
+        self.handles = {"mobile": mobile, "edge": edge, "cloud": cloud}
         self.args = args
         self.api_key = args.api_key.get_secret_value() if args.api_key else None
         self.manifest = artifact.read_manifest(args.artifact)
         self.tokenizer = artifact.load_tokenizer(args.artifact)
-        policies, doc = load_policies(args.artifact)
-        name = args.policy or doc["default"]
-        if name not in policies:
-            raise ValueError(f"policy {name!r} is not in the artifact; it has {sorted(policies)}")
-        self.policy = policies[name]
-        self.cost = CostModel(**doc["cost_model"])
         m, e, n = self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"], self.manifest["num_layers"]
-        self.path_cost = self.cost.path_costs(m, e, n)
         self.exit_layers = {"mobile": m, "edge": e, "cloud": n}
         self.labels = self.manifest["labels"] or ["value"]
         self.model_name = f"{self.manifest['backbone']}@{self.manifest['dataset']['name']}"
+        self.config_error: str | None = None
+        self.settings = self.build_settings(RouterConfig())
+        self.requests = metrics.Counter("dimee_requests", "classify requests, by policy", tag_keys=("policy",))
+        self.answers = metrics.Counter("dimee_answers", "predictions by answering tier and outcome "
+                                       "(normal, fallback, degraded)", tag_keys=("policy", "tier", "outcome"))
+        self.decisions = metrics.Counter("dimee_routing_decisions", "tier chosen by the DIMEE policy, per sample",
+                                         tag_keys=("tier",))
+        self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",
+                                            tag_keys=("tier", "reason"))
+
+    def build_settings(self, config: RouterConfig) -> Settings:
+        """Settings from a validated config, checked against the artifact; ValueError says what is wrong."""
+        source = config.policy_artifact or self.args.artifact
+        if config.policy_artifact:
+            other = artifact.read_manifest(config.policy_artifact)  # verifies its checksums
+            if any(other["files"].get(f) != self.manifest["files"][f] for f in TIER_WEIGHTS):
+                raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
+                                 "only a recalibrated copy of the same model can be switched to live")
+        policies, doc = load_policies(source)
+        name = config.policy or self.args.policy or doc["default"]
+        if name not in policies:
+            raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")
+        policy = policies[name]
+        if config.thresholds is not None:
+            if policy.kind != "learned":
+                raise ValueError(f"policy {name!r} routes by nearest centroid and has no thresholds to set")
+            if set(config.thresholds) != set(policy.thresholds):
+                raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")
+            policy = dataclasses.replace(policy, thresholds=dict(config.thresholds))
+        cost = config.cost_model or CostModel(**doc["cost_model"])
+        m, e, n = (self.exit_layers[t] for t in TIERS)
+        return Settings(policy, cost, cost.path_costs(m, e, n), config.hop_timeout_s)
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
+        settings keep serving: raising here would make Serve restart the replica."""
+        try:
+            self.settings = self.build_settings(RouterConfig.model_validate(config or {}))
+            self.config_error = None
+        except (ValueError, OSError) as err:
+            self.config_error = f"user_config refused, the previous settings stay: {err}"
+            log.error(self.config_error)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -64,12 +121,15 @@ class Router:
             d.removesuffix("Tier").lower(): sum(v for v in state.replica_states.values())
             for app in status.values() for d, state in app.deployments.items() if d.endswith("Tier")
         }
+        s = self.settings
         return {
             "model": self.model_name,
             "labels": self.labels,
             "exit_layers": self.exit_layers,
-            "policy": {"name": self.policy.name, "kind": self.policy.kind, "thresholds": self.policy.thresholds},
-            "cost_model": self.cost.model_dump(),
+            "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds},
+            "cost_model": s.cost.model_dump(),
+            "hop_timeout_s": s.hop_timeout_s,
+            "config_error": self.config_error,
             "replicas": replicas,
         }
 
@@ -79,6 +139,9 @@ class Router:
         "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}, "required": True}})
     async def classify(self, request: Request) -> ClassifyResponse:
         check_api_key(self.api_key, request.headers)
+        if int(request.headers.get("content-length") or 0) > self.args.max_body_bytes:  # refuse before reading it
+            raise HTTPException(413, f"the body is {request.headers['content-length']} bytes, over the limit of "
+                                     f"{self.args.max_body_bytes} bytes")
         body = parse_classify(await request.body(), request.headers.get("content-type"), self.args.max_body_bytes)
         if len(body.texts) > self.args.max_texts:
             raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {self.args.max_texts}")
@@ -86,45 +149,87 @@ class Router:
             raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
         if body.text_pairs is None and self.manifest["text_pair"]:
             raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
+        self.requests.inc(tags={"policy": body.policy})
         max_length = self.manifest["max_length"]
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         tokens = TierRequest(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_policy(body.policy, tokens, len(body.texts))
+        answers = await self.run_policy(body.policy, tokens, len(body.texts), self.settings)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
+            outcome = "degraded" if answer.degraded else "fallback" if answer.fallback else "normal"
+            self.answers.inc(tags={"policy": body.policy, "tier": answer.tier, "outcome": outcome})
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
-    async def run_policy(self, policy: str, tokens: TierRequest, n: int) -> list[Prediction]:
+    async def call(self, tier: str, request: TierRequest, timeout_s: float) -> TierReply | None:
+        """One tier call within the hop timeout; None if it failed or was late (the caller falls back)."""
+        began = time.perf_counter()
+        try:
+            return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
+        except asyncio.TimeoutError:
+            reason = "timeout"
+        except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back
+            reason = "error"
+            log.warning("%s tier call failed after %.0f ms: %r", tier, (time.perf_counter() - began) * 1000, err)
+        self.hop_failures.inc(tags={"tier": tier, "reason": reason})
+        return None
+
+    async def run_policy(self, policy: str, tokens: TierRequest, n: int, s: Settings) -> list[Prediction]:
         if policy == "cloud_only":
-            return self.answer(await self.cloud.remote(tokens), "cloud", "cloud_only")
+            cloud = await self.call("cloud", tokens, s.hop_timeout_s)
+            if cloud is not None:
+                return self.answer(cloud, "cloud", s.path_cost["cloud_only"])
+            mobile = await self.call("mobile", tokens, s.hop_timeout_s)
+            if mobile is None:
+                raise HTTPException(503, "no tier could answer: cloud and mobile both failed or timed out")
+            return self.answer(mobile, "mobile", s.path_cost["mobile"], degraded=True)
         tokens.keep_hidden = policy != "mobile_only"
-        mobile: TierReply = await self.mobile.remote(tokens)
+        mobile = await self.call("mobile", tokens, s.hop_timeout_s)
+        if mobile is None:
+            tokens.keep_hidden = False
+            cloud = await self.call("cloud", tokens, s.hop_timeout_s)
+            if cloud is None:
+                raise HTTPException(503, "no tier could answer: mobile and cloud both failed or timed out")
+            return self.answer(cloud, "cloud", s.path_cost["cloud_only"], fallback=True)
         if policy == "mobile_only":
             tiers = np.full(n, MOBILE)
         elif policy == "edge_only":
             tiers = np.full(n, EDGE)
         else:
-            tiers = self.policy.route(mobile.z, mobile.probs)
-        answers: list[Prediction | None] = self.answer(mobile, "mobile", "mobile")
-        calls = {}
-        for tier, handle in ((EDGE, self.edge), (CLOUD, self.cloud)):
-            rows = np.flatnonzero(tiers == tier).tolist()
-            if rows:
-                calls[tier] = (rows, handle.remote(TierRequest(hidden=mobile.hidden, rows=rows)))
-        replies = await asyncio.gather(*(call for _, call in calls.values()))
-        for (tier, (rows, _)), reply in zip(calls.items(), replies):
-            for row, prediction in zip(rows, self.answer(reply, TIERS[tier], TIERS[tier])):
+            tiers = s.policy.route(mobile.z, mobile.probs)
+            for tier, count in zip(*np.unique(tiers, return_counts=True)):
+                self.decisions.inc(int(count), tags={"tier": TIERS[tier]})
+        answers = self.answer(mobile, "mobile", s.path_cost["mobile"])
+        on_mobile = {row: answers[row] for row in range(n)}
+        offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (EDGE, CLOUD)]
+        results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s)
+                                         for tier, rows in offloaded if rows))
+        for rows, predictions in results:
+            for row, prediction in zip(rows, predictions):
                 answers[row] = prediction
         return answers
 
-    def answer(self, reply: TierReply, tier: str, path: str) -> list[Prediction]:
-        cost = self.path_cost[path]
+    async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: dict,
+                      s: Settings) -> tuple[list[int], list[Prediction]]:
+        """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
+        answers, the mobile exit's predictions, marked degraded."""
+        request = TierRequest(hidden=mobile.hidden, rows=rows)
+        if tier == EDGE:
+            reply = await self.call("edge", request, s.hop_timeout_s)
+            if reply is not None:
+                return rows, self.answer(reply, "edge", s.path_cost["edge"])
+        reply = await self.call("cloud", request, s.hop_timeout_s)
+        if reply is not None:
+            return rows, self.answer(reply, "cloud", s.path_cost["cloud"], fallback=tier == EDGE)
+        return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
+
+    def answer(self, reply: TierReply, tier: str, cost: float, fallback: bool = False,
+               degraded: bool = False) -> list[Prediction]:
         predictions = []
         for probs in reply.probs:
             label_id = int(probs.argmax())
             predictions.append(Prediction(
-                label=self.labels[label_id], label_id=label_id, confidence=float(probs.max()),
-                tier=tier, exit_layer=reply.exit_layer, cost=round(cost, 6),
+                label=self.labels[label_id], label_id=label_id, confidence=float(probs.max()), tier=tier,
+                exit_layer=reply.exit_layer, cost=round(cost, 6), fallback=fallback, degraded=degraded,
             ))
         return predictions

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import ray
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from dimee_models.cost import CostModel
 
 Policy = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
 TierName = Literal["mobile", "edge", "cloud"]
@@ -47,6 +49,8 @@ class Prediction(BaseModel):
     exit_layer: int
     cost: float
     truncated: bool = Field(False, description="the text was longer than the model's maximum length and was cut")
+    fallback: bool = Field(False, description="the chosen tier (edge) failed or timed out; cloud answered instead")
+    degraded: bool = Field(False, description="the chosen tier failed or timed out; a shallower exit answered")
 
 
 class ClassifyResponse(BaseModel):
@@ -85,6 +89,21 @@ class AppArgs(BaseModel):
     require_placement: bool = Field(
         True, description="fail at deploy time if the cluster has no node with a tier's resource"
     )
+
+
+class RouterConfig(BaseModel):
+    """The router's live settings: Serve's `user_config` of the Router deployment, applied to running
+    replicas without a restart. Unset fields take the artifact's (and AppArgs') values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = Field(None, description="stored policy to route with")
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
+        None, description="a learned policy's thresholds, {mobile: p, edge: p}, each in [0, 1]")
+    cost_model: CostModel | None = Field(None, description="cost model of the reported per-sample costs")
+    policy_artifact: str | None = Field(
+        None, description="take the policies and cost model from this recalibrated copy of the served artifact")
+    hop_timeout_s: float = Field(2.0, gt=0, le=60, description="longest wait for one tier call before falling back")
 
 
 def tier_resource(tier: str) -> str:

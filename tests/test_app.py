@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deployments import app as app_module
-from deployments.schemas import AppArgs, ClassifyRequest
+from deployments.schemas import AppArgs, ClassifyRequest, RouterConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -97,3 +97,20 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     for tier in ("mobile", "edge", "cloud"):
         entry = names[f"{tier.capitalize()}Tier"]
         assert entry.ray_actor_options.resources == {f"tier_{tier}": 0.01}
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"thresholds": {"mobile": 1.5, "edge": 0.5}}, "less than or equal to 1"),
+    ({"thresholds": {"mobile": "high"}}, "valid number"),
+    ({"hop_timeout_s": 0}, "greater than 0"),
+    ({"cost_model": {"o_2": -1}}, "o_2"),
+    ({"colour": "red"}, "Extra inputs"),
+])
+def test_live_router_config_is_validated(config, message):
+    with pytest.raises(ValidationError, match=message):
+        RouterConfig.model_validate(config)
+
+
+def test_live_router_config_defaults_to_the_artifact():
+    config = RouterConfig.model_validate({})
+    assert (config.policy, config.thresholds, config.cost_model, config.hop_timeout_s) == (None, None, None, 2.0)

@@ -4,6 +4,9 @@ import json
 import pickle
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +204,116 @@ def test_locust_load_test_runs_headless_and_reports(cluster, tmp_path):
     assert report["rps_ratio_ceiling"] == pytest.approx(6 / report["dimee"]["mean_layers"])
     assert report["rps_ratio"] > 0 and (tmp_path / "report.png").stat().st_size > 0
     assert "rps_ratio" in (tmp_path / "report.md").read_text()
+
+
+class Traffic:
+    """Requests sent one after another in a thread (THREE_WAY_TEXTS: one text for each tier) while a
+    test changes the cluster; every answer kept with its start time and latency."""
+
+    def __init__(self, url: str):
+        self.url, self.log, self.stop = url, [], threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        session = requests.Session()
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                r = session.post(f"{self.url}/v1/classify", json={"texts": THREE_WAY_TEXTS}, timeout=60)
+                body = r.json() if r.status_code == 200 else r.text
+                self.log.append((began, time.monotonic() - began, r.status_code, body))
+            except requests.RequestException as err:
+                self.log.append((began, time.monotonic() - began, None, repr(err)))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=120)
+
+
+def router_config(served_artifact, user_config: dict) -> dict:
+    config = serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1})
+    router = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Router")
+    router["user_config"] = user_config
+    return config
+
+
+def test_live_reconfiguration_changes_policy_and_costs_without_restarts_or_lost_requests(
+        cluster, served_artifact, tmp_path):
+    before = replicas()
+    with Traffic(cluster) as traffic:
+        deploy(router_config(served_artifact, {"policy": "dimee_learned_constrained",
+                                               "thresholds": {"mobile": 0.0, "edge": 0.0},
+                                               "cost_model": {"lambda_mobile": 0.2}}), tmp_path)
+        time.sleep(2)
+        info = requests.get(f"{cluster}/v1/info", timeout=30).json()
+        assert info["policy"] == {"name": "dimee_learned_constrained", "kind": "learned",
+                                  "thresholds": {"mobile": 0.0, "edge": 0.0}}
+        assert info["cost_model"]["lambda_mobile"] == 0.2 and info["config_error"] is None
+        served = classify(cluster, THREE_WAY_TEXTS)
+        assert [p["tier"] for p in served] == ["mobile"] * 3 and {p["cost"] for p in served} == {0.4}
+
+        deploy(router_config(served_artifact, {"policy": "three_way", "thresholds": {"mobile": 2.0}}), tmp_path)
+        time.sleep(2)
+        info = requests.get(f"{cluster}/v1/info", timeout=30).json()
+        assert "thresholds" in info["config_error"] and info["policy"]["name"] == "dimee_learned_constrained"
+        assert [p["tier"] for p in classify(cluster, THREE_WAY_TEXTS)] == ["mobile"] * 3  # the old settings serve
+        deploy(router_config(served_artifact, {}), tmp_path)
+        time.sleep(2)
+    assert [p["tier"] for p in classify(cluster, THREE_WAY_TEXTS)] == ["mobile", "edge", "cloud"]
+    assert {r["id"] for r in replicas()["Router"]} == {r["id"] for r in before["Router"]}
+    assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
+        [entry for entry in traffic.log if entry[2] != 200][:3]
+
+
+def test_metrics_are_exported_after_traffic(cluster):
+    for _ in range(5):
+        classify(cluster, THREE_WAY_TEXTS)
+    names = ("dimee_requests", "dimee_answers", "dimee_routing_decisions", "dimee_tier_compute_ms",
+             "dimee_tier_batch_size", "dimee_hidden_state_bytes")
+    endpoints = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
+    deadline, missing = time.time() + 90, names
+    while missing and time.time() < deadline:
+        text = "".join(urllib.request.urlopen(url, timeout=10).read().decode() for url in endpoints)
+        missing = [name for name in names if name not in text]
+        time.sleep(5)
+    assert not missing, f"not on the metrics endpoints after 90 s: {missing}"
+
+
+def kill_replica(deployment: str) -> str:
+    from ray import serve
+
+    victim = replicas()[deployment][0]["id"]
+    name = next(a.name for a in list_actors(filters=[("actor_id", "=", victim)], detail=True))
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # Serve's controller must notice and start a new replica
+        alive = replicas().get(deployment, [])
+        state = serve.status().applications["dimee"].deployments[deployment].replica_states
+        if alive and victim not in {r["id"] for r in alive} and state.get("RUNNING", 0) >= 1:
+            return victim
+        time.sleep(0.5)
+    raise TimeoutError(f"{deployment} replica not replaced within 240 s")
+
+
+@pytest.mark.parametrize("deployment,row,answer", [("EdgeTier", 1, ("cloud", "fallback")),
+                                                   ("CloudTier", 2, ("mobile", "degraded"))])
+def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer):
+    """Edge down: its samples go to cloud (fallback); cloud down: its samples keep the mobile exit
+    (degraded). No request fails or waits much past the 2 s hop timeout; Serve replaces the replica."""
+    with Traffic(cluster) as traffic:
+        time.sleep(2)
+        kill_replica(deployment)
+        back = time.monotonic()
+        time.sleep(5)
+    assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
+        [entry for entry in traffic.log if entry[2] != 200][:3]
+    assert max(latency for _, latency, _, _ in traffic.log) < 2.0 + 1.5
+    flagged = [body["predictions"][row] for _, _, _, body in traffic.log if body["predictions"][row][answer[1]]]
+    assert flagged and all(p["tier"] == answer[0] for p in flagged)
+    after = [body["predictions"] for began, _, _, body in traffic.log if began > back + 1]
+    assert after and [p["tier"] for p in after[-1]] == ["mobile", "edge", "cloud"]
+    assert not any(p["fallback"] or p["degraded"] for p in after[-1])
