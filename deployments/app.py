@@ -19,6 +19,7 @@ from dimee_models import artifact
 from dimee_models.policy import load_policies
 
 TIER_NAMES = ("mobile", "edge", "cloud")
+ROUTER_MAX_ONGOING = 256
 
 
 def deployment_name(tier: str) -> str:
@@ -69,4 +70,7 @@ def build_app(args: AppArgs) -> Application:
     if args.require_placement and ray.is_initialized():
         check_placement()
     tiers = {t: tier_deployment(args, t) for t in TIER_NAMES}
-    return Router.options(ray_actor_options={"num_cpus": 0}).bind(tiers["mobile"], tiers["edge"], tiers["cloud"], args)
+    # The router mostly awaits tiers: Serve's default of 5 requests at once made the HTTP proxy
+    # reject and retry under load (and queue requests for seconds while a tier was down).
+    return Router.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING).bind(
+        tiers["mobile"], tiers["edge"], tiers["cloud"], args)

@@ -61,6 +61,7 @@ class TierModel:
             tag_keys=("hop",))
         self.compute_ms.set_default_tags({"tier": tier})
         self.batch_size.set_default_tags({"tier": tier})
+        self.max_batch_size = max_batch_size
         self.forward_batch.set_max_batch_size(max_batch_size)
         self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         params, nbytes = self.model.parameter_bytes()
@@ -85,7 +86,8 @@ class TierModel:
         params, nbytes = self.model.parameter_bytes()
         return {"tier": self.tier, "node_id": self.node_id, "parameters": params, "parameter_bytes": nbytes,
                 "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
-                "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads)}
+                "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads),
+                "max_batch_size": self.max_batch_size}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="rt-polarity")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    kills = sorted(args.kill or [("EdgeTier", 20.0), ("CloudTier", 40.0)], key=lambda k: k[1])
+    kills = args.kill or [("EdgeTier", 20.0), ("CloudTier", 40.0)]
     args.out.mkdir(parents=True, exist_ok=True)
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
 
@@ -76,14 +76,19 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {}
     load = threading.Thread(target=lambda: result.update(
         run_locust(load_args, "dimee", args.users, args.duration, args.out / "drill")))
-    started = time.monotonic()
-    load.start()
     recoveries = []
-    for deployment, at in kills:
+
+    def kill_at(deployment: str, at: float) -> None:
         time.sleep(max(0.0, at - (time.monotonic() - started)))
-        recoveries.append({"at_s": at, **kill_and_time_recovery(args.app, deployment)})
+        recoveries.append({"at_s": round(time.monotonic() - started, 1), **kill_and_time_recovery(args.app, deployment)})
         print(f"killed a {deployment} replica at {at:g} s; back after {recoveries[-1]['back_after_s']} s", flush=True)
-    load.join()
+
+    killers = [threading.Thread(target=kill_at, args=kill) for kill in kills]
+    started = time.monotonic()
+    for thread in [load, *killers]:
+        thread.start()
+    for thread in [load, *killers]:
+        thread.join()
     ray.shutdown()
 
     seen = json.loads((args.out / "drill_tiers.json").read_text())

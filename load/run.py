@@ -73,7 +73,7 @@ def parse_tiers(path: Path) -> dict:
     seen = json.loads(Path(path).read_text())
     n = max(seen["predictions"], 1)
     return {"tier_fraction": {t: seen["tiers"].get(t, 0) / n for t in ("mobile", "edge", "cloud")},
-            "mean_layers": seen["layers"] / n}
+            "mean_layers": seen["layers"] / n, "fallback_or_degraded": (seen["fallback"] + seen["degraded"]) / n}
 
 
 def run_locust(args, policy: str, users: int, seconds: float, prefix: Path) -> dict:
@@ -130,15 +130,16 @@ def markdown(report: dict, runs: list[dict], args) -> str:
         f"{args.users} users (spawned at once), {args.duration:g} s per policy after a {args.warmup:g} s warm-up, "
         f"{args.texts_per_request} text(s) per request from the {args.dataset} test split, "
         f"think time {args.think_time:g} s, {args.repeat} repeat(s), against {args.host}.", "",
-        "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | mobile | edge | cloud | mean layers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | mobile | edge | cloud | mean layers "
+        "| fallback or degraded (worst run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for policy in POLICIES:
         r = report[policy]
         f = r["tier_fraction"]
         lines.append(f"| {policy} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
                      f"{r['requests']} | {r['failures']} | {f['mobile']:.1%} | {f['edge']:.1%} | {f['cloud']:.1%} | "
-                     f"{r['mean_layers']:.2f} |")
+                     f"{r['mean_layers']:.2f} | {max(x['fallback_or_degraded'] for x in runs if x['policy'] == policy):.1%} |")
     lines += ["", f"rps_ratio (dimee / cloud_only): **{report['rps_ratio']:.2f}** "
               f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
               f"ceiling from layers: {report['rps_ratio_ceiling']:.2f}; "
@@ -190,7 +191,8 @@ def sweep(args) -> dict:
             if args.warmup:
                 run_locust(args, policy, users, args.warmup, args.out / f"warmup-{policy}-{users}")
             r = run_locust(args, policy, users, args.duration, args.out / f"sweep-{policy}-{users}")
-            out[policy].append({k: r[k] for k in ("users", "rps", "p50_ms", "p99_ms", "failures")})
+            keep = ("users", "rps", "p50_ms", "p99_ms", "failures", "fallback_or_degraded")
+            out[policy].append({k: r[k] for k in keep})
             print(f"{users:4d} users {policy:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms", flush=True)
     out["max_rps_within_p99_limit"] = {
         policy: max((p for p in out[policy] if p["p99_ms"] <= args.p99_limit_ms and not p["failures"]),

@@ -317,3 +317,24 @@ def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer
     after = [body["predictions"] for began, _, _, body in traffic.log if began > back + 1]
     assert after and [p["tier"] for p in after[-1]] == ["mobile", "edge", "cloud"]
     assert not any(p["fallback"] or p["degraded"] for p in after[-1])
+
+
+def test_an_api_key_guards_the_api_when_set(cluster, served_artifact, tmp_path):
+    config = serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1})
+    config["applications"][0]["args"]["api_key"] = "s3cret"
+    deploy(config, tmp_path)
+    body = {"texts": ["fine."]}
+    deadline = time.time() + 120
+    while requests.post(f"{cluster}/v1/classify", json=body, timeout=30).status_code != 401:
+        assert time.time() < deadline, "the router with the key did not take over within 120 s"
+        time.sleep(1)
+    missing = requests.post(f"{cluster}/v1/classify", json=body, timeout=30)
+    wrong = requests.post(f"{cluster}/v1/classify", json=body, headers={"X-API-Key": "guess"}, timeout=30)
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert "X-API-Key" in missing.json()["detail"] and "X-API-Key" in wrong.json()["detail"]
+    right = requests.post(f"{cluster}/v1/classify", json=body, headers={"X-API-Key": "s3cret"}, timeout=30)
+    assert right.status_code == 200 and len(right.json()["predictions"]) == 1
+    assert requests.get(f"{cluster}/v1/info", timeout=30).status_code == 401
+    info = requests.get(f"{cluster}/v1/info", headers={"X-API-Key": "s3cret"}, timeout=30)
+    assert info.status_code == 200 and "s3cret" not in info.text
+    assert requests.get(f"{cluster}/healthz", timeout=30).status_code == 200

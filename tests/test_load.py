@@ -35,14 +35,15 @@ def test_parse_stats_totals_locust_json(tmp_path):
 
 
 def test_parse_tiers_gives_fractions_and_mean_layers(tmp_path):
-    (tmp_path / "t.json").write_text(json.dumps({"tiers": {"mobile": 3, "edge": 1}, "layers": 10, "predictions": 4}))
+    (tmp_path / "t.json").write_text(json.dumps({"tiers": {"mobile": 3, "edge": 1}, "layers": 10, "predictions": 4,
+                                                 "fallback": 1, "degraded": 0}))
     assert load_run.parse_tiers(tmp_path / "t.json") == {
-        "tier_fraction": {"mobile": 0.75, "edge": 0.25, "cloud": 0.0}, "mean_layers": 2.5}
+        "tier_fraction": {"mobile": 0.75, "edge": 0.25, "cloud": 0.0}, "mean_layers": 2.5, "fallback_or_degraded": 0.25}
 
 
 def run_row(repeat: int, policy: str, rps: float, p50: float, mean_layers: float, fractions: tuple) -> dict:
     return {"repeat": repeat, "policy": policy, "rps": rps, "p50_ms": p50, "p95_ms": 2 * p50, "p99_ms": 3 * p50,
-            "requests": 100, "failures": 0, "mean_layers": mean_layers,
+            "requests": 100, "failures": 0, "mean_layers": mean_layers, "fallback_or_degraded": 0.0,
             "tier_fraction": dict(zip(("mobile", "edge", "cloud"), fractions))}
 
 
