@@ -53,6 +53,31 @@ class Settings:
     hop_timeout_s: float
 
 
+def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Settings:
+    """Settings from a validated config, checked against the served artifact; ValueError says what is wrong."""
+    source = config.policy_artifact or args.artifact
+    if config.policy_artifact:
+        other = artifact.read_manifest(config.policy_artifact)  # verifies its checksums
+        if any(other["files"].get(f) != manifest["files"][f] for f in TIER_WEIGHTS):
+            raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
+                             "only a recalibrated copy of the same model can be switched to live")
+    policies, doc = load_policies(source)
+    name = config.policy or args.policy or doc["default"]
+    if name not in policies:
+        raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")
+    policy = policies[name]
+    if config.thresholds is not None:
+        if policy.kind != "learned":
+            raise ValueError(f"policy {name!r} routes by nearest centroid and has no thresholds to set")
+        if set(config.thresholds) != set(policy.thresholds):
+            raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")
+        policy = dataclasses.replace(policy, thresholds=dict(config.thresholds))
+    cost = config.cost_model or CostModel(**doc["cost_model"])
+    exits = manifest["exits"]
+    return Settings(policy, cost, cost.path_costs(exits["mobile"], exits["edge"], manifest["num_layers"]),
+                    config.hop_timeout_s)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Router:
@@ -67,7 +92,7 @@ class Router:
         self.labels = self.manifest["labels"] or ["value"]
         self.model_name = f"{self.manifest['backbone']}@{self.manifest['dataset']['name']}"
         self.config_error: str | None = None
-        self.settings = self.build_settings(RouterConfig())
+        self.settings = build_settings(RouterConfig(), args, self.manifest)
         self.requests = metrics.Counter("dimee_requests", "classify requests, by policy", tag_keys=("policy",))
         self.answers = metrics.Counter("dimee_answers", "predictions by answering tier and outcome "
                                        "(normal, fallback, degraded)", tag_keys=("policy", "tier", "outcome"))
@@ -76,34 +101,11 @@ class Router:
         self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",
                                             tag_keys=("tier", "reason"))
 
-    def build_settings(self, config: RouterConfig) -> Settings:
-        """Settings from a validated config, checked against the artifact; ValueError says what is wrong."""
-        source = config.policy_artifact or self.args.artifact
-        if config.policy_artifact:
-            other = artifact.read_manifest(config.policy_artifact)  # verifies its checksums
-            if any(other["files"].get(f) != self.manifest["files"][f] for f in TIER_WEIGHTS):
-                raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
-                                 "only a recalibrated copy of the same model can be switched to live")
-        policies, doc = load_policies(source)
-        name = config.policy or self.args.policy or doc["default"]
-        if name not in policies:
-            raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")
-        policy = policies[name]
-        if config.thresholds is not None:
-            if policy.kind != "learned":
-                raise ValueError(f"policy {name!r} routes by nearest centroid and has no thresholds to set")
-            if set(config.thresholds) != set(policy.thresholds):
-                raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")
-            policy = dataclasses.replace(policy, thresholds=dict(config.thresholds))
-        cost = config.cost_model or CostModel(**doc["cost_model"])
-        m, e, n = (self.exit_layers[t] for t in TIERS)
-        return Settings(policy, cost, cost.path_costs(m, e, n), config.hop_timeout_s)
-
     def reconfigure(self, config: dict) -> None:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
         settings keep serving: raising here would make Serve restart the replica."""
         try:
-            self.settings = self.build_settings(RouterConfig.model_validate(config or {}))
+            self.settings = build_settings(RouterConfig.model_validate(config or {}), self.args, self.manifest)
             self.config_error = None
         except (ValueError, OSError) as err:
             self.config_error = f"user_config refused, the previous settings stay: {err}"

@@ -1,0 +1,56 @@
+"""The router's live settings without a cluster: what a user_config may change, and what it is refused."""
+
+import shutil
+
+import pytest
+
+from deployments.router import build_settings
+from deployments.schemas import AppArgs, RouterConfig
+from dimee_models import artifact
+from dimee_models.cost import CostModel
+from dimee_models.policy import load_policies
+
+
+def settings(served_artifact, config: dict, policy: str | None = None):
+    args = AppArgs(artifact=str(served_artifact), policy=policy)
+    return build_settings(RouterConfig.model_validate(config), args, artifact.read_manifest(served_artifact))
+
+
+def test_an_empty_config_serves_the_artifact_as_calibrated(served_artifact):
+    _, doc = load_policies(served_artifact)
+    s = settings(served_artifact, {})
+    assert s.policy.name == doc["default"] and s.cost == CostModel(**doc["cost_model"]) and s.hop_timeout_s == 2.0
+    assert settings(served_artifact, {}, policy="three_way").policy.name == "three_way"
+    assert s.path_cost["cloud_only"] == pytest.approx(s.cost.o_2 + 6 * s.cost.lambda_cloud)
+
+
+def test_thresholds_cost_model_and_timeout_change_live(served_artifact):
+    s = settings(served_artifact, {"policy": "dimee_learned", "thresholds": {"mobile": 0.2, "edge": 0.4},
+                                   "cost_model": {"o_2": 0.9}, "hop_timeout_s": 0.5})
+    assert s.policy.thresholds == {"mobile": 0.2, "edge": 0.4} and s.hop_timeout_s == 0.5
+    assert s.path_cost["cloud"] == pytest.approx(2 * 0.1 + 0.9 + 4 * 0.1)
+    assert load_policies(served_artifact)[0]["dimee_learned"].thresholds != s.policy.thresholds  # stored one untouched
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"policy": "fastest"}, "policy 'fastest' is not in"),
+    ({"policy": "three_way", "thresholds": {"alpha": 0.5}}, "nearest centroid and has no thresholds"),
+    ({"policy": "dimee_learned", "thresholds": {"mobile": 0.5}}, "thresholds must set exactly"),
+])
+def test_configs_the_artifact_cannot_serve_are_refused(served_artifact, config, message):
+    with pytest.raises(ValueError, match=message):
+        settings(served_artifact, config)
+
+
+def test_a_recalibrated_copy_can_be_switched_to_but_other_weights_cannot(served_artifact, tmp_path):
+    copy = tmp_path / "recalibrated"
+    shutil.copytree(served_artifact, copy)
+    assert settings(served_artifact, {"policy_artifact": str(copy), "policy": "three_way"}).policy.name == "three_way"
+    tampered = tmp_path / "other-weights"
+    shutil.copytree(served_artifact, tampered)
+    (tampered / "edge.safetensors").write_bytes((tampered / "edge.safetensors").read_bytes() + b" ")
+    artifact.write_manifest(tampered, artifact.read_manifest(tampered, verify=False))
+    with pytest.raises(ValueError, match="other weights than the served artifact"):
+        settings(served_artifact, {"policy_artifact": str(tampered)})
+    with pytest.raises(ValueError):
+        settings(served_artifact, {"policy_artifact": str(tmp_path / "missing")})
