@@ -202,7 +202,7 @@ class Router:
             for tier, count in zip(*np.unique(tiers, return_counts=True)):
                 self.decisions.inc(int(count), tags={"tier": TIERS[tier]})
         answers = self.answer(mobile, "mobile", s.path_cost["mobile"])
-        on_mobile = {row: answers[row] for row in range(n)}
+        on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (EDGE, CLOUD)]
         results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s)
                                          for tier, rows in offloaded if rows))
@@ -211,7 +211,7 @@ class Router:
                 answers[row] = prediction
         return answers
 
-    async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: dict,
+    async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
                       s: Settings) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
         answers, the mobile exit's predictions, marked degraded."""
