@@ -19,7 +19,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HEAD_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", 6390, 8265
-# Serve handle calls over gRPC instead of Ray actor tasks: +15-45% throughput in our load tests
+# Serve handle calls over gRPC instead of Ray actor tasks: +17-49% throughput in our load tests
 # (docs/RESULTS.md §4). Every replica inherits it from its node's `ray start`; set it to 0 to opt out.
 SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")}
 
