@@ -1,8 +1,9 @@
 """The ingress: validates and tokenizes, runs mobile, applies the DIMEE policy per sample, sends
-MEDIUM samples to edge and HARD samples to cloud, and puts the answers back in input order.
+MEDIUM samples to edge and HARD samples to cloud, and puts the answers back in input order. With
+an escalating policy, the samples edge is unsure of go on to cloud.
 
-The router only sees small things (probabilities, the mobile embedding z, decisions); the
-layer-m hidden state goes from the mobile replica to edge/cloud through the object store.
+The router only sees small things (probabilities, the mobile embedding z, decisions); hidden
+states go from tier to tier (mobile to edge/cloud, edge to cloud) through the object store.
 
 Every tier call has a timeout. A failed or late edge sends its samples to cloud (`fallback`); a
 failed or late cloud leaves them with the deepest exit already computed (`degraded`); a failed
@@ -67,7 +68,7 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
         raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")
     policy = policies[name]
     if config.thresholds is not None:
-        if policy.kind != "learned":
+        if policy.kind == "centroid":
             raise ValueError(f"policy {name!r} routes by nearest centroid and has no thresholds to set")
         if set(config.thresholds) != set(policy.thresholds):
             raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")
@@ -159,7 +160,8 @@ class Router:
         answers = await self.run_policy(body.policy, tokens, len(body.texts), self.settings)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
-            outcome = "degraded" if answer.degraded else "fallback" if answer.fallback else "normal"
+            outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
+                       else "escalated" if answer.escalated else "normal")
             self.answers.inc(tags={"policy": body.policy, "tier": answer.tier, "outcome": outcome})
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
@@ -204,7 +206,8 @@ class Router:
         answers = self.answer(mobile, "mobile", s.path_cost["mobile"])
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (EDGE, CLOUD)]
-        results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s)
+        escalate = policy == "dimee" and s.policy.escalates
+        results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s, escalate)
                                          for tier, rows in offloaded if rows))
         for rows, predictions in results:
             for row, prediction in zip(rows, predictions):
@@ -212,26 +215,41 @@ class Router:
         return answers
 
     async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
-                      s: Settings) -> tuple[list[int], list[Prediction]]:
+                      s: Settings, escalate: bool) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
         answers, the mobile exit's predictions, marked degraded."""
         request = TierRequest(hidden=mobile.hidden, rows=rows)
         if tier == EDGE:
-            reply = await self.call("edge", request, s.hop_timeout_s)
+            reply = await self.call("edge", dataclasses.replace(request, keep_hidden=escalate), s.hop_timeout_s)
             if reply is not None:
-                return rows, self.answer(reply, "edge", s.path_cost["edge"])
+                answers = self.answer(reply, "edge", s.path_cost["edge"])
+                return rows, await self.escalate(reply, answers, s) if escalate else answers
         reply = await self.call("cloud", request, s.hop_timeout_s)
         if reply is not None:
             return rows, self.answer(reply, "cloud", s.path_cost["cloud"], fallback=tier == EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
 
+    async def escalate(self, edge: TierReply, answers: list[Prediction], s: Settings) -> list[Prediction]:
+        """Edge's answers, with those it is too unsure of replaced by cloud's, computed from edge's
+        hidden state; if cloud fails, edge's answers stay, marked degraded."""
+        unsure = np.flatnonzero(s.policy.escalate(edge.probs)).tolist()
+        if not unsure:
+            return answers
+        reply = await self.call("cloud", TierRequest(hidden=edge.hidden, rows=unsure), s.hop_timeout_s)
+        cloud = (self.answer(reply, "cloud", s.path_cost["edge_cloud"], escalated=True) if reply is not None
+                 else [answers[row].model_copy(update={"degraded": True}) for row in unsure])
+        for row, prediction in zip(unsure, cloud):
+            answers[row] = prediction
+        return answers
+
     def answer(self, reply: TierReply, tier: str, cost: float, fallback: bool = False,
-               degraded: bool = False) -> list[Prediction]:
+               degraded: bool = False, escalated: bool = False) -> list[Prediction]:
         predictions = []
         for probs in reply.probs:
             label_id = int(probs.argmax())
             predictions.append(Prediction(
                 label=self.labels[label_id], label_id=label_id, confidence=float(probs.max()), tier=tier,
                 exit_layer=reply.exit_layer, cost=round(cost, 6), fallback=fallback, degraded=degraded,
+                escalated=escalated,
             ))
         return predictions

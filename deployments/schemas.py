@@ -51,6 +51,8 @@ class Prediction(BaseModel):
     truncated: bool = Field(False, description="the text was longer than the model's maximum length and was cut")
     fallback: bool = Field(False, description="the chosen tier (edge) failed or timed out; cloud answered instead")
     degraded: bool = Field(False, description="the chosen tier failed or timed out; a shallower exit answered")
+    escalated: bool = Field(False, description="edge was too unsure (the policy's escalate threshold), so cloud "
+                                               "answered from edge's hidden state")
 
 
 class ClassifyResponse(BaseModel):
@@ -99,7 +101,8 @@ class RouterConfig(BaseModel):
 
     policy: str | None = Field(None, description="stored policy to route with")
     thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
-        None, description="a learned policy's thresholds, {mobile: p, edge: p}, each in [0, 1]")
+        None, description="a learned or escalate policy's thresholds, {mobile: p, edge: p} (escalate: and "
+                           "escalate: p), each in [0, 1]")
     cost_model: CostModel | None = Field(None, description="cost model of the reported per-sample costs")
     policy_artifact: str | None = Field(
         None, description="take the policies and cost model from this recalibrated copy of the served artifact")
@@ -116,7 +119,7 @@ def tier_resource(tier: str) -> str:
 
 @dataclass
 class HiddenRef:
-    """The layer-m hidden state in Ray's object store. Wrapped in a dataclass so that Serve and Ray
+    """A tier's last hidden state (layer m from mobile, e from edge) in Ray's object store. Wrapped in a dataclass so that Serve and Ray
     pass the reference along instead of resolving it: the router never holds the bytes."""
 
     ref: ray.ObjectRef  # -> (hidden (B, T, H) float32, attention_mask (B, T) int64)
@@ -132,7 +135,7 @@ class TierRequest:
     token_type_ids: list[list[int]] | None = None
     hidden: HiddenRef | None = None
     rows: list[int] | None = None
-    keep_hidden: bool = False  # mobile: store the hidden state for a later tier
+    keep_hidden: bool = False  # store this tier's hidden state for a later tier
 
 
 @dataclass
@@ -140,7 +143,7 @@ class TierReply:
     probs: np.ndarray  # (B, C) at the tier's exit
     exit_layer: int
     z: np.ndarray | None  # (B, H) mobile embedding, mobile only
-    hidden: HiddenRef | None  # mobile only, when asked to keep it
+    hidden: HiddenRef | None  # when asked to keep it
     compute_ms: float  # layer compute for the whole batch this request rode in
     batch_size: int  # requests that shared this forward pass (@serve.batch)
     received: str  # "tokens" or "object_store": how the input arrived

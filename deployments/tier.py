@@ -45,8 +45,9 @@ class TierModel:
         manifest = artifact.read_manifest(artifact_dir)
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
-        self.end = artifact.tier_specs(manifest["num_layers"], manifest["exits"]["mobile"],
-                                       manifest["exits"]["edge"])[tier].end
+        exits = manifest["exits"]
+        self.end = artifact.tier_specs(manifest["num_layers"], exits["mobile"], exits["edge"])[tier].end
+        self.source = {exits["mobile"]: "mobile", exits["edge"]: "edge"}  # which tier stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
@@ -57,7 +58,7 @@ class TierModel:
             "dimee_tier_batch_size", "requests merged into one forward pass by @serve.batch",
             boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("tier",))
         self.offloaded = metrics.Counter(
-            "dimee_hidden_state_bytes", "bytes of layer-m hidden state fetched from the object store, per hop",
+            "dimee_hidden_state_bytes", "bytes of hidden state fetched from the object store, per hop",
             tag_keys=("hop",))
         self.compute_ms.set_default_tags({"tier": tier})
         self.batch_size.set_default_tags({"tier": tier})
@@ -94,7 +95,7 @@ class TierModel:
         stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
         for r in requests:
             if r.hidden is not None:
-                self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"mobile->{self.tier}"})
+                self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"{self.source[r.hidden.layer]}->{self.tier}"})
         self.batch_size.observe(len(requests))
         inputs, fetched = [], iter(stored)
         for r in requests:

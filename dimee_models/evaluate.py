@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 from dimee_models import artifact
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
-from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, ExitOutputs, Outcome, Policy, choose, score
+from dimee_models.policy import CLOUD, EDGE, EDGE_CLOUD, MOBILE, TIERS, ExitOutputs, Outcome, Policy, choose, score
 from dimee_models.train import batches, model_inputs
 
 PATH_INDEX = {p: i for i, p in enumerate(PATHS)}
@@ -92,9 +92,9 @@ def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: d
     }
     for name, threshold in cascade.items():
         rows[name] = cascade_paths(out.tier_confidences, threshold)
-    mobile_probs = out.probs(out.mobile_exit)
+    mobile_probs, edge_probs = out.probs(out.mobile_exit), out.probs(out.edge_exit)
     for name, policy in policies.items():
-        rows[name] = (policy.route(out.z, mobile_probs), None)
+        rows[name] = policy.assign(out.z, mobile_probs, edge_probs)
     if "dimee" in rows:
         fractions = np.bincount(rows["dimee"][0], minlength=3) / n
         rows["random"] = (np.random.default_rng(seed).choice(3, size=n, p=fractions), None)
@@ -163,7 +163,8 @@ def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, method
     ax.plot([o.cost for o in dimee], [o.accuracy for o in dimee], ".-", label="dimee (alpha sweep)")
     ax.plot([o.cost for o in cascade], [o.accuracy for o in cascade], ".-", label="confidence_cascade (sweep)")
     for name, marker in (("cloud_only", "s"), ("oracle", "*"), ("dimee_constrained", "o"),
-                         ("dimee_learned_constrained", "D"), ("confidence_cascade_constrained", "^")):
+                         ("dimee_learned_constrained", "D"), ("dimee_escalate_constrained", "P"),
+                         ("confidence_cascade_constrained", "^")):
         if name in methods:
             ax.plot(methods[name]["cost"], methods[name]["accuracy"], marker, markersize=10, label=name)
     ax.set_xlabel("mean cost per sample")
@@ -188,9 +189,12 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
     cal = calibrate(cal_out, cost, max_drop_pp, folds, seed)
     cascade = calibrate_cascade(cal_out, cost, max_drop_pp)
     if default is None:  # the cheapest constrained router on calibration data (never the test split)
-        default = min((n for n in cal.policies if n.endswith("_constrained")),
-                      key=lambda n: score(cal_out, cal.policies[n].route(cal_out.z, cal_out.probs(cal_out.mobile_exit)),
-                                          cost).cost)
+        def calibration_cost(name: str) -> float:
+            tiers, paths = cal.policies[name].assign(cal_out.z, cal_out.probs(cal_out.mobile_exit),
+                                                     cal_out.probs(cal_out.edge_exit))
+            return score(cal_out, tiers, cost, paths).cost
+
+        default = min((n for n in cal.policies if n.endswith("_constrained")), key=calibration_cost)
     elif default not in cal.policies:
         raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
     doc = save_policies(directory, cal, cost, default, max_drop_pp, {"cascade_thresholds": cascade})
@@ -217,7 +221,7 @@ def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict
 def predict_texts(directory: str | Path, texts: list[str], policy: str = "dimee", pairs: list[str] | None = None,
                   policy_name: str | None = None) -> list[dict]:
     """What the server answers for these texts, computed offline from the full model and the
-    same routing function: [{"tier", "label_id", "confidence", "exit_layer"}] in input order."""
+    same routing function: [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
     from dimee_models.policy import load_policies
 
@@ -231,10 +235,12 @@ def predict_texts(directory: str | Path, texts: list[str], policy: str = "dimee"
     probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in zip(TIERS, (m, e, n))}
     if policy == "dimee":
         policies, doc = load_policies(directory)
-        tiers = policies[policy_name or doc["default"]].route(outs[m - 1].pooled.numpy(), probs["mobile"])
+        tiers, paths = policies[policy_name or doc["default"]].assign(outs[m - 1].pooled.numpy(), probs["mobile"],
+                                                                      probs["edge"])
     else:
-        tiers = np.full(len(texts), {"mobile_only": MOBILE, "edge_only": EDGE, "cloud_only": CLOUD}[policy])
+        tiers = paths = np.full(len(texts), {"mobile_only": MOBILE, "edge_only": EDGE, "cloud_only": CLOUD}[policy])
     exit_layer = {"mobile": m, "edge": e, "cloud": n}
     return [{"tier": TIERS[t], "label_id": int(probs[TIERS[t]][i].argmax()),
-             "confidence": float(probs[TIERS[t]][i].max()), "exit_layer": exit_layer[TIERS[t]]}
+             "confidence": float(probs[TIERS[t]][i].max()), "exit_layer": exit_layer[TIERS[t]],
+             "escalated": bool(paths[i] == EDGE_CLOUD)}
             for i, t in enumerate(tiers)]

@@ -1,12 +1,17 @@
 """DIMEE routing policies: decide per sample, from what the mobile tier computed, where to answer.
 
-Two routers share one interface, `Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge,
-2 cloud), used by offline evaluation and by the serving router alike:
+Three routers share one interface, used by offline evaluation and by the serving router alike:
+`Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge, 2 cloud) decides on mobile, and
+`Policy.escalate(edge_probs)` says which samples answered on edge go on to cloud after all.
 
 - `centroid` (the method of DESIGN.md section 2): pools EASY / MEDIUM / HARD from confidence
   thresholds at alpha, one centroid of the mobile embedding z per pool, nearest centroid wins.
-- `learned` (our variant): two logistic regressions on mobile-side features estimate whether the
-  mobile exit and the edge exit would agree with the final exit; thresholds on those estimates.
+- `learned` (our variant): two logistic regressions on mobile-side features (z and the mobile
+  exit's probabilities) estimate whether the mobile exit and the edge exit would agree with the
+  final exit; thresholds on those estimates.
+- `escalate` (our variant): the same regressions on the mobile exit's probabilities alone (z made
+  them worse: docs/RESULTS.md), and an edge that is unsure (edge confidence below a threshold)
+  hands its layer-e hidden state on to cloud.
 
 Thresholds are chosen on the calibration split with K-fold cross-fitting: every calibration
 sample is routed by a router fitted without it, so the choice is not tuned on its own fit.
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +32,9 @@ from dimee_models.cost import CostModel
 
 TIERS = ("mobile", "edge", "cloud")
 MOBILE, EDGE, CLOUD = 0, 1, 2
+EDGE_CLOUD = 3  # the path mobile -> edge -> cloud; tier ids double as cost.PATHS indices
 ALPHA_GRID = np.round(np.concatenate([np.linspace(0.5, 0.9, 17), np.linspace(0.91, 1.0, 37)]), 4)
+ESCALATE_GRID = np.round(np.linspace(0.4, 1.0, 25), 3)
 
 
 @dataclass(frozen=True)
@@ -65,19 +72,35 @@ class ExitOutputs:
 @dataclass(frozen=True)
 class Policy:
     name: str
-    kind: str  # "centroid" or "learned"
+    kind: str  # "centroid", "learned" or "escalate"
     mobile_exit: int
     edge_exit: int
     num_layers: int
-    thresholds: dict[str, float]  # centroid: {"alpha"}; learned: {"mobile", "edge"}
+    thresholds: dict[str, float]  # centroid: {"alpha"}; learned: {"mobile", "edge"}; escalate: + {"escalate"}
     tensors: dict[str, np.ndarray] = field(repr=False)
 
     def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         """Tier id per sample, (N, H), (N, C) -> (N,); deterministic and vectorised."""
         if self.kind == "centroid":
             return nearest_centroid(z, self.tensors["centroids"])
-        scores = learned_scores(self.tensors, z, mobile_probs)
+        scores = learned_scores(self.tensors, policy_features(self.kind, z, mobile_probs))
         return threshold_route(scores, self.thresholds["mobile"], self.thresholds["edge"])
+
+    @property
+    def escalates(self) -> bool:
+        return "escalate" in self.thresholds
+
+    def escalate(self, edge_probs: np.ndarray) -> np.ndarray:
+        """(N,) bool: samples answered on edge whose edge exit is too unsure, so cloud answers."""
+        if not self.escalates:
+            return np.zeros(len(edge_probs), dtype=bool)
+        return edge_probs.max(-1) < self.thresholds["escalate"]
+
+    def assign(self, z: np.ndarray, mobile_probs: np.ndarray, edge_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(answering tier, path index into cost.PATHS) per sample, escalations included."""
+        tiers = self.route(z, mobile_probs)
+        up = (tiers == EDGE) & self.escalate(edge_probs)
+        return np.where(up, CLOUD, tiers), np.where(up, EDGE_CLOUD, tiers)
 
     def to_json(self) -> dict:
         return {
@@ -117,9 +140,20 @@ def router_features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
     return np.concatenate([z, mobile_probs, mobile_probs.max(-1, keepdims=True), entropy], axis=1)
 
 
-def fit_learned(z: np.ndarray, mobile_probs: np.ndarray, targets: np.ndarray, l2: float = 1e-2) -> dict[str, np.ndarray]:
-    """Two L2-regularised logistic regressions (targets (N, 2) in {0, 1}) by L-BFGS."""
-    x = router_features(z, mobile_probs)
+def exit_features(mobile_probs: np.ndarray) -> np.ndarray:
+    """The mobile exit's own view: probabilities, confidence, top-two margin, entropy."""
+    top = np.sort(mobile_probs, -1)
+    margin = top[:, -1:] - top[:, -2:-1] if top.shape[1] > 1 else np.zeros_like(top)
+    entropy = -(mobile_probs * np.log(np.clip(mobile_probs, 1e-12, 1.0))).sum(-1, keepdims=True)
+    return np.concatenate([mobile_probs, top[:, -1:], margin, entropy], axis=1)
+
+
+def policy_features(kind: str, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+    return exit_features(mobile_probs) if kind == "escalate" else router_features(z, mobile_probs)
+
+
+def fit_learned(x: np.ndarray, targets: np.ndarray, l2: float = 1e-2) -> dict[str, np.ndarray]:
+    """Two L2-regularised logistic regressions on features x (targets (N, 2) in {0, 1}) by L-BFGS."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     xt = torch.tensor((x - mean) / std, dtype=torch.float64)
     yt = torch.tensor(targets, dtype=torch.float64)
@@ -138,9 +172,9 @@ def fit_learned(z: np.ndarray, mobile_probs: np.ndarray, targets: np.ndarray, l2
     return {k: v.astype(np.float32) for k, v in as_np.items()}
 
 
-def learned_scores(params: dict[str, np.ndarray], z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+def learned_scores(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """(N, 2): estimated probability that the mobile / edge exit agrees with the final exit."""
-    x = (router_features(z, mobile_probs) - params["mean"]) / params["std"]
+    x = (x - params["mean"]) / params["std"]
     return 1.0 / (1.0 + np.exp(-(x @ params["weight"] + params["bias"])))
 
 
@@ -157,6 +191,7 @@ class Outcome:
     cost: float
     reward: float
     fractions: tuple[float, float, float]
+    losses: float  # fraction of samples the final exit answers right and this assignment wrong
 
 
 def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarray | None = None) -> Outcome:
@@ -168,14 +203,19 @@ def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarra
     costs = cost.costs_of(tiers if paths is None else paths, out.mobile_exit, out.edge_exit, out.num_layers)
     fractions = tuple(float((tiers == t).mean()) for t in range(3))
     accuracy = float((preds == out.labels).mean())
-    return Outcome(accuracy, float(costs.mean()), float((conf - cost.mu * costs).mean()), fractions)
+    losses = float(((preds != out.labels) & (out.tier_predictions[:, 2] == out.labels)).mean())
+    return Outcome(accuracy, float(costs.mean()), float((conf - cost.mu * costs).mean()), fractions, losses)
 
 
-def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float) -> tuple[int, int]:
+def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float,
+           strict: bool = False) -> tuple[int, int]:
     """(index with the best reward, index of the cheapest outcome within the accuracy budget).
-    If nothing meets the budget, the most accurate outcome is taken as the constrained one."""
+    `strict` holds the losses alone to the budget, so that samples the final exit gets wrong and a
+    cheaper exit happens to get right cannot pay for errors. If nothing meets the budget, the most
+    accurate outcome is taken as the constrained one."""
     best_reward = int(np.argmax([o.reward for o in outcomes]))
-    feasible = [i for i, o in enumerate(outcomes) if o.accuracy >= reference_accuracy - max_drop_pp / 100 - 1e-12]
+    drops = [o.losses if strict else reference_accuracy - o.accuracy for o in outcomes]
+    feasible = [i for i, d in enumerate(drops) if d <= max_drop_pp / 100 + 1e-12]
     if feasible:
         constrained = min(feasible, key=lambda i: (outcomes[i].cost, -outcomes[i].accuracy))
     else:
@@ -225,41 +265,65 @@ def agreement_targets(out: ExitOutputs) -> np.ndarray:
     return np.stack([preds[:, 0] == preds[:, 2], preds[:, 1] == preds[:, 2]], axis=1).astype(np.float64)
 
 
-def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int):
-    mobile_probs = out.probs(out.mobile_exit)
+def cross_fitted_scores(x: np.ndarray, targets: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Every sample scored by regressions fitted without its fold."""
+    scores = np.zeros(targets.shape)
+    for held in folds(len(targets), k, seed):
+        fit = np.setdiff1d(np.arange(len(targets)), held)
+        scores[held] = learned_scores(fit_learned(x[fit], targets[fit]), x[held])
+    return scores
+
+
+def threshold_grid(scores: np.ndarray, points: int) -> np.ndarray:
+    """Quantiles of the scores, plus one above every score (sends nobody to that tier)."""
+    return np.append(np.unique(np.quantile(scores, np.linspace(0, 1, points))), 1.01)
+
+
+def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int,
+                      kind: str = "learned"):
+    """The `learned` router, or with kind="escalate" the `escalate` one (its own features, plus the
+    edge-confidence threshold below which edge hands on to cloud)."""
+    x = policy_features(kind, out.z, out.probs(out.mobile_exit))
     targets = agreement_targets(out)
-    scores = np.zeros((len(out.labels), 2))
-    for held in folds(len(out.labels), k, seed):
-        fit = np.setdiff1d(np.arange(len(out.labels)), held)
-        params = fit_learned(out.z[fit], mobile_probs[fit], targets[fit])
-        scores[held] = learned_scores(params, out.z[held], mobile_probs[held])
-    grid = np.unique(np.quantile(scores, np.linspace(0, 1, 41)))
-    grid = np.append(grid, 1.01)  # a threshold above every score sends nobody to that tier
-    pairs = [(tm, te) for tm in grid for te in grid]
-    outcomes = [score(out, threshold_route(scores, tm, te), cost) for tm, te in pairs]
+    scores = cross_fitted_scores(x, targets, k, seed)
+    edge_conf = out.tier_confidences[:, 1]
+    if kind == "escalate":
+        combos = [(tm, te, b) for tm in threshold_grid(scores[:, 0], 41) for te in threshold_grid(scores[:, 1], 21)
+                  for b in ESCALATE_GRID]
+    else:
+        grid = threshold_grid(scores, 41)
+        combos = [(tm, te) for tm in grid for te in grid]
+    outcomes = []
+    for combo in combos:
+        tiers = threshold_route(scores, combo[0], combo[1])
+        up = (tiers == EDGE) & (edge_conf < combo[2]) if kind == "escalate" else np.zeros(len(tiers), dtype=bool)
+        outcomes.append(score(out, np.where(up, CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
     ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    by_reward, constrained = choose(outcomes, ref, max_drop_pp)
-    params = fit_learned(out.z, mobile_probs, targets)
-    frontier = _pareto([(p, o) for p, o in zip(pairs, outcomes)])
-    curve = [{"mobile": float(p[0]), "edge": float(p[1]), **_outcome_json(o)} for p, o in frontier]
+    by_reward, constrained = choose(outcomes, ref, max_drop_pp, strict=kind == "escalate")
+    params = fit_learned(x, targets)
+    keys = ("mobile", "edge", "escalate")
+    frontier = _pareto(list(zip(combos, outcomes)))
+    curve = [{**{key: float(v) for key, v in zip(keys, c)}, **_outcome_json(o)} for c, o in frontier]
+    prefix = f"dimee_{kind}"
 
     def make(name: str, i: int) -> Policy:
-        tm, te = pairs[i]
-        return Policy(name, "learned", out.mobile_exit, out.edge_exit, out.num_layers,
-                      {"mobile": float(tm), "edge": float(te)}, params)
+        return Policy(name, kind, out.mobile_exit, out.edge_exit, out.num_layers,
+                      {key: float(v) for key, v in zip(keys, combos[i])}, params)
 
-    return {"dimee_learned": make("dimee_learned", by_reward),
-            "dimee_learned_constrained": make("dimee_learned_constrained", constrained)}, curve
+    return {prefix: make(prefix, by_reward), f"{prefix}_constrained": make(f"{prefix}_constrained", constrained)}, curve
 
 
 def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0) -> Calibration:
     policies, curves, warnings = {}, {}, []
-    for variant, fn in (("dimee", calibrate_centroid), ("dimee_learned", calibrate_learned)):
+    variants = (("dimee", calibrate_centroid), ("dimee_learned", calibrate_learned),
+                ("dimee_escalate", partial(calibrate_learned, kind="escalate")))
+    for variant, fn in variants:
         found, curve = fn(out, cost, max_drop_pp, k, seed)
         policies.update(found)
         curves[variant] = curve
     for name, pol in policies.items():
-        fractions = np.bincount(pol.route(out.z, out.probs(out.mobile_exit)), minlength=3) / len(out.labels)
+        tiers, _ = pol.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))
+        fractions = np.bincount(tiers, minlength=3) / len(out.labels)
         if fractions.max() >= 0.95:
             warnings.append(
                 f"{name}: sends {fractions.max():.0%} of calibration samples to {TIERS[int(fractions.argmax())]}"

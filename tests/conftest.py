@@ -1,5 +1,6 @@
 """Shared fixtures: a small real artifact, and one real three-node Ray cluster per test session."""
 
+import dataclasses
 import json
 import subprocess
 import time
@@ -23,6 +24,9 @@ THREE_WAY_TEXTS = [
     "the plot is a mess and the acting is worse.",
     "it is a film.",
 ]
+# with the `escalating` policy, edge answers some of these and hands the others on to cloud
+ESCALATE_TEXTS = THREE_WAY_TEXTS + ["an utterly forgettable sequel.", "i laughed, i cried, i bought the soundtrack.",
+                                    "not bad, not good, just there."]
 PORT = 8011
 DASHBOARD = "http://127.0.0.2:8265"
 
@@ -40,7 +44,8 @@ def one_torch_thread():
 def served_artifact(tmp_path_factory) -> Path:
     """The default backbone briefly fine-tuned on rt-polarity, calibrated for real, plus a policy
     `three_way` whose centroids are the embeddings of THREE_WAY_TEXTS (mobile, edge, cloud), so a
-    request with those texts is guaranteed to split across all three tiers."""
+    request with those texts is guaranteed to split across all three tiers, and a policy
+    `escalating` that sends every sample to edge and escalates the less sure of ESCALATE_TEXTS."""
     out = tmp_path_factory.mktemp("artifact") / "rt"
     train(TrainConfig(dataset="rt-polarity", epochs=1, max_train_samples=32, batch_size=16, max_length=32,
                       splits=(0.9, 0.05, 0.05)), out)
@@ -50,7 +55,15 @@ def served_artifact(tmp_path_factory) -> Path:
     with torch.inference_mode():
         enc = tokenizer(THREE_WAY_TEXTS, padding=True, return_tensors="pt")
         z = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["mobile"] - 1].pooled.numpy()
+        enc = tokenizer(ESCALATE_TEXTS, padding=True, return_tensors="pt")
+        edge = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["edge"] - 1].logits.softmax(-1)
     add_policy(out, Policy("three_way", "centroid", 2, 4, 6, {"alpha": 0.0}, {"centroids": z.astype(np.float32)}))
+    conf = np.sort(edge.max(-1).values.numpy())
+    gap = int(np.diff(conf).argmax())  # the threshold sits in the widest gap between edge confidences
+    assert conf[gap + 1] - conf[gap] > 1e-3, conf  # served confidences agree with these to 1e-4
+    escalate = load_policies(out)[0]["dimee_escalate"]
+    add_policy(out, dataclasses.replace(escalate, name="escalating", thresholds={
+        "mobile": 1.01, "edge": 0.0, "escalate": float(conf[gap] + conf[gap + 1]) / 2}))
     return out
 
 

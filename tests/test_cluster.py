@@ -17,7 +17,7 @@ from ray.util.state import list_actors
 
 from deployments.schemas import HiddenRef, TierRequest
 from dimee_models.evaluate import predict_texts
-from tests.conftest import THREE_WAY_TEXTS, deploy, serve_config
+from tests.conftest import ESCALATE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
 
 pytestmark = pytest.mark.cluster
 
@@ -91,8 +91,12 @@ def test_hidden_state_travels_through_the_object_store(cluster, served_artifact)
     reply = mobile.remote(TierRequest(input_ids=ids, keep_hidden=True)).result(timeout_s=60)
     assert isinstance(reply.hidden, HiddenRef) and isinstance(reply.hidden.ref, ray.ObjectRef)
     assert len(pickle.dumps(reply)) < reply.hidden.nbytes / 4  # the reply is small; the hidden state is not
-    edge_reply = edge.remote(TierRequest(hidden=reply.hidden, rows=[0, 5])).result(timeout_s=60)
+    edge_reply = edge.remote(TierRequest(hidden=reply.hidden, rows=[0, 5], keep_hidden=True)).result(timeout_s=60)
     assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
+    assert isinstance(edge_reply.hidden.ref, ray.ObjectRef) and edge_reply.hidden.layer == 4  # escalation's hop
+    cloud = serve.get_deployment_handle("CloudTier", app_name="dimee")
+    cloud_reply = cloud.remote(TierRequest(hidden=edge_reply.hidden, rows=[1])).result(timeout_s=60)
+    assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6 and cloud_reply.probs.shape[0] == 1
 
 
 def test_info_health_and_docs(cluster):
@@ -267,6 +271,23 @@ def test_live_reconfiguration_changes_policy_and_costs_without_restarts_or_lost_
     assert {r["id"] for r in replicas()["Router"]} == {r["id"] for r in before["Router"]}
     assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
         [entry for entry in traffic.log if entry[2] != 200][:3]
+
+
+def test_an_unsure_edge_hands_its_samples_on_to_cloud_as_offline(cluster, served_artifact, tmp_path):
+    deploy(router_config(served_artifact, {"policy": "escalating"}), tmp_path)
+    time.sleep(2)
+    try:
+        served = classify(cluster, ESCALATE_TEXTS)
+    finally:
+        deploy(router_config(served_artifact, {}), tmp_path)
+    offline = predict_texts(served_artifact, ESCALATE_TEXTS, "dimee", policy_name="escalating")
+    assert {p["tier"] for p in served} == {"edge", "cloud"}
+    for got, want in zip(served, offline):
+        assert (got["tier"], got["label_id"], got["exit_layer"], got["escalated"]) == (
+            want["tier"], want["label_id"], want["exit_layer"], want["escalated"])
+        assert abs(got["confidence"] - want["confidence"]) < 1e-4
+        assert got["escalated"] == (got["tier"] == "cloud") and not got["fallback"] and not got["degraded"]
+        assert got["cost"] == (1.1 if got["escalated"] else 0.6)  # mobile -> edge -> cloud pays both hops
 
 
 def test_metrics_are_exported_after_traffic(cluster):

@@ -14,13 +14,14 @@ from dimee_models.cost import CostModel
 from dimee_models.data import Splits, TextDataset
 from dimee_models.evaluate import predict_texts, run_calibration, run_evaluation, split_outputs
 from dimee_models.model import MultiExitEncoder
-from dimee_models.policy import load_policies
+from dimee_models.policy import EDGE_CLOUD, load_policies
 from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
 
 VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
          ["engine", "wheel", "brake", "piston", "gear", "clutch", "motor", "tire"])
 METHODS = {"cloud_only", "mobile_only", "edge_only", "confidence_cascade", "confidence_cascade_constrained", "random",
-           "oracle", "dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained"}
+           "oracle", "dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained",
+           "dimee_escalate", "dimee_escalate_constrained"}
 ROW_KEYS = {"accuracy", "accuracy_drop_pp", "accuracy_drop_pp_ci95", "cost", "cost_reduction", "tier_fraction"}
 POLICY_FILES = ("policy.json", "policy.safetensors")
 
@@ -162,7 +163,7 @@ def test_predict_texts_agrees_with_split_outputs(calibrated):
     mobile_probs = test_out.probs(test_out.mobile_exit)
     for name in (None, "dimee_constrained"):  # the default policy, and one that splits this data three ways
         policy = policies[name or doc["default"]]
-        tiers = policy.route(test_out.z, mobile_probs)
+        tiers, paths = policy.assign(test_out.z, mobile_probs, test_out.probs(test_out.edge_exit))
         rows = [int(i) for t in range(3) for i in np.flatnonzero(tiers == t)[:2]]  # up to two rows per tier
         expected = tiers[rows]
         if name:
@@ -171,3 +172,4 @@ def test_predict_texts_agrees_with_split_outputs(calibrated):
         assert [r["tier"] for r in dimee] == [("mobile", "edge", "cloud")[t] for t in expected]
         assert [r["label_id"] for r in dimee] == test_out.tier_predictions[rows, expected].tolist()
         assert [r["exit_layer"] for r in dimee] == [(2, 4, 6)[t] for t in expected]
+        assert [r["escalated"] for r in dimee] == (paths[rows] == EDGE_CLOUD).tolist()

@@ -6,12 +6,13 @@ import pytest
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import (
-    ALPHA_GRID, CLOUD, EDGE, MOBILE, ExitOutputs, Outcome, Policy, calibrate, centroids_of, choose, fit_learned,
-    load_policies, nearest_centroid, pools, save_policies, score,
+    ALPHA_GRID, CLOUD, EDGE, EDGE_CLOUD, MOBILE, ExitOutputs, Outcome, Policy, calibrate, centroids_of, choose,
+    exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features, save_policies, score,
 )
 
 H, L, M, E = 8, 6, 2, 4
-NAMES = {"dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained"}
+NAMES = {"dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained", "dimee_escalate",
+         "dimee_escalate_constrained"}
 
 
 def synthetic(n_per: int = 60, seed: int = 0) -> tuple[ExitOutputs, np.ndarray]:
@@ -44,6 +45,10 @@ def cal(data):
 
 def routed(policy: Policy, out: ExitOutputs) -> np.ndarray:
     return policy.route(out.z, out.probs(out.mobile_exit))
+
+
+def assigned(policy: Policy, out: ExitOutputs) -> tuple[np.ndarray, np.ndarray]:
+    return policy.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))
 
 
 def test_synthetic_outputs_are_what_they_claim(data):
@@ -93,12 +98,35 @@ def test_learned_routing_is_per_sample(data):
     out, cluster = data
     probs = out.probs(M)
     targets = np.stack([cluster == 0, cluster <= 1], axis=1).astype(np.float64)
-    policy = Policy("l", "learned", M, E, L, {"mobile": 0.5, "edge": 0.5}, fit_learned(out.z, probs, targets))
+    policy = Policy("l", "learned", M, E, L, {"mobile": 0.5, "edge": 0.5},
+                    fit_learned(router_features(out.z, probs), targets))
     batch = policy.route(out.z, probs)
     assert (batch == cluster).mean() > 0.95
     alone = [int(policy.route(out.z[i:i + 1], probs[i:i + 1])[0]) for i in range(0, len(cluster), 7)]
     assert alone == batch[::7].tolist()
     np.testing.assert_array_equal(policy.route(out.z, probs), batch)
+
+
+def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
+    out, cluster = data
+    probs = out.probs(M)
+    targets = np.stack([cluster == 0, cluster <= 1], axis=1).astype(np.float64)
+    params = fit_learned(exit_features(probs), targets)
+    # nobody answers on mobile, everybody is sent to edge; edge is sure (0.92-0.98) on clusters 0
+    # and 1 and unsure (0.55-0.65) on cluster 2, which therefore goes on to cloud
+    policy = Policy("e", "escalate", M, E, L, {"mobile": 1.01, "edge": 0.0, "escalate": 0.8}, params)
+    np.testing.assert_array_equal(policy.escalate(out.probs(E)), cluster == 2)
+    tiers, paths = assigned(policy, out)
+    np.testing.assert_array_equal(tiers, np.where(cluster == 2, CLOUD, EDGE))
+    np.testing.assert_array_equal(paths, np.where(cluster == 2, EDGE_CLOUD, EDGE))
+    o = score(out, tiers, CostModel(), paths)
+    assert o.accuracy == 1.0 and o.cost == pytest.approx((2 * 0.6 + 1 * 1.1) / 3) and o.losses == 0
+    # per sample: one sample at a time routes as in the batch
+    alone = [assigned(policy, ExitOutputs(out.logits[i:i + 1], out.z[i:i + 1], out.labels[i:i + 1], M, E))[1][0]
+             for i in range(0, len(cluster), 11)]
+    assert alone == paths[::11].tolist()
+    learned = Policy("l", "learned", M, E, L, {"mobile": 1.01, "edge": 0.0}, params)
+    assert not learned.escalates and not learned.escalate(out.probs(E)).any()
 
 
 def test_score_by_hand(data):
@@ -116,19 +144,23 @@ def test_score_by_hand(data):
 def test_calibrate_gives_valid_policies_within_budget(data, cal):
     out, cluster = data
     assert set(cal.policies) == NAMES and cal.reference_accuracy == 1.0
-    assert set(cal.curves) == {"dimee", "dimee_learned"} and len(cal.curves["dimee"]) == len(ALPHA_GRID)
+    assert set(cal.curves) == {"dimee", "dimee_learned", "dimee_escalate"} and len(cal.curves["dimee"]) == len(ALPHA_GRID)
     for name, pol in cal.policies.items():
         assert pol.name == name and (pol.mobile_exit, pol.edge_exit, pol.num_layers) == (M, E, L)
         tiers = routed(pol, out)
         assert tiers.shape == cluster.shape and set(tiers.tolist()) <= {0, 1, 2}
         if pol.kind == "centroid":
             assert pol.tensors["centroids"].shape == (3, H) and pol.thresholds["alpha"] in ALPHA_GRID
-        else:
-            assert pol.kind == "learned" and set(pol.thresholds) == {"mobile", "edge"}
+        elif pol.kind == "learned":
+            assert set(pol.thresholds) == {"mobile", "edge"}
             assert pol.tensors["weight"].shape == (H + 2 + 2, 2)  # z, probs, confidence, entropy
+        else:
+            assert pol.kind == "escalate" and set(pol.thresholds) == {"mobile", "edge", "escalate"}
+            assert pol.tensors["weight"].shape == (2 + 3, 2)  # probs, confidence, margin, entropy
     cost = CostModel(mu=0.1)
-    for name in ("dimee_constrained", "dimee_learned_constrained"):
-        o = score(out, routed(cal.policies[name], out), cost)
+    for name in ("dimee_constrained", "dimee_learned_constrained", "dimee_escalate_constrained"):
+        tiers, paths = assigned(cal.policies[name], out)
+        o = score(out, tiers, cost, paths)
         assert o.accuracy >= cal.reference_accuracy - 0.003, name
         assert o.cost < 1.1 * 0.9, name  # and it is much cheaper than sending everything to cloud
     # the centroids separate the clusters exactly: each goes to the cheapest tier that is right
@@ -146,14 +178,17 @@ def test_calibrate_warns_when_one_tier_takes_everything(data):
 
 
 def test_choose_max_reward_and_cheapest_feasible():
-    o = [Outcome(0.80, 0.2, 0.70, (1, 0, 0)), Outcome(0.89, 0.5, 0.30, (0, 1, 0)),
-         Outcome(0.92, 0.5, 0.10, (0, 1, 0)), Outcome(0.95, 1.0, 0.20, (0, 0, 1))]
+    o = [Outcome(0.80, 0.2, 0.70, (1, 0, 0), 0.10), Outcome(0.89, 0.5, 0.30, (0, 1, 0), 0.05),
+         Outcome(0.92, 0.5, 0.10, (0, 1, 0), 0.02), Outcome(0.95, 1.0, 0.20, (0, 0, 1), 0.0)]
     # budget 1 pp below 0.90: 1, 2 and 3 qualify (0.89 exactly on the edge); 1 and 2 tie on cost, 2 is more accurate
     assert choose(o, 0.90, 1.0) == (0, 2)
     assert choose(o, 0.90, 0.5) == (0, 2)
     assert choose(o, 0.94, 0.5) == (0, 3)
     assert choose(o, 0.99, 0.3) == (0, 3)  # nothing feasible: the most accurate outcome
     assert choose(o[:3], 0.99, 0.3) == (0, 2)
+    # strict: the losses alone count, however accurate the outcome is overall
+    assert choose(o, 0.80, 3.0, strict=True) == (0, 2)
+    assert choose(o, 0.80, 1.0, strict=True) == (0, 3)
 
 
 def test_save_load_round_trip(data, cal, tmp_path):
@@ -172,4 +207,4 @@ def test_save_load_round_trip(data, cal, tmp_path):
         assert set(back.tensors) == set(pol.tensors)
         for key in pol.tensors:
             np.testing.assert_array_equal(back.tensors[key], pol.tensors[key])
-        np.testing.assert_array_equal(routed(back, out), routed(pol, out))
+        np.testing.assert_array_equal(assigned(back, out)[1], assigned(pol, out)[1])

@@ -2,6 +2,8 @@
 
 import shutil
 
+import numpy as np
+
 import pytest
 
 from deployments.router import build_settings
@@ -30,12 +32,15 @@ def test_thresholds_cost_model_and_timeout_change_live(served_artifact):
     assert s.policy.thresholds == {"mobile": 0.2, "edge": 0.4} and s.hop_timeout_s == 0.5
     assert s.path_cost["cloud"] == pytest.approx(2 * 0.1 + 0.9 + 4 * 0.1)
     assert load_policies(served_artifact)[0]["dimee_learned"].thresholds != s.policy.thresholds  # stored one untouched
+    s = settings(served_artifact, {"policy": "dimee_escalate", "thresholds": {"mobile": 1, "edge": 0, "escalate": 0.9}})
+    assert s.policy.escalates and s.policy.escalate(np.array([[0.85, 0.15], [0.95, 0.05]])).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("config,message", [
     ({"policy": "fastest"}, "policy 'fastest' is not in"),
     ({"policy": "three_way", "thresholds": {"alpha": 0.5}}, "nearest centroid and has no thresholds"),
     ({"policy": "dimee_learned", "thresholds": {"mobile": 0.5}}, "thresholds must set exactly"),
+    ({"policy": "dimee_escalate", "thresholds": {"mobile": 0.5, "edge": 0.5}}, "thresholds must set exactly"),
 ])
 def test_configs_the_artifact_cannot_serve_are_refused(served_artifact, config, message):
     with pytest.raises(ValueError, match=message):
