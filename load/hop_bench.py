@@ -4,7 +4,9 @@ the layer compute the replica reports (`TierReply.compute_ms`), at p50 and p99, 
     dimee cluster up && dimee serve artifacts/rt-polarity
     python load/hop_bench.py --artifact artifacts/rt-polarity --requests 200 --json runs/hops.json
 
-Hops measured, each from a driver on the head node (where the router runs):
+Hops measured, each from a driver on the head node (where the router runs), over the same handle
+transport as the router (gRPC unless RAY_SERVE_USE_GRPC_BY_DEFAULT=0, as `dimee cluster up`):
+  noop            a call of the mobile replica's `describe`: Serve's own cost of one hop
   mobile_tokens   token ids in, layer-m hidden state stored in the object store (ray.put) out
   edge_hidden     the stored hidden state in (fetched from the mobile node's object store)
   cloud_hidden    the same, on the cloud replica
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from deployments import local_cluster
 from deployments.schemas import TierRequest
 from dimee_models import artifact
 
-HOPS = ("mobile_tokens", "edge_hidden", "cloud_hidden", "cloud_tokens", "http_mobile_only")
+HOPS = ("noop", "mobile_tokens", "edge_hidden", "cloud_hidden", "cloud_tokens", "http_mobile_only")
 WARMUP = 10
 
 
@@ -44,6 +47,9 @@ def measure(handles: dict, ids: list[int]) -> dict[str, tuple[float, float]]:
         out[name] = ((time.perf_counter() - began) * 1000, reply.compute_ms)
         return reply
 
+    began = time.perf_counter()
+    handles["mobile"].describe.remote().result(timeout_s=60)
+    out["noop"] = ((time.perf_counter() - began) * 1000, 0.0)
     mobile = call("mobile_tokens", "mobile", TierRequest(input_ids=[ids], keep_hidden=True))
     call("edge_hidden", "edge", TierRequest(hidden=mobile.hidden, rows=[0]))
     call("cloud_hidden", "cloud", TierRequest(hidden=mobile.hidden, rows=[0]))
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = artifact.load_tokenizer(args.artifact)
     texts = artifact.load_split(args.artifact, "test").texts[: args.requests + WARMUP]
+    os.environ.update(local_cluster.SERVE_ENV)  # read by the handles this driver creates
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
     handles = {t: serve.get_deployment_handle(f"{t.capitalize()}Tier", app_name=args.app) for t in artifact.TIERS}
     session = requests.Session()
