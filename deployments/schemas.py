@@ -119,8 +119,9 @@ def tier_resource(tier: str) -> str:
 
 @dataclass
 class HiddenRef:
-    """A tier's last hidden state (layer m from mobile, e from edge) in Ray's object store. Wrapped in a dataclass so that Serve and Ray
-    pass the reference along instead of resolving it: the router never holds the bytes."""
+    """A tier's last hidden state (layer m from mobile, e from edge) in Ray's object store. Wrapped
+    in a dataclass so that Serve and Ray pass the reference along instead of resolving it: the
+    router never holds the bytes."""
 
     ref: ray.ObjectRef  # -> (hidden (B, T, H) float32, attention_mask (B, T) int64)
     layer: int
