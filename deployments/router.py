@@ -96,7 +96,7 @@ class Router:
         self.settings = build_settings(RouterConfig(), args, self.manifest)
         self.requests = metrics.Counter("dimee_requests", "classify requests, by policy", tag_keys=("policy",))
         self.answers = metrics.Counter("dimee_answers", "predictions by answering tier and outcome "
-                                       "(normal, fallback, degraded)", tag_keys=("policy", "tier", "outcome"))
+                                       "(normal, fallback, degraded, escalated)", tag_keys=("policy", "tier", "outcome"))
         self.decisions = metrics.Counter("dimee_routing_decisions", "tier chosen by the DIMEE policy, per sample",
                                          tag_keys=("tier",))
         self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydantic
 
 from dimee_models.artifact import ArtifactError
-from dimee_models.data import DatasetError
+from dimee_models.data import DEFAULT_SPLITS, DatasetError
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
@@ -55,7 +55,7 @@ def add_train(sub) -> None:
     p.add_argument("--lr", type=_positive_float, default=5e-5, help="backbone learning rate")
     p.add_argument("--head-lr", type=_positive_float, default=5e-4, help="exit-head learning rate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--splits", type=_fractions, default=(0.65, 0.2, 0.15), help="train,calibration,test fractions")
+    p.add_argument("--splits", type=_fractions, default=DEFAULT_SPLITS, help="train,calibration,test fractions")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default="label")

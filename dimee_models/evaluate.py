@@ -15,8 +15,6 @@ from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
 from dimee_models.policy import CLOUD, EDGE, EDGE_CLOUD, MOBILE, TIERS, ExitOutputs, Outcome, Policy, choose, score
 from dimee_models.train import batches, model_inputs
 
-PATH_INDEX = {p: i for i, p in enumerate(PATHS)}
-
 
 def split_outputs(directory: str | Path, part: str, manifest: dict | None = None) -> ExitOutputs:
     """Every exit's logits and the mobile embedding on a split, computed once and cached in the
@@ -58,7 +56,7 @@ def cascade_paths(conf: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nd
     """Classic early exit over the tiers: stop at the first exit whose confidence clears the
     threshold, paying every hop on the way (cloud is reached through edge)."""
     tiers = np.where(conf[:, 0] >= threshold, MOBILE, np.where(conf[:, 1] >= threshold, EDGE, CLOUD))
-    paths = np.array([PATH_INDEX["mobile"], PATH_INDEX["edge"], PATH_INDEX["edge_cloud"]])[tiers]
+    paths = np.array([MOBILE, EDGE, EDGE_CLOUD])[tiers]
     return tiers, paths
 
 
@@ -86,7 +84,7 @@ def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: d
     n = len(out.labels)
     direct = {t: np.full(n, t) for t in range(3)}
     rows = {
-        "cloud_only": (direct[CLOUD], np.full(n, PATH_INDEX["cloud_only"])),
+        "cloud_only": (direct[CLOUD], np.full(n, PATHS.index("cloud_only"))),
         "mobile_only": (direct[MOBILE], None),
         "edge_only": (direct[EDGE], None),
     }

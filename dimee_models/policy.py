@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from dimee_models.cost import CostModel
+from dimee_models.cost import PATHS, CostModel
 
 TIERS = ("mobile", "edge", "cloud")
 MOBILE, EDGE, CLOUD = 0, 1, 2
-EDGE_CLOUD = 3  # the path mobile -> edge -> cloud; tier ids double as cost.PATHS indices
+EDGE_CLOUD = PATHS.index("edge_cloud")  # tier ids double as the PATHS indices of their own paths
 ALPHA_GRID = np.round(np.concatenate([np.linspace(0.5, 0.9, 17), np.linspace(0.91, 1.0, 37)]), 4)
 ESCALATE_GRID = np.round(np.linspace(0.4, 1.0, 25), 3)
 
