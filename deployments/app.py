@@ -13,24 +13,20 @@ import ray
 from ray.serve import Application
 
 from deployments.router import Router
-from deployments.schemas import AppArgs, TierOptions, tier_resource
+from deployments.schemas import DEPLOYMENT_NAMES, AppArgs, TierOptions, tier_resource
 from deployments.tier import TierModel
 from dimee_models import artifact
 from dimee_models.policy import load_policies
 
-TIER_NAMES = ("mobile", "edge", "cloud")
-ROUTER_MAX_ONGOING = 256
-
-
-def deployment_name(tier: str) -> str:
-    return f"{tier.capitalize()}Tier"
+TIER_NAMES = tuple(DEPLOYMENT_NAMES)
 
 
 def deployment_options(args: AppArgs, tier: str) -> dict:
-    """Serve options of one tier: its name, replicas and placement by the tier's custom resource."""
+    """Serve options of one tier (for mobile: the ingress): its name, replicas and placement by the
+    tier's custom resource."""
     options: TierOptions = getattr(args, tier)
     return {
-        "name": deployment_name(tier),
+        "name": DEPLOYMENT_NAMES[tier],
         "num_replicas": options.num_replicas,
         "max_ongoing_requests": options.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": options.num_cpus, "resources": {tier_resource(tier): 0.01}},
@@ -69,8 +65,6 @@ def build_app(args: AppArgs) -> Application:
     check_artifact(args)
     if args.require_placement and ray.is_initialized():
         check_placement()
-    tiers = {t: tier_deployment(args, t) for t in TIER_NAMES}
-    # The router mostly awaits tiers: Serve's default of 5 requests at once made the HTTP proxy
-    # reject and retry under load (and queue requests for seconds while a tier was down).
-    return Router.options(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING).bind(
-        tiers["mobile"], tiers["edge"], tiers["cloud"], args)
+    # The ingress runs the mobile slice on the mobile nodes, so an EASY sample needs no tier hop.
+    return Router.options(**deployment_options(args, "mobile")).bind(
+        tier_deployment(args, "edge"), tier_deployment(args, "cloud"), args)

@@ -30,10 +30,15 @@ def add_serve_flags(p) -> None:
     p.add_argument("--policy", default=None, help="stored policy to serve (default: the artifact's default)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--proxy-location", choices=("HeadOnly", "EveryNode"), default="HeadOnly",
+                   help="HTTP proxies on the head only (one host: one port), or on every node with a replica, "
+                        "so clients can send to a mobile node and an easy sample never leaves it")
     # the name of a variable, not the key: a key on the command line would show in `ps` and shell history
     p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
                    help="require the API key held in this environment variable in the X-API-Key header")
-    for tier in ("mobile", "edge", "cloud"):
+    p.add_argument("--mobile-replicas", type=model_cli._positive_int, default=1,
+                   help="replicas of the mobile tier, which is the HTTP ingress (each runs the mobile slice)")
+    for tier in ("edge", "cloud"):
         p.add_argument(f"--{tier}-replicas", type=model_cli._positive_int, default=1, help=f"replicas of the {tier} tier")
 
 
@@ -94,7 +99,7 @@ def cmd_serve(args) -> int:
     )
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
-    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"serving {args.dir} at {url}  (OpenAPI docs: {url}/docs)")

@@ -1,6 +1,7 @@
 """A heterogeneous Ray cluster simulated on one machine: one Ray node per tier, each on its own
 loopback address with its tier resource and CPU share. The head node is the cloud node and also
-runs the router and the HTTP proxy.
+runs the HTTP proxy and Serve's controller; the ingress (which runs the mobile slice) is on the
+mobile node.
 
 Loopback only: Ray rewrites 127.0.0.1 to the external address, so nodes use 127.0.0.2, .3, .4.
 """
@@ -36,6 +37,11 @@ DEFAULT_NODES = (NodeSpec("cloud", HEAD_IP, 2), NodeSpec("mobile", "127.0.0.3", 
 
 def address() -> str:
     return f"{HEAD_IP}:{GCS_PORT}"
+
+
+def node_ip(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
+    """The address of the local cluster's node for `tier`."""
+    return next(node.ip for node in nodes if node.tier == tier)
 
 
 def ray_cli(name: str = "ray") -> str:

@@ -1,14 +1,17 @@
-"""The ingress: validates and tokenizes, runs mobile, applies the DIMEE policy per sample, sends
-MEDIUM samples to edge and HARD samples to cloud, and puts the answers back in input order. With
-an escalating policy, the samples edge is unsure of go on to cloud.
+"""The ingress, which is the mobile tier: it runs on the mobile nodes, validates and tokenizes,
+runs embeddings + layers 1..m and the mobile exit in-process, applies the DIMEE policy per sample,
+sends MEDIUM samples to edge and HARD samples to cloud, and puts the answers back in input order.
+An EASY sample is answered without a single tier hop, as on the device in the paper. With an
+escalating policy, the samples edge is unsure of go on to cloud.
 
-The router only sees small things (probabilities, the mobile embedding z, decisions); hidden
-states go from tier to tier (mobile to edge/cloud, edge to cloud) through the object store.
+Hidden states leave this process only as references into Ray's object store (mobile to edge or
+cloud; edge to cloud on escalation): the tier that needs one fetches it from the process that
+computed it.
 
 Every tier call has a timeout. A failed or late edge sends its samples to cloud (`fallback`); a
-failed or late cloud leaves them with the deepest exit already computed (`degraded`); a failed
-mobile sends the request to cloud from tokens. Live settings (policy, thresholds, cost model, hop
-timeout) come from Serve's `user_config` and change without a restart.
+failed or late cloud leaves them with the deepest exit already computed (`degraded`). Live
+settings (policy, thresholds, cost model, hop timeout) come from Serve's `user_config` and change
+without a restart.
 """
 
 import asyncio
@@ -26,7 +29,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
-                                 TierRequest)
+                                 TierRequest, deployment_tier)
+from deployments.tier import TierRunner
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, Policy, load_policies
@@ -82,9 +86,12 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
 @serve.deployment
 @serve.ingress(api)
 class Router:
-    def __init__(self, mobile: DeploymentHandle, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
-        self.handles = {"mobile": mobile, "edge": edge, "cloud": cloud}
+    def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
+        self.handles = {"edge": edge, "cloud": cloud}
         self.args = args
+        self.mobile = TierRunner(str(args.artifact), "mobile")
+        self.mobile_batch.set_max_batch_size(args.mobile.max_batch_size)
+        self.mobile_batch.set_batch_wait_timeout_s(args.mobile.batch_wait_timeout_s)
         self.api_key = args.api_key.get_secret_value() if args.api_key else None
         self.manifest = artifact.read_manifest(args.artifact)
         self.tokenizer = artifact.load_tokenizer(args.artifact)
@@ -112,6 +119,18 @@ class Router:
             self.config_error = f"user_config refused, the previous settings stay: {err}"
             log.error(self.config_error)
 
+    def check_health(self) -> None:
+        """Serve's periodic health check: the mobile slice's weights are loaded and run."""
+        self.mobile.check_health()
+
+    def describe(self) -> dict:
+        return {**self.mobile.describe(), "max_batch_size": self.args.mobile.max_batch_size}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def mobile_batch(self, requests: list[TierRequest]) -> list[TierReply]:
+        """The mobile slice, in this process; requests arriving together share one forward pass."""
+        return await self.mobile.forward(requests)
+
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok"}
@@ -121,8 +140,8 @@ class Router:
         check_api_key(self.api_key, request.headers)
         status = serve.status().applications
         replicas = {
-            d.removesuffix("Tier").lower(): sum(v for v in state.replica_states.values())
-            for app in status.values() for d, state in app.deployments.items() if d.endswith("Tier")
+            deployment_tier(d): sum(state.replica_states.values())
+            for app in status.values() for d, state in app.deployments.items() if deployment_tier(d)
         }
         s = self.settings
         return {
@@ -155,9 +174,8 @@ class Router:
         self.requests.inc(tags={"policy": body.policy})
         max_length = self.manifest["max_length"]
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
-        tokens = TierRequest(input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids"))
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_policy(body.policy, tokens, len(body.texts), self.settings)
+        answers = await self.run_policy(body.policy, enc["input_ids"], enc.get("token_type_ids"), self.settings)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
@@ -178,23 +196,18 @@ class Router:
         self.hop_failures.inc(tags={"tier": tier, "reason": reason})
         return None
 
-    async def run_policy(self, policy: str, tokens: TierRequest, n: int, s: Settings) -> list[Prediction]:
+    async def run_policy(self, policy: str, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
+                         s: Settings) -> list[Prediction]:
+        n = len(input_ids)
         if policy == "cloud_only":
+            tokens = TierRequest(input_ids=input_ids, token_type_ids=token_type_ids)
             cloud = await self.call("cloud", tokens, s.hop_timeout_s)
             if cloud is not None:
                 return self.answer(cloud, "cloud", s.path_cost["cloud_only"])
-            mobile = await self.call("mobile", tokens, s.hop_timeout_s)
-            if mobile is None:
-                raise HTTPException(503, "no tier could answer: cloud and mobile both failed or timed out")
+            mobile = await self.mobile_batch(tokens)
             return self.answer(mobile, "mobile", s.path_cost["mobile"], degraded=True)
-        tokens.keep_hidden = policy != "mobile_only"
-        mobile = await self.call("mobile", tokens, s.hop_timeout_s)
-        if mobile is None:
-            tokens.keep_hidden = False
-            cloud = await self.call("cloud", tokens, s.hop_timeout_s)
-            if cloud is None:
-                raise HTTPException(503, "no tier could answer: mobile and cloud both failed or timed out")
-            return self.answer(cloud, "cloud", s.path_cost["cloud_only"], fallback=True)
+        mobile = await self.mobile_batch(TierRequest(input_ids=input_ids, token_type_ids=token_type_ids,
+                                                     keep_hidden=policy != "mobile_only"))
         if policy == "mobile_only":
             tiers = np.full(n, MOBILE)
         elif policy == "edge_only":

@@ -70,7 +70,14 @@ class TierOptions(BaseModel):
     num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per replica (also sets torch threads)")
     max_ongoing_requests: int = Field(16, ge=1, description="requests a replica accepts at once")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: most requests merged into one forward pass")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch: how long to wait for a batch to fill")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="@serve.batch: how long to wait for a batch to fill")
+
+
+class IngressOptions(TierOptions):
+    """The mobile tier is the ingress (the Router deployment): its replicas take every request."""
+
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="requests a replica accepts at once; most of them await edge or cloud")
 
 
 class AppArgs(BaseModel):
@@ -85,7 +92,7 @@ class AppArgs(BaseModel):
     api_key: SecretStr | None = Field(
         None, min_length=1, description="if set, /v1/classify and /v1/info need it in the X-API-Key header"
     )
-    mobile: TierOptions = Field(default_factory=TierOptions)
+    mobile: IngressOptions = Field(default_factory=IngressOptions)
     edge: TierOptions = Field(default_factory=TierOptions)
     cloud: TierOptions = Field(default_factory=TierOptions)
     require_placement: bool = Field(
@@ -112,6 +119,15 @@ class RouterConfig(BaseModel):
 def tier_resource(tier: str) -> str:
     """The custom resource that pins a tier's replicas to its kind of node."""
     return f"tier_{tier}"
+
+
+# The mobile tier runs inside the ingress; edge and cloud are `TierModel` deployments.
+DEPLOYMENT_NAMES = {"mobile": "Router", "edge": "EdgeTier", "cloud": "CloudTier"}
+
+
+def deployment_tier(name: str) -> str | None:
+    """The tier a deployment of the app serves, or None."""
+    return next((tier for tier, deployment in DEPLOYMENT_NAMES.items() if deployment == name), None)
 
 
 # between deployments -----------------------------------------------------------------------------------

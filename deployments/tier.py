@@ -1,7 +1,10 @@
-"""One tier deployment class, bound three times (mobile, edge, cloud) with its own layer range.
+"""A tier's slice of the model, and the deployment that serves edge and cloud with it.
 
-A replica loads only its tier's weights from the artifact. Requests arriving within a few
-milliseconds share one forward pass (`@serve.batch`); every sample keeps its own result.
+`TierRunner` computes one tier's slice for a batch of requests: the mobile slice inside the
+ingress (deployments/router.py), the edge and cloud slices in `TierModel`, one deployment class
+bound twice with its own layer range. A replica loads only its tier's weights from the artifact.
+Requests arriving together share one forward pass (`@serve.batch`); every sample keeps its own
+result.
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.nda
     return np.concatenate(padded)
 
 
-@serve.deployment
-class TierModel:
-    def __init__(self, artifact_dir: str, tier: str, max_batch_size: int, batch_wait_timeout_s: float):
+class TierRunner:
+    """One tier's layers, exit head and metrics; `forward` runs a batch of requests through them."""
+
+    def __init__(self, artifact_dir: str, tier: str):
         # threads follow the CPU share this replica was given (its config may override the code's)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, math.ceil(cpus)))
@@ -51,6 +55,7 @@ class TierModel:
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
+        self.requests_served = 0  # shown by describe(): which tiers a request reached
         self.compute_ms = metrics.Histogram(
             "dimee_tier_compute_ms", "layer compute of one forward pass (a whole batch), ms",
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=("tier",))
@@ -62,14 +67,8 @@ class TierModel:
             tag_keys=("hop",))
         self.compute_ms.set_default_tags({"tier": tier})
         self.batch_size.set_default_tags({"tier": tier})
-        self.max_batch_size = max_batch_size
-        self.forward_batch.set_max_batch_size(max_batch_size)
-        self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         params, nbytes = self.model.parameter_bytes()
         log.info("%s tier: layers ..%d, %d parameters (%.1f MiB)", tier, self.end, params, nbytes / 2**20)
-
-    async def __call__(self, request: TierRequest) -> TierReply:
-        return await self.forward_batch(request)
 
     def check_health(self) -> None:
         """Serve's periodic health check: the weights are loaded and a one-sample forward pass works."""
@@ -88,15 +87,15 @@ class TierModel:
         return {"tier": self.tier, "node_id": self.node_id, "parameters": params, "parameter_bytes": nbytes,
                 "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
                 "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads),
-                "max_batch_size": self.max_batch_size}
+                "requests_served": self.requests_served}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
+    async def forward(self, requests: list[TierRequest]) -> list[TierReply]:
         stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
         for r in requests:
             if r.hidden is not None:
                 self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"{self.source[r.hidden.layer]}->{self.tier}"})
         self.batch_size.observe(len(requests))
+        self.requests_served += len(requests)
         inputs, fetched = [], iter(stored)
         for r in requests:
             if r.hidden is None:
@@ -159,6 +158,30 @@ class TierModel:
         hidden = pad_stack([h for _, h, _ in inputs], length)
         mask = pad_stack([m for _, _, m in inputs], length)
         return HiddenState(torch.from_numpy(hidden), torch.from_numpy(mask), start)
+
+
+@serve.deployment
+class TierModel:
+    """Edge or cloud: a `TierRunner` behind a Serve handle, batching the requests that arrive together."""
+
+    def __init__(self, artifact_dir: str, tier: str, max_batch_size: int, batch_wait_timeout_s: float):
+        self.runner = TierRunner(artifact_dir, tier)
+        self.max_batch_size = max_batch_size
+        self.forward_batch.set_max_batch_size(max_batch_size)
+        self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def __call__(self, request: TierRequest) -> TierReply:
+        return await self.forward_batch(request)
+
+    def check_health(self) -> None:
+        self.runner.check_health()
+
+    def describe(self) -> dict:
+        return {**self.runner.describe(), "max_batch_size": self.max_batch_size}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
+        return await self.runner.forward(requests)
 
 
 def _pad_rows(rows, length: int, value: int) -> np.ndarray:

@@ -1,23 +1,27 @@
-"""Hop overhead of the serving path: the round trip of one Serve handle call to a tier replica minus
-the layer compute the replica reports (`TierReply.compute_ms`), at p50 and p99, one text at a time.
+"""Hop overhead of the serving path: the round trip of each hop a request can take minus the layer
+compute the tier replica reports (`TierReply.compute_ms`), at p50 and p99, one text at a time.
 
     dimee cluster up && dimee serve artifacts/rt-polarity
     python load/hop_bench.py --artifact artifacts/rt-polarity --requests 200 --json runs/hops.json
 
-Hops measured, each from a driver on the head node (where the router runs), over the same handle
-transport as the router (gRPC unless RAY_SERVE_USE_GRPC_BY_DEFAULT=0, as `dimee cluster up`):
-  noop            a call of the mobile replica's `describe`: Serve's own cost of one hop
-  mobile_tokens   token ids in, layer-m hidden state stored in the object store (ray.put) out
-  edge_hidden     the stored hidden state in (fetched from the mobile node's object store)
-  cloud_hidden    the same, on the cloud replica
-  cloud_tokens    token ids in (the cloud_only path)
-  http_mobile_only  POST /v1/classify with policy mobile_only: HTTP proxy -> router -> mobile, minus
-                    the mobile compute of a mobile_tokens call for the same text just before
+The driver plays the ingress: it joins the cluster on the mobile node (`--node-ip`, the local
+cluster's mobile node by default), computes the mobile slice in-process with the ingress's own
+code (`TierRunner`) and stores the hidden state there, as the Router does; then it calls the tiers
+over the same handle transport as the Router (gRPC unless RAY_SERVE_USE_GRPC_BY_DEFAULT=0):
+  noop              a call of the edge replica's `describe`: Serve's own cost of one hop
+  edge_hidden       ingress -> edge, the hidden state fetched from this process (MEDIUM samples)
+  cloud_hidden      ingress -> cloud, the same (HARD samples)
+  cloud_tokens      ingress -> cloud, token ids in (the cloud_only path)
+  edge_cloud        edge's stored hidden state -> cloud (escalation)
+  http_healthz      GET /healthz: client -> HTTP proxy -> ingress replica and back, no model
+  http_mobile_only  POST /v1/classify with policy mobile_only (the EASY path), minus the mobile
+                    compute of the same text measured in this process
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -30,15 +34,16 @@ import requests
 from ray import serve
 
 from deployments import local_cluster
-from deployments.schemas import TierRequest
+from deployments.schemas import DEPLOYMENT_NAMES, TierRequest
+from deployments.tier import TierRunner
 from dimee_models import artifact
 
-HOPS = ("noop", "mobile_tokens", "edge_hidden", "cloud_hidden", "cloud_tokens", "http_mobile_only")
+HOPS = ("noop", "edge_hidden", "cloud_hidden", "cloud_tokens", "edge_cloud", "http_healthz", "http_mobile_only")
 WARMUP = 10
 
 
-def measure(handles: dict, ids: list[int]) -> dict[str, tuple[float, float]]:
-    """(round trip ms, compute ms) of each hop for one text."""
+def measure(handles: dict, mobile: TierRunner, ids: list[int]) -> dict[str, tuple[float, float]]:
+    """(round trip ms, compute ms) of each tier hop for one text; and the in-process mobile compute."""
     out = {}
 
     def call(name: str, tier: str, request: TierRequest):
@@ -48,12 +53,14 @@ def measure(handles: dict, ids: list[int]) -> dict[str, tuple[float, float]]:
         return reply
 
     began = time.perf_counter()
-    handles["mobile"].describe.remote().result(timeout_s=60)
+    handles["edge"].describe.remote().result(timeout_s=60)
     out["noop"] = ((time.perf_counter() - began) * 1000, 0.0)
-    mobile = call("mobile_tokens", "mobile", TierRequest(input_ids=[ids], keep_hidden=True))
-    call("edge_hidden", "edge", TierRequest(hidden=mobile.hidden, rows=[0]))
-    call("cloud_hidden", "cloud", TierRequest(hidden=mobile.hidden, rows=[0]))
+    [local] = asyncio.run(mobile.forward([TierRequest(input_ids=[ids], keep_hidden=True)]))
+    out["mobile_compute"] = (local.compute_ms, local.compute_ms)
+    edge = call("edge_hidden", "edge", TierRequest(hidden=local.hidden, rows=[0], keep_hidden=True))
+    call("cloud_hidden", "cloud", TierRequest(hidden=local.hidden, rows=[0]))
     call("cloud_tokens", "cloud", TierRequest(input_ids=[ids]))
+    call("edge_cloud", "cloud", TierRequest(hidden=edge.hidden, rows=[0]))
     return out
 
 
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, required=True, help="the artifact being served (for its test texts)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--address", default=None, help="Ray address (default: the local cluster's)")
+    p.add_argument("--node-ip", default=local_cluster.node_ip("mobile"),
+                   help="join the cluster on this node, a mobile node (default: the local cluster's)")
     p.add_argument("--app", default="dimee", help="Serve application name")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -70,17 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = artifact.load_tokenizer(args.artifact)
     texts = artifact.load_split(args.artifact, "test").texts[: args.requests + WARMUP]
     os.environ.update(local_cluster.SERVE_ENV)  # read by the handles this driver creates
-    ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
-    handles = {t: serve.get_deployment_handle(f"{t.capitalize()}Tier", app_name=args.app) for t in artifact.TIERS}
+    ray.init(address=args.address or local_cluster.address(), _node_ip_address=args.node_ip,
+             logging_level=logging.WARNING, log_to_driver=False)
+    handles = {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name=args.app) for t in ("edge", "cloud")}
+    mobile = TierRunner(str(args.artifact), "mobile")
     session = requests.Session()
     samples = {hop: [] for hop in HOPS}
     for i, text in enumerate(texts):
         ids = tokenizer(text, truncation=True, max_length=256)["input_ids"]
-        hops = measure(handles, ids)
+        hops = measure(handles, mobile, ids)
+        began = time.perf_counter()
+        session.get(f"{args.url}/healthz", timeout=60).raise_for_status()
+        hops["http_healthz"] = ((time.perf_counter() - began) * 1000, 0.0)
         began = time.perf_counter()
         session.post(f"{args.url}/v1/classify", json={"texts": [text], "policy": "mobile_only"},
                      timeout=60).raise_for_status()
-        hops["http_mobile_only"] = ((time.perf_counter() - began) * 1000, hops["mobile_tokens"][1])
+        hops["http_mobile_only"] = ((time.perf_counter() - began) * 1000, hops.pop("mobile_compute")[1])
         if i >= WARMUP:
             for hop, (total, compute) in hops.items():
                 samples[hop].append((total, compute))

@@ -9,6 +9,11 @@ and runs.json (every run of every repeat).
 the two policies alternate order between repeats so drift of the machine hits both alike), and
 `rps_ratio_ceiling` is cloud_only's layers per request over dimee's: the ratio if only layer
 compute cost anything.
+
+A comparison is only fair when neither policy is flattered by timeouts: answers that came by
+fallback or degraded are counted per policy (`fallback_or_degraded`), and a policy above 1% is
+named in `unfair`. The replicas per tier (from `/v1/info`) are part of the report: give cloud_only
+as many cloud replicas as the cores allow (`dimee up --cloud-replicas 2` on the local cluster).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import requests
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 POLICIES = ("dimee", "cloud_only")
 LATENCY = ("p50_ms", "p95_ms", "p99_ms")
+FAIR_SHARE = 0.01  # most fallback-or-degraded answers a policy may have for the comparison to count
 # process-name fragment -> part of the serving path it belongs to (first match wins)
-PARTS = (("Router", "router"), ("MobileTier", "mobile"), ("EdgeTier", "edge"), ("CloudTier", "cloud"),
+PARTS = (("Router", "ingress_mobile"), ("EdgeTier", "edge"), ("CloudTier", "cloud"),
          ("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxy", "proxy"), ("raylet", "ray_core"), ("gcs_server", "ray_core"), ("ray", "ray_other"))
 
 
@@ -97,9 +104,11 @@ def run_locust(args, policy: str, users: int, seconds: float, prefix: Path) -> d
     return run
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], replicas: dict[str, int] | None = None) -> dict:
     """report.json: per policy the median of each repeat's rates and percentiles, totals of
-    requests and failures, tier fractions over all answers; then the ratios."""
+    requests and failures, tier fractions and fallback-or-degraded share over all answers; then
+    the ratios, the policies whose fallback-or-degraded share makes the comparison unfair, and the
+    replicas per tier."""
     report = {}
     for policy in POLICIES:
         mine = [r for r in runs if r["policy"] == policy]
@@ -110,9 +119,12 @@ def summarize(runs: list[dict]) -> dict:
             "tier_fraction": {t: sum(r["tier_fraction"][t] * r["requests"] for r in mine) / max(requests, 1)
                               for t in ("mobile", "edge", "cloud")},
             "mean_layers": sum(r["mean_layers"] * r["requests"] for r in mine) / max(requests, 1),
+            "fallback_or_degraded": sum(r["fallback_or_degraded"] * r["requests"] for r in mine) / max(requests, 1),
         }
     report["rps_ratio"] = statistics.median(per_repeat_ratios(runs))
     report["rps_ratio_ceiling"] = report["cloud_only"]["mean_layers"] / report["dimee"]["mean_layers"]
+    report["unfair"] = [p for p in POLICIES if max(r["fallback_or_degraded"] for r in runs if r["policy"] == p) > FAIR_SHARE]
+    report["replicas"] = replicas
     return report
 
 
@@ -129,7 +141,8 @@ def markdown(report: dict, runs: list[dict], args) -> str:
         "# Load test: dimee vs cloud_only", "",
         f"{args.users} users (spawned at once), {args.duration:g} s per policy after a {args.warmup:g} s warm-up, "
         f"{args.texts_per_request} text(s) per request from the {args.dataset} test split, "
-        f"think time {args.think_time:g} s, {args.repeat} repeat(s), against {args.host}.", "",
+        f"think time {args.think_time:g} s, {args.repeat} repeat(s), against {args.host}; replicas per tier: "
+        f"{report['replicas']}.", "",
         "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | mobile | edge | cloud | mean layers "
         "| fallback or degraded (worst run) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -144,6 +157,9 @@ def markdown(report: dict, runs: list[dict], args) -> str:
               f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
               f"ceiling from layers: {report['rps_ratio_ceiling']:.2f}; "
               f"ratio / ceiling: {report['rps_ratio'] / report['rps_ratio_ceiling']:.0%}."]
+    if report["unfair"]:
+        lines += ["", f"**Not a fair comparison:** more than {FAIR_SHARE:.0%} of the answers of "
+                  f"{', '.join(report['unfair'])} came by fallback or degraded in some run (a tier timed out)."]
     if "cpu_ms_per_request" in runs[0]:
         lines += ["", "CPU ms per request by process (median over repeats):", ""] + cpu_table(runs)
     lines += ["", "Every run:", ""]
@@ -203,6 +219,14 @@ def sweep(args) -> dict:
     return out
 
 
+def served_replicas(host: str) -> dict[str, int] | None:
+    """Replicas per tier, as the service reports them (None if it does not say)."""
+    try:
+        return requests.get(f"{host}/v1/info", timeout=30).json().get("replicas")
+    except (requests.RequestException, ValueError):
+        return None
+
+
 def user_counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",")]
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"repeat": repeat, **run})
             print(f"repeat {repeat} {policy:>10}: {run['rps']:.1f} rps, p50 {run['p50_ms']:.0f} ms, "
                   f"p99 {run['p99_ms']:.0f} ms, {run['failures']} failures", flush=True)
-    report = summarize(runs)
+    report = summarize(runs, served_replicas(args.host))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=2))
     (args.out / "report.md").write_text(markdown(report, runs, args))

@@ -20,16 +20,19 @@ import psutil
 import requests
 import torch
 
+from deployments import local_cluster
+from deployments.schemas import deployment_tier
 from dimee_models import artifact
 from dimee_models.model import HiddenState
 
 POLICIES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
 PARTS, PCTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m"), ("p50_ms", "p90_ms", "p99_ms")
 SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")  # this machine's Serve access logs
-# (policy, answering tier) -> (compute parts on the path, Serve handle hops incl. proxy->router)
-PATHS = {("mobile_only", "mobile"): (("tokenize", "mobile"), 2), ("edge_only", "edge"): (("tokenize", "mobile", "edge"), 3),
-         ("cloud_only", "cloud"): (("tokenize", "cloud_full"), 2), ("dimee", "mobile"): (("tokenize", "mobile"), 2),
-         ("dimee", "edge"): (("tokenize", "mobile", "edge"), 3), ("dimee", "cloud"): (("tokenize", "mobile", "cloud_from_m"), 3)}
+# (policy, answering tier) -> (compute parts on the path, Serve hops incl. proxy->ingress). Mobile runs
+# inside the ingress, so a mobile answer takes one hop and every other answer two.
+PATHS = {("mobile_only", "mobile"): (("tokenize", "mobile"), 1), ("edge_only", "edge"): (("tokenize", "mobile", "edge"), 2),
+         ("cloud_only", "cloud"): (("tokenize", "cloud_full"), 2), ("dimee", "mobile"): (("tokenize", "mobile"), 1),
+         ("dimee", "edge"): (("tokenize", "mobile", "edge"), 2), ("dimee", "cloud"): (("tokenize", "mobile", "cloud_from_m"), 2)}
 
 
 def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, list[tuple]]:
@@ -95,7 +98,7 @@ def replica_memory() -> list[dict]:
     import ray
     from ray.util.state import list_actors
 
-    ray.init(address="127.0.0.2:6390", logging_level="ERROR", log_to_driver=False)
+    ray.init(address=local_cluster.address(), logging_level="ERROR", log_to_driver=False)
     try:
         ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
@@ -110,7 +113,8 @@ def replica_memory() -> list[dict]:
 def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict[str, float]]) -> list[dict]:
     """Percentiles per (policy, tier); overhead = e2e p50 - summed compute p50 of the path; and medians of
     the per-request split: outside the router (client, HTTP, proxy, proxy->router hop), in the router
-    but not in a tier call (tokenize, policy, router->tier hops), in a tier call but not computing."""
+    but not in a tier call (tokenize, mobile layers, policy, router->tier hops), in a tier call but not
+    computing."""
     rows = []
     for (policy, answered), (parts, hops) in ((k, v) for k, v in PATHS.items() if k in groups):
         idx, ms, ids = (np.array(c) for c in zip(*groups[policy, answered]))
@@ -118,13 +122,14 @@ def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict
         path_ms = sum(float(np.median(compute[p][idx])) for p in parts)
         row |= {"compute_path": list(parts), "compute_p50_ms": path_ms, "overhead_ms": row["p50_ms"] - path_ms,
                 "hops": hops, "per_hop_ms": (row["p50_ms"] - path_ms) / hops}
-        tiers = [p.split("_")[0] for p in parts[1:]]
+        called = [p for p in parts[1:] if p != "mobile"]  # parts computed in a tier call; mobile is in the router
+        tiers = [p.split("_")[0] for p in called]
         seen = [k for k, r in enumerate(ids) if {"router", *tiers} <= logs.get(r, {}).keys()]
         if seen:
             log = [logs[r] for r in ids[seen]]
             split = {"outside_router": ms[seen] - [t["router"] for t in log],
                      "router_and_tier_hops": [t["router"] - sum(t[x] for x in tiers) for t in log],
-                     **{f"{x}_call_minus_compute": [t[x] for t in log] - compute[p][idx[seen]] for x, p in zip(tiers, parts[1:])}}
+                     **{f"{x}_call_minus_compute": [t[x] for t in log] - compute[p][idx[seen]] for x, p in zip(tiers, called)}}
             row["split_p50_ms"] = {k: float(np.median(v)) for k, v in split.items()} | {"requests": len(seen)}
         rows.append(row)
     return rows
@@ -142,7 +147,7 @@ def table(run: dict) -> str:
     out.append("compute p50 (ms, 1 thread, all texts): " + ", ".join(f"{p} {v:.2f}" for p, v in run["compute_p50_ms"].items()))
     out.append(f"{'actor':<16}{'node':<11}{'RSS MiB':>9}{'USS MiB':>9}{'params MiB':>11}")
     for r in run["memory"]:
-        nbytes = run["parameter_bytes"].get(r["actor"].removesuffix("Tier").lower())
+        nbytes = run["parameter_bytes"].get(deployment_tier(r["actor"]))
         out.append(f"{r['actor']:<16}{r['node'] or '?':<11}{r['rss_mib']:>9.1f}{r['uss_mib']:>9.1f}"
                    + (f"{nbytes / 2**20:>11.1f}" if nbytes else f"{'-':>11}"))
     return "\n".join(out + [f"mobile parameter bytes = {run['mobile_share_of_full']:.1%} of the full model's"])

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from deployments.local_cluster import ray_cli
+from deployments.schemas import deployment_tier
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.evaluate import run_calibration
@@ -86,7 +87,7 @@ def serve_config(directory: Path, replicas: dict[str, int], policy: str = "three
     app = doc["applications"][0]
     app["args"].update({"artifact": str(directory), "policy": policy})
     for entry in app["deployments"]:
-        tier = entry["name"].removesuffix("Tier").lower()
+        tier = deployment_tier(entry["name"])
         if tier in replicas:
             entry.pop("autoscaling_config", None)
             entry["num_replicas"] = replicas[tier]

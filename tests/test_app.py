@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deployments import app as app_module
-from deployments.schemas import AppArgs, ClassifyRequest, RouterConfig
+from deployments.schemas import DEPLOYMENT_NAMES, AppArgs, ClassifyRequest, RouterConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -74,8 +74,10 @@ def test_each_tier_is_pinned_by_its_resource_and_scaled_on_its_own():
     args = AppArgs(artifact="x", edge={"num_replicas": 3, "num_cpus": 1.5})
     for tier in ("mobile", "edge", "cloud"):
         options = app_module.deployment_options(args, tier)
-        assert options["name"] == f"{tier.capitalize()}Tier"
+        assert options["name"] == DEPLOYMENT_NAMES[tier]
         assert options["ray_actor_options"]["resources"] == {f"tier_{tier}": 0.01}
+    assert app_module.deployment_options(args, "mobile")["name"] == "Router"  # the ingress is the mobile tier
+    assert app_module.deployment_options(args, "mobile")["max_ongoing_requests"] == 256
     assert app_module.deployment_options(args, "edge")["num_replicas"] == 3
     assert app_module.deployment_options(args, "edge")["ray_actor_options"]["num_cpus"] == 1.5
     assert app_module.deployment_options(args, "mobile")["num_replicas"] == 1
@@ -94,9 +96,9 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     assert app.import_path == "deployments.app:build_app"
     AppArgs(**app.args)
     names = {d.name: d for d in app.deployments}
-    for tier in ("mobile", "edge", "cloud"):
-        entry = names[f"{tier.capitalize()}Tier"]
-        assert entry.ray_actor_options.resources == {f"tier_{tier}": 0.01}
+    assert set(names) == set(DEPLOYMENT_NAMES.values())
+    for tier, name in DEPLOYMENT_NAMES.items():
+        assert names[name].ray_actor_options.resources == {f"tier_{tier}": 0.01}
 
 
 @pytest.mark.parametrize("config,message", [

@@ -15,7 +15,7 @@ import ray
 import requests
 from ray.util.state import list_actors
 
-from deployments.schemas import HiddenRef, TierRequest
+from deployments.schemas import DEPLOYMENT_NAMES, HiddenRef, TierRequest
 from dimee_models.evaluate import predict_texts
 from tests.conftest import ESCALATE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
 
@@ -37,19 +37,30 @@ def replicas() -> dict[str, list[dict]]:
     return out
 
 
+def tier_handle(tier: str):
+    """What computes a tier's slice behind a Serve handle: the ingress's mobile batch, edge's and cloud's
+    deployments."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAMES[tier], app_name="dimee")
+    return handle.mobile_batch if tier == "mobile" else handle
+
+
 def test_each_tier_runs_on_the_node_with_its_resource(cluster):
+    """The ingress (which is the mobile tier) on the mobile node, edge and cloud on theirs."""
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     placed = replicas()
-    for tier in ("mobile", "edge", "cloud"):
-        for replica in placed[f"{tier.capitalize()}Tier"]:
+    assert set(placed) == set(DEPLOYMENT_NAMES.values())  # no separate mobile deployment
+    for tier, name in DEPLOYMENT_NAMES.items():
+        for replica in placed[name]:
             assert nodes[replica["node"]].get(f"tier_{tier}", 0) > 0, (tier, replica)
 
 
 def test_each_replica_holds_only_its_tier(cluster):
     from ray import serve
 
-    held = {t: serve.get_deployment_handle(f"{t.capitalize()}Tier", app_name="dimee").describe.remote()
-            .result(timeout_s=60) for t in ("mobile", "edge", "cloud")}
+    held = {t: serve.get_deployment_handle(name, app_name="dimee").describe.remote().result(timeout_s=60)
+            for t, name in DEPLOYMENT_NAMES.items()}
     assert (held["mobile"]["holds_embeddings"], held["mobile"]["first_layer"], held["mobile"]["layers"]) == (True, 0, 2)
     assert (held["edge"]["holds_embeddings"], held["edge"]["first_layer"], held["edge"]["layers"]) == (False, 2, 2)
     assert (held["cloud"]["holds_embeddings"], held["cloud"]["layers"]) == (True, 6)
@@ -69,6 +80,23 @@ def test_a_batch_split_across_three_tiers_comes_back_in_order_and_matches_offlin
     assert {p["cost"] for p in served[:3]} == {0.2, 0.6, 1.1}
 
 
+def test_an_easy_sample_never_leaves_the_ingress(cluster):
+    """The ingress runs the mobile slice itself: a mobile answer costs no tier call, a MEDIUM sample
+    exactly one (edge), a HARD one exactly one (cloud)."""
+    from ray import serve
+
+    def served() -> dict[str, int]:
+        return {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name="dimee").describe.remote()
+                .result(timeout_s=60)["requests_served"] for t in ("mobile", "edge", "cloud")}
+
+    for text, tier, calls in zip(THREE_WAY_TEXTS, ("mobile", "edge", "cloud"),
+                                 ({"mobile": 1}, {"mobile": 1, "edge": 1}, {"mobile": 1, "cloud": 1})):
+        before = served()
+        assert classify(cluster, [text])[0]["tier"] == tier
+        after = served()
+        assert {t: after[t] - before[t] for t in after} == {"mobile": 0, "edge": 0, "cloud": 0} | calls, tier
+
+
 @pytest.mark.parametrize("policy,tier,layer", [("cloud_only", "cloud", 6), ("edge_only", "edge", 4),
                                                ("mobile_only", "mobile", 2)])
 def test_baseline_policies_equal_the_offline_exits(cluster, served_artifact, policy, tier, layer):
@@ -81,20 +109,16 @@ def test_baseline_policies_equal_the_offline_exits(cluster, served_artifact, pol
 
 def test_hidden_state_travels_through_the_object_store(cluster, served_artifact):
     """The mobile reply carries a reference, not the tensor; edge reads it from the object store."""
-    from ray import serve
-
     from dimee_models.artifact import load_tokenizer
 
     ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS * 8)["input_ids"]
-    mobile = serve.get_deployment_handle("MobileTier", app_name="dimee")
-    edge = serve.get_deployment_handle("EdgeTier", app_name="dimee")
+    mobile, edge, cloud = (tier_handle(t) for t in ("mobile", "edge", "cloud"))
     reply = mobile.remote(TierRequest(input_ids=ids, keep_hidden=True)).result(timeout_s=60)
     assert isinstance(reply.hidden, HiddenRef) and isinstance(reply.hidden.ref, ray.ObjectRef)
     assert len(pickle.dumps(reply)) < reply.hidden.nbytes / 4  # the reply is small; the hidden state is not
     edge_reply = edge.remote(TierRequest(hidden=reply.hidden, rows=[0, 5], keep_hidden=True)).result(timeout_s=60)
     assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
     assert isinstance(edge_reply.hidden.ref, ray.ObjectRef) and edge_reply.hidden.layer == 4  # escalation's hop
-    cloud = serve.get_deployment_handle("CloudTier", app_name="dimee")
     cloud_reply = cloud.remote(TierRequest(hidden=edge_reply.hidden, rows=[1])).result(timeout_s=60)
     assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6 and cloud_reply.probs.shape[0] == 1
 
@@ -156,7 +180,7 @@ def test_scaling_one_tier_leaves_the_others_alone(cluster, served_artifact, tmp_
     deploy(serve_config(served_artifact, {"mobile": 1, "edge": 2, "cloud": 1}), tmp_path)
     after = replicas()
     assert len(after["EdgeTier"]) == 2
-    for name in ("MobileTier", "CloudTier", "Router"):
+    for name in ("CloudTier", "Router"):
         assert {r["id"] for r in after[name]} == {r["id"] for r in before[name]}, name
     assert len(classify(cluster, THREE_WAY_TEXTS)) == 3
 
@@ -164,14 +188,12 @@ def test_scaling_one_tier_leaves_the_others_alone(cluster, served_artifact, tmp_
 def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact):
     """@serve.batch merges concurrent requests of different lengths into one padded forward pass;
     every request must still get what it would get alone (mobile from tokens, edge from hidden states)."""
-    from ray import serve
-
     from dimee_models.artifact import load_tokenizer
 
     texts = THREE_WAY_TEXTS + ["ok.", "a long, meandering and ultimately pointless film about nothing much at all",
                                "superb.", "the cast is fine but the script never finds its footing", "why?"]
     ids = load_tokenizer(served_artifact)(texts)["input_ids"]
-    handles = {t: serve.get_deployment_handle(f"{t.capitalize()}Tier", app_name="dimee") for t in ("mobile", "edge")}
+    handles = {t: tier_handle(t) for t in ("mobile", "edge")}
 
     def single(tier, requests_):
         return [handles[tier].remote(r).result(timeout_s=60) for r in requests_]
@@ -198,7 +220,8 @@ def test_locust_load_test_runs_headless_and_reports(cluster, tmp_path):
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling"}
+    assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling", "unfair", "replicas"}
+    assert report["replicas"] == requests.get(f"{cluster}/v1/info", timeout=30).json()["replicas"]
     for policy in ("dimee", "cloud_only"):
         r = report[policy]
         assert r["requests"] > 0 and r["failures"] == 0 and r["rps"] > 0 and r["p50_ms"] <= r["p99_ms"]

@@ -41,24 +41,37 @@ def test_parse_tiers_gives_fractions_and_mean_layers(tmp_path):
         "tier_fraction": {"mobile": 0.75, "edge": 0.25, "cloud": 0.0}, "mean_layers": 2.5, "fallback_or_degraded": 0.25}
 
 
-def run_row(repeat: int, policy: str, rps: float, p50: float, mean_layers: float, fractions: tuple) -> dict:
+def run_row(repeat: int, policy: str, rps: float, p50: float, mean_layers: float, fractions: tuple,
+            flagged: float = 0.0) -> dict:
     return {"repeat": repeat, "policy": policy, "rps": rps, "p50_ms": p50, "p95_ms": 2 * p50, "p99_ms": 3 * p50,
-            "requests": 100, "failures": 0, "mean_layers": mean_layers, "fallback_or_degraded": 0.0,
+            "requests": 100, "failures": 0, "mean_layers": mean_layers, "fallback_or_degraded": flagged,
             "tier_fraction": dict(zip(("mobile", "edge", "cloud"), fractions))}
 
 
 def test_summarize_gives_the_report_shape_medians_and_ratios():
     runs = [run_row(0, "dimee", 30.0, 200, 3.0, (0.5, 0.5, 0.0)), run_row(0, "cloud_only", 20.0, 300, 6.0, (0, 0, 1)),
             run_row(1, "cloud_only", 25.0, 280, 6.0, (0, 0, 1)), run_row(1, "dimee", 25.0, 220, 4.0, (0.3, 0.5, 0.2))]
-    report = load_run.summarize(runs)
-    assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling"}
+    report = load_run.summarize(runs, {"mobile": 1, "edge": 1, "cloud": 2})
+    assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling", "unfair", "replicas"}
     assert set(report["dimee"]) == {"rps", "p50_ms", "p95_ms", "p99_ms", "requests", "failures", "tier_fraction",
-                                    "mean_layers"}
+                                    "mean_layers", "fallback_or_degraded"}
+    assert report["replicas"] == {"mobile": 1, "edge": 1, "cloud": 2} and report["unfair"] == []
     assert report["dimee"]["rps"] == 27.5 and report["dimee"]["p50_ms"] == 210 and report["dimee"]["requests"] == 200
     assert report["dimee"]["tier_fraction"] == pytest.approx({"mobile": 0.4, "edge": 0.5, "cloud": 0.1})
     assert report["dimee"]["mean_layers"] == 3.5
     assert report["rps_ratio"] == pytest.approx((30 / 20 + 25 / 25) / 2)  # median of the per-repeat ratios
     assert report["rps_ratio_ceiling"] == pytest.approx(6 / 3.5)
+
+
+def test_a_policy_flattered_by_timeouts_makes_the_comparison_unfair():
+    """1% of one run's answers by fallback or degraded is allowed; 2% in any run is flagged."""
+    runs = [run_row(0, "dimee", 30.0, 200, 3.0, (0.5, 0.5, 0.0), flagged=0.01),
+            run_row(0, "cloud_only", 20.0, 300, 6.0, (0.02, 0, 0.98), flagged=0.02),
+            run_row(1, "cloud_only", 25.0, 280, 6.0, (0, 0, 1)), run_row(1, "dimee", 25.0, 220, 4.0, (0.3, 0.5, 0.2))]
+    report = load_run.summarize(runs)
+    assert report["unfair"] == ["cloud_only"]
+    assert report["cloud_only"]["fallback_or_degraded"] == pytest.approx(0.01)
+    assert report["dimee"]["fallback_or_degraded"] == pytest.approx(0.005)
 
 
 def test_run_refuses_bad_flags(capsys):
