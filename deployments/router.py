@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
                                  TierRequest, deployment_tier)
-from deployments.tier import TierRunner
+from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, Policy, load_policies
@@ -89,6 +89,7 @@ class Router:
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
         self.handles = {"edge": edge, "cloud": cloud}
         self.args = args
+        threads_from_cpu_share()
         self.mobile = TierRunner(str(args.artifact), "mobile")
         self.mobile_batch.set_max_batch_size(args.mobile.max_batch_size)
         self.mobile_batch.set_batch_wait_timeout_s(args.mobile.batch_wait_timeout_s)
@@ -230,8 +231,9 @@ class Router:
     async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
                       s: Settings, escalate: bool) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
-        answers, the mobile exit's predictions, marked degraded."""
-        request = TierRequest(hidden=mobile.hidden, rows=rows)
+        answers, the mobile exit's predictions, marked degraded. Only these rows' hidden state goes
+        into the object store, for whichever tier reads it."""
+        request = TierRequest(hidden=self.mobile.store(mobile.hidden, rows))
         if tier == EDGE:
             reply = await self.call("edge", dataclasses.replace(request, keep_hidden=escalate), s.hop_timeout_s)
             if reply is not None:

@@ -145,14 +145,25 @@ class HiddenRef:
 
 
 @dataclass
+class HiddenArrays:
+    """A tier's last hidden state as arrays, in the process that computed it. It never travels as
+    such: `TierRunner.store` puts the rows a later tier needs into the object store."""
+
+    hidden: np.ndarray  # (B, T, H) float32
+    mask: np.ndarray  # (B, T) int64
+    layer: int
+
+
+@dataclass
 class TierRequest:
-    """Either raw token ids (mobile; cloud for cloud-only) or rows of a stored hidden state."""
+    """Either raw token ids (mobile; cloud for cloud-only) or a stored hidden state (all its rows,
+    or `rows` of it)."""
 
     input_ids: list[list[int]] | None = None
     token_type_ids: list[list[int]] | None = None
     hidden: HiddenRef | None = None
     rows: list[int] | None = None
-    keep_hidden: bool = False  # store this tier's hidden state for a later tier
+    keep_hidden: bool = False  # keep this tier's hidden state for a later tier
 
 
 @dataclass
@@ -160,7 +171,7 @@ class TierReply:
     probs: np.ndarray  # (B, C) at the tier's exit
     exit_layer: int
     z: np.ndarray | None  # (B, H) mobile embedding, mobile only
-    hidden: HiddenRef | None  # when asked to keep it
+    hidden: HiddenRef | HiddenArrays | None  # when asked to keep it: arrays in-process, a reference once stored
     compute_ms: float  # layer compute for the whole batch this request rode in
     batch_size: int  # requests that shared this forward pass (@serve.batch)
     received: str  # "tokens" or "object_store": how the input arrived

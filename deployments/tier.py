@@ -21,7 +21,7 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from deployments.schemas import HiddenRef, TierReply, TierRequest
+from deployments.schemas import HiddenArrays, HiddenRef, TierReply, TierRequest
 from dimee_models import artifact
 from dimee_models.model import HiddenState
 
@@ -43,9 +43,6 @@ class TierRunner:
     """One tier's layers, exit head and metrics; `forward` runs a batch of requests through them."""
 
     def __init__(self, artifact_dir: str, tier: str):
-        # threads follow the CPU share this replica was given (its config may override the code's)
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, math.ceil(cpus)))
         manifest = artifact.read_manifest(artifact_dir)
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
@@ -102,7 +99,8 @@ class TierRunner:
                 inputs.append((0, r.input_ids, r.token_type_ids))
             else:
                 hidden, mask = next(fetched)
-                inputs.append((r.hidden.layer, hidden[r.rows], mask[r.rows]))
+                rows = slice(None) if r.rows is None else r.rows
+                inputs.append((r.hidden.layer, hidden[rows], mask[rows]))
         replies: list[TierReply | None] = [None] * len(requests)
         for start in sorted({i[0] for i in inputs}):  # one forward per starting layer
             members = [k for k, i in enumerate(inputs) if i[0] == start]
@@ -126,10 +124,7 @@ class TierRunner:
             lo = rows.stop
             hidden = None
             if r.keep_hidden:
-                mask = state.attention_mask[rows].numpy()
-                length = int(mask.sum(1).max())  # trim the batch padding this request does not need
-                payload = (state.hidden[rows, :length].numpy(), mask[:, :length])
-                hidden = HiddenRef(self._hold(ray.put(payload)), self.end, payload[0].nbytes)
+                hidden = HiddenArrays(state.hidden[rows].numpy(), state.attention_mask[rows].numpy(), self.end)
             replies.append(TierReply(
                 probs=probs[rows], exit_layer=self.end,
                 z=out.pooled[rows].numpy() if self.tier == "mobile" else None,
@@ -137,6 +132,14 @@ class TierRunner:
                 received="tokens" if start == 0 else "object_store", node_id=self.node_id,
             ))
         return replies
+
+    def store(self, arrays: HiddenArrays, rows: list[int] | None = None) -> HiddenRef:
+        """Put `rows` of a hidden state (all by default) into the object store, trimmed to the
+        padding those rows need, and hold the reference for the next tier."""
+        hidden, mask = (arrays.hidden, arrays.mask) if rows is None else (arrays.hidden[rows], arrays.mask[rows])
+        length = int(mask.sum(1).max())
+        payload = (np.ascontiguousarray(hidden[:, :length]), np.ascontiguousarray(mask[:, :length]))
+        return HiddenRef(self._hold(ray.put(payload)), arrays.layer, payload[0].nbytes)
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
         now = time.monotonic()
@@ -160,11 +163,18 @@ class TierRunner:
         return HiddenState(torch.from_numpy(hidden), torch.from_numpy(mask), start)
 
 
+def threads_from_cpu_share() -> None:
+    """A replica's torch threads follow the CPU share it was given (its config may override the code's)."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, math.ceil(cpus)))
+
+
 @serve.deployment
 class TierModel:
     """Edge or cloud: a `TierRunner` behind a Serve handle, batching the requests that arrive together."""
 
     def __init__(self, artifact_dir: str, tier: str, max_batch_size: int, batch_wait_timeout_s: float):
+        threads_from_cpu_share()
         self.runner = TierRunner(artifact_dir, tier)
         self.max_batch_size = max_batch_size
         self.forward_batch.set_max_batch_size(max_batch_size)
@@ -181,7 +191,11 @@ class TierModel:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
-        return await self.runner.forward(requests)
+        replies = await self.runner.forward(requests)
+        for reply in replies:
+            if reply.hidden is not None:  # escalation: cloud may need any of these rows
+                reply.hidden = self.runner.store(reply.hidden)
+        return replies
 
 
 def _pad_rows(rows, length: int, value: int) -> np.ndarray:

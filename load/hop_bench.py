@@ -9,7 +9,8 @@ cluster's mobile node by default), computes the mobile slice in-process with the
 code (`TierRunner`) and stores the hidden state there, as the Router does; then it calls the tiers
 over the same handle transport as the Router (gRPC unless RAY_SERVE_USE_GRPC_BY_DEFAULT=0):
   noop              a call of the edge replica's `describe`: Serve's own cost of one hop
-  edge_hidden       ingress -> edge, the hidden state fetched from this process (MEDIUM samples)
+  edge_hidden       ingress -> edge, the hidden state fetched from this process (MEDIUM samples); edge
+                    keeps its own for escalation, as with an escalating policy
   cloud_hidden      ingress -> cloud, the same (HARD samples)
   cloud_tokens      ingress -> cloud, token ids in (the cloud_only path)
   edge_cloud        edge's stored hidden state -> cloud (escalation)
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import requests
+import torch
 from ray import serve
 
 from deployments import local_cluster
@@ -57,8 +59,9 @@ def measure(handles: dict, mobile: TierRunner, ids: list[int]) -> dict[str, tupl
     out["noop"] = ((time.perf_counter() - began) * 1000, 0.0)
     [local] = asyncio.run(mobile.forward([TierRequest(input_ids=[ids], keep_hidden=True)]))
     out["mobile_compute"] = (local.compute_ms, local.compute_ms)
-    edge = call("edge_hidden", "edge", TierRequest(hidden=local.hidden, rows=[0], keep_hidden=True))
-    call("cloud_hidden", "cloud", TierRequest(hidden=local.hidden, rows=[0]))
+    stored = mobile.store(local.hidden)
+    edge = call("edge_hidden", "edge", TierRequest(hidden=stored, keep_hidden=True))
+    call("cloud_hidden", "cloud", TierRequest(hidden=stored))
     call("cloud_tokens", "cloud", TierRequest(input_ids=[ids]))
     call("edge_cloud", "cloud", TierRequest(hidden=edge.hidden, rows=[0]))
     return out
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address or local_cluster.address(), _node_ip_address=args.node_ip,
              logging_level=logging.WARNING, log_to_driver=False)
     handles = {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name=args.app) for t in ("edge", "cloud")}
+    torch.set_num_threads(1)  # as in the ingress replica's 0.5-CPU share
     mobile = TierRunner(str(args.artifact), "mobile")
     session = requests.Session()
     samples = {hop: [] for hop in HOPS}

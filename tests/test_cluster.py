@@ -108,15 +108,23 @@ def test_baseline_policies_equal_the_offline_exits(cluster, served_artifact, pol
 
 
 def test_hidden_state_travels_through_the_object_store(cluster, served_artifact):
-    """The mobile reply carries a reference, not the tensor; edge reads it from the object store."""
+    """What the ingress sends edge is a reference to just the rows edge needs, not the tensor; edge
+    reads it from the object store, and hands cloud a reference of its own (escalation)."""
+    import asyncio
+
+    from deployments.tier import TierRunner
     from dimee_models.artifact import load_tokenizer
 
     ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS * 8)["input_ids"]
-    mobile, edge, cloud = (tier_handle(t) for t in ("mobile", "edge", "cloud"))
-    reply = mobile.remote(TierRequest(input_ids=ids, keep_hidden=True)).result(timeout_s=60)
-    assert isinstance(reply.hidden, HiddenRef) and isinstance(reply.hidden.ref, ray.ObjectRef)
-    assert len(pickle.dumps(reply)) < reply.hidden.nbytes / 4  # the reply is small; the hidden state is not
-    edge_reply = edge.remote(TierRequest(hidden=reply.hidden, rows=[0, 5], keep_hidden=True)).result(timeout_s=60)
+    edge, cloud = tier_handle("edge"), tier_handle("cloud")
+    mobile = TierRunner(str(served_artifact), "mobile")  # the ingress's own code, in this process
+    [reply] = asyncio.run(mobile.forward([TierRequest(input_ids=ids, keep_hidden=True)]))
+    stored = mobile.store(reply.hidden, rows=[0, 5])
+    assert isinstance(stored, HiddenRef) and isinstance(stored.ref, ray.ObjectRef)
+    assert stored.nbytes <= reply.hidden.hidden.nbytes * 2 / len(ids)  # the 2 rows only, of 24
+    request = TierRequest(hidden=stored, keep_hidden=True)
+    assert len(pickle.dumps(request)) < stored.nbytes / 4  # the request is small; the hidden state is not
+    edge_reply = edge.remote(request).result(timeout_s=60)
     assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
     assert isinstance(edge_reply.hidden.ref, ray.ObjectRef) and edge_reply.hidden.layer == 4  # escalation's hop
     cloud_reply = cloud.remote(TierRequest(hidden=edge_reply.hidden, rows=[1])).result(timeout_s=60)
@@ -203,7 +211,8 @@ def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact
 
     mobile_requests = [TierRequest(input_ids=[row], keep_hidden=True) for row in ids]
     alone, batched = single("mobile", mobile_requests), together("mobile", mobile_requests)
-    edge_requests = [TierRequest(hidden=reply.hidden, rows=[0]) for reply in alone]
+    edge_requests = [TierRequest(hidden=HiddenRef(ray.put((r.hidden.hidden, r.hidden.mask)), r.hidden.layer,
+                                                  r.hidden.hidden.nbytes)) for r in alone]
     edge_alone, edge_batched = single("edge", edge_requests), together("edge", edge_requests)
     assert {r.batch_size for r in alone + edge_alone} == {1}
     assert max(r.batch_size for r in batched) > 1 and max(r.batch_size for r in edge_batched) > 1
