@@ -20,9 +20,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HEAD_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", 6390, 8265
-# Serve handle calls over gRPC instead of Ray actor tasks: +17-49% throughput in our load tests
-# (docs/RESULTS.md §4). Every replica inherits it from its node's `ray start`; set it to 0 to opt out.
-SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": os.environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")}
+# Every process of a node inherits these from its `ray start` (docs/DECISIONS.md, "Serving"):
+# - Serve's proxy calls the ingress over gRPC instead of Ray actor tasks (faster here);
+# - a small `ray.put` (under 100 KiB, e.g. one text's hidden state) stays in the putting process's
+#   own object store, and the tier that needs it fetches it from there, instead of a round through
+#   the node's shared-memory store and the raylets (Ray's default); measured faster here.
+# Export either as 0 to opt out.
+SERVE_ENV = {name: os.environ.get(name, "1")
+             for name in ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_put_small_object_in_memory_store")}
 
 
 @dataclass(frozen=True)

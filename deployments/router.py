@@ -56,6 +56,7 @@ class Settings:
     cost: CostModel
     path_cost: dict[str, float]
     hop_timeout_s: float
+    request_timeout_s: float
 
 
 def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Settings:
@@ -80,14 +81,15 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
     cost = config.cost_model or CostModel(**doc["cost_model"])
     exits = manifest["exits"]
     return Settings(policy, cost, cost.path_costs(exits["mobile"], exits["edge"], manifest["num_layers"]),
-                    config.hop_timeout_s)
+                    config.hop_timeout_s, config.request_timeout_s)
 
 
 @serve.deployment
 @serve.ingress(api)
 class Router:
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
-        self.handles = {"edge": edge, "cloud": cloud}
+        # Set here, not by the environment of whichever process built the app (a handle carries that).
+        self.handles = {t: h.options(_by_reference=args.transport == "actor") for t, h in (("edge", edge), ("cloud", cloud))}
         self.args = args
         threads_from_cpu_share()
         self.mobile = TierRunner(str(args.artifact), "mobile")
@@ -152,6 +154,7 @@ class Router:
             "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds},
             "cost_model": s.cost.model_dump(),
             "hop_timeout_s": s.hop_timeout_s,
+            "request_timeout_s": s.request_timeout_s,
             "config_error": self.config_error,
             "replicas": replicas,
         }
@@ -172,11 +175,13 @@ class Router:
             raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
         if body.text_pairs is None and self.manifest["text_pair"]:
             raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
+        s = self.settings
+        deadline = time.monotonic() + s.request_timeout_s
         self.requests.inc(tags={"policy": body.policy})
         max_length = self.manifest["max_length"]
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_policy(body.policy, enc["input_ids"], enc.get("token_type_ids"), self.settings)
+        answers = await self.run_policy(body.policy, enc["input_ids"], enc.get("token_type_ids"), s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
@@ -184,25 +189,29 @@ class Router:
             self.answers.inc(tags={"policy": body.policy, "tier": answer.tier, "outcome": outcome})
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
-    async def call(self, tier: str, request: TierRequest, timeout_s: float) -> TierReply | None:
-        """One tier call within the hop timeout; None if it failed or was late (the caller falls back)."""
-        began = time.perf_counter()
-        try:
-            return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
-        except asyncio.TimeoutError:
-            reason = "timeout"
-        except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back
-            reason = "error"
-            log.warning("%s tier call failed after %.0f ms: %r", tier, (time.perf_counter() - began) * 1000, err)
+    async def call(self, tier: str, request: TierRequest, s: Settings, deadline: float) -> TierReply | None:
+        """One tier call within the hop timeout and what is left of the request's deadline; None if it
+        failed or was late (the caller falls back, so a fallback never starts a fresh wait)."""
+        timeout_s = min(s.hop_timeout_s, deadline - time.monotonic())
+        reason = "deadline"
+        if timeout_s > 0:
+            began = time.perf_counter()
+            try:
+                return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
+            except asyncio.TimeoutError:
+                reason = "timeout"
+            except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back
+                reason = "error"
+                log.warning("%s tier call failed after %.0f ms: %r", tier, (time.perf_counter() - began) * 1000, err)
         self.hop_failures.inc(tags={"tier": tier, "reason": reason})
         return None
 
     async def run_policy(self, policy: str, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
-                         s: Settings) -> list[Prediction]:
+                         s: Settings, deadline: float) -> list[Prediction]:
         n = len(input_ids)
         if policy == "cloud_only":
             tokens = TierRequest(input_ids=input_ids, token_type_ids=token_type_ids)
-            cloud = await self.call("cloud", tokens, s.hop_timeout_s)
+            cloud = await self.call("cloud", tokens, s, deadline)
             if cloud is not None:
                 return self.answer(cloud, "cloud", s.path_cost["cloud_only"])
             mobile = await self.mobile_batch(tokens)
@@ -221,7 +230,7 @@ class Router:
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (EDGE, CLOUD)]
         escalate = policy == "dimee" and s.policy.escalates
-        results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s, escalate)
+        results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s, deadline, escalate)
                                          for tier, rows in offloaded if rows))
         for rows, predictions in results:
             for row, prediction in zip(rows, predictions):
@@ -229,28 +238,32 @@ class Router:
         return answers
 
     async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
-                      s: Settings, escalate: bool) -> tuple[list[int], list[Prediction]]:
+                      s: Settings, deadline: float, escalate: bool) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
         answers, the mobile exit's predictions, marked degraded. Only these rows' hidden state goes
         into the object store, for whichever tier reads it."""
-        request = TierRequest(hidden=self.mobile.store(mobile.hidden, rows))
+        stored = self.mobile.store(mobile.hidden, rows)
         if tier == EDGE:
-            reply = await self.call("edge", dataclasses.replace(request, keep_hidden=escalate), s.hop_timeout_s)
+            request = (TierRequest(hidden=stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
+                       if escalate else TierRequest(hidden=stored))
+            reply = await self.call("edge", request, s, deadline)
             if reply is not None:
                 answers = self.answer(reply, "edge", s.path_cost["edge"])
-                return rows, await self.escalate(reply, answers, s) if escalate else answers
-        reply = await self.call("cloud", request, s.hop_timeout_s)
+                return rows, await self.escalate(reply, answers, s, deadline) if escalate else answers
+        reply = await self.call("cloud", TierRequest(hidden=stored), s, deadline)
         if reply is not None:
             return rows, self.answer(reply, "cloud", s.path_cost["cloud"], fallback=tier == EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
 
-    async def escalate(self, edge: TierReply, answers: list[Prediction], s: Settings) -> list[Prediction]:
-        """Edge's answers, with those it is too unsure of replaced by cloud's, computed from edge's
-        hidden state; if cloud fails, edge's answers stay, marked degraded."""
+    async def escalate(self, edge: TierReply, answers: list[Prediction], s: Settings,
+                       deadline: float) -> list[Prediction]:
+        """Edge's answers, with those it is too unsure of replaced by cloud's, computed from the
+        hidden state edge kept of exactly those rows; if cloud fails, edge's answers stay, marked
+        degraded."""
         unsure = np.flatnonzero(s.policy.escalate(edge.probs)).tolist()
         if not unsure:
             return answers
-        reply = await self.call("cloud", TierRequest(hidden=edge.hidden, rows=unsure), s.hop_timeout_s)
+        reply = await self.call("cloud", TierRequest(hidden=edge.hidden), s, deadline)
         cloud = (self.answer(reply, "cloud", s.path_cost["edge_cloud"], escalated=True) if reply is not None
                  else [answers[row].model_copy(update={"degraded": True}) for row in unsure])
         for row, prediction in zip(unsure, cloud):

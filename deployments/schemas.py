@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from dimee_models.cost import CostModel
 
 Policy = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
+Transport = Literal["grpc", "actor"]
 TierName = Literal["mobile", "edge", "cloud"]
 
 
@@ -98,6 +99,8 @@ class AppArgs(BaseModel):
     require_placement: bool = Field(
         True, description="fail at deploy time if the cluster has no node with a tier's resource"
     )
+    transport: Transport = Field(
+        "grpc", description="how the ingress calls edge and cloud: Serve's gRPC transport, or Ray actor calls")
 
 
 class RouterConfig(BaseModel):
@@ -114,6 +117,9 @@ class RouterConfig(BaseModel):
     policy_artifact: str | None = Field(
         None, description="take the policies and cost model from this recalibrated copy of the served artifact")
     hop_timeout_s: float = Field(2.0, gt=0, le=60, description="longest wait for one tier call before falling back")
+    request_timeout_s: float = Field(
+        3.0, gt=0, le=600, description="a request's deadline: every tier call gets at most what is left of it, so a "
+                                       "request is answered (from the deepest exit computed by then) within it")
 
 
 def tier_resource(tier: str) -> str:
@@ -156,14 +162,14 @@ class HiddenArrays:
 
 @dataclass
 class TierRequest:
-    """Either raw token ids (mobile; cloud for cloud-only) or a stored hidden state (all its rows,
-    or `rows` of it)."""
+    """Either raw token ids (mobile; cloud for cloud-only) or a stored hidden state."""
 
     input_ids: list[list[int]] | None = None
     token_type_ids: list[list[int]] | None = None
     hidden: HiddenRef | None = None
-    rows: list[int] | None = None
     keep_hidden: bool = False  # keep this tier's hidden state for a later tier
+    # ... only of the rows whose exit confidence is below this (escalation: what cloud will need)
+    keep_below: float | None = None
 
 
 @dataclass

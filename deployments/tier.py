@@ -39,6 +39,13 @@ def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.nda
     return np.concatenate(padded)
 
 
+def select_rows(arrays: HiddenArrays, rows: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(hidden (b, t, H), mask (b, t)) of `rows` (all if None), trimmed to the padding those rows need."""
+    hidden, mask = (arrays.hidden, arrays.mask) if rows is None else (arrays.hidden[rows], arrays.mask[rows])
+    length = int(mask.sum(1).max())
+    return np.ascontiguousarray(hidden[:, :length]), np.ascontiguousarray(mask[:, :length])
+
+
 class TierRunner:
     """One tier's layers, exit head and metrics; `forward` runs a batch of requests through them."""
 
@@ -99,8 +106,7 @@ class TierRunner:
                 inputs.append((0, r.input_ids, r.token_type_ids))
             else:
                 hidden, mask = next(fetched)
-                rows = slice(None) if r.rows is None else r.rows
-                inputs.append((r.hidden.layer, hidden[rows], mask[rows]))
+                inputs.append((r.hidden.layer, hidden, mask))
         replies: list[TierReply | None] = [None] * len(requests)
         for start in sorted({i[0] for i in inputs}):  # one forward per starting layer
             members = [k for k, i in enumerate(inputs) if i[0] == start]
@@ -134,11 +140,9 @@ class TierRunner:
         return replies
 
     def store(self, arrays: HiddenArrays, rows: list[int] | None = None) -> HiddenRef:
-        """Put `rows` of a hidden state (all by default) into the object store, trimmed to the
-        padding those rows need, and hold the reference for the next tier."""
-        hidden, mask = (arrays.hidden, arrays.mask) if rows is None else (arrays.hidden[rows], arrays.mask[rows])
-        length = int(mask.sum(1).max())
-        payload = (np.ascontiguousarray(hidden[:, :length]), np.ascontiguousarray(mask[:, :length]))
+        """Put `rows` of a hidden state (all by default) into the object store and hold the
+        reference for the next tier."""
+        payload = select_rows(arrays, rows)
         return HiddenRef(self._hold(ray.put(payload)), arrays.layer, payload[0].nbytes)
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
@@ -192,9 +196,11 @@ class TierModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
         replies = await self.runner.forward(requests)
-        for reply in replies:
-            if reply.hidden is not None:  # escalation: cloud may need any of these rows
-                reply.hidden = self.runner.store(reply.hidden)
+        for request, reply in zip(requests, replies):
+            if reply.hidden is not None:  # escalation: store the rows cloud will need, if any
+                rows = None if request.keep_below is None else np.flatnonzero(
+                    reply.probs.max(-1) < request.keep_below).tolist()
+                reply.hidden = self.runner.store(reply.hidden, rows) if rows != [] else None
         return replies
 
 

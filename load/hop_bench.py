@@ -7,10 +7,10 @@ compute the tier replica reports (`TierReply.compute_ms`), at p50 and p99, one t
 The driver plays the ingress: it joins the cluster on the mobile node (`--node-ip`, the local
 cluster's mobile node by default), computes the mobile slice in-process with the ingress's own
 code (`TierRunner`) and stores the hidden state there, as the Router does; then it calls the tiers
-over the same handle transport as the Router (gRPC unless RAY_SERVE_USE_GRPC_BY_DEFAULT=0):
+over the same handle transport as the Router (`--transport`, gRPC by default):
   noop              a call of the edge replica's `describe`: Serve's own cost of one hop
   edge_hidden       ingress -> edge, the hidden state fetched from this process (MEDIUM samples); edge
-                    keeps its own for escalation, as with an escalating policy
+                    keeps its own for escalation, as for an unsure sample of an escalating policy
   cloud_hidden      ingress -> cloud, the same (HARD samples)
   cloud_tokens      ingress -> cloud, token ids in (the cloud_only path)
   edge_cloud        edge's stored hidden state -> cloud (escalation)
@@ -60,10 +60,10 @@ def measure(handles: dict, mobile: TierRunner, ids: list[int]) -> dict[str, tupl
     [local] = asyncio.run(mobile.forward([TierRequest(input_ids=[ids], keep_hidden=True)]))
     out["mobile_compute"] = (local.compute_ms, local.compute_ms)
     stored = mobile.store(local.hidden)
-    edge = call("edge_hidden", "edge", TierRequest(hidden=stored, keep_hidden=True))
+    edge = call("edge_hidden", "edge", TierRequest(hidden=stored, keep_hidden=True, keep_below=1.01))
     call("cloud_hidden", "cloud", TierRequest(hidden=stored))
     call("cloud_tokens", "cloud", TierRequest(input_ids=[ids]))
-    call("edge_cloud", "cloud", TierRequest(hidden=edge.hidden, rows=[0]))
+    call("edge_cloud", "cloud", TierRequest(hidden=edge.hidden))
     return out
 
 
@@ -76,15 +76,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="join the cluster on this node, a mobile node (default: the local cluster's)")
     p.add_argument("--app", default="dimee", help="Serve application name")
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--transport", choices=("grpc", "actor"), default="grpc",
+                   help="Serve's gRPC handle transport (the ingress's default) or Ray actor calls")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
 
     tokenizer = artifact.load_tokenizer(args.artifact)
     texts = artifact.load_split(args.artifact, "test").texts[: args.requests + WARMUP]
-    os.environ.update(local_cluster.SERVE_ENV)  # read by the handles this driver creates
+    os.environ.update(local_cluster.SERVE_ENV)  # this driver stores hidden states as the ingress does
     ray.init(address=args.address or local_cluster.address(), _node_ip_address=args.node_ip,
              logging_level=logging.WARNING, log_to_driver=False)
-    handles = {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name=args.app) for t in ("edge", "cloud")}
+    handles = {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name=args.app)
+               .options(_by_reference=args.transport == "actor") for t in ("edge", "cloud")}
     torch.set_num_threads(1)  # as in the ingress replica's 0.5-CPU share
     mobile = TierRunner(str(args.artifact), "mobile")
     session = requests.Session()

@@ -26,13 +26,15 @@ from dimee_models import artifact
 from dimee_models.model import HiddenState
 
 POLICIES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
-PARTS, PCTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m"), ("p50_ms", "p90_ms", "p99_ms")
+PARTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m", "cloud_from_e")
+PCTS = ("p50_ms", "p90_ms", "p99_ms")
 SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")  # this machine's Serve access logs
 # (policy, answering tier) -> (compute parts on the path, Serve hops incl. proxy->ingress). Mobile runs
-# inside the ingress, so a mobile answer takes one hop and every other answer two.
+# inside the ingress, so a mobile answer takes one hop, every other answer two, an escalated one three.
 PATHS = {("mobile_only", "mobile"): (("tokenize", "mobile"), 1), ("edge_only", "edge"): (("tokenize", "mobile", "edge"), 2),
          ("cloud_only", "cloud"): (("tokenize", "cloud_full"), 2), ("dimee", "mobile"): (("tokenize", "mobile"), 1),
-         ("dimee", "edge"): (("tokenize", "mobile", "edge"), 2), ("dimee", "cloud"): (("tokenize", "mobile", "cloud_from_m"), 2)}
+         ("dimee", "edge"): (("tokenize", "mobile", "edge"), 2), ("dimee", "cloud"): (("tokenize", "mobile", "cloud_from_m"), 2),
+         ("dimee", "escalated"): (("tokenize", "mobile", "edge", "cloud_from_e"), 3)}
 
 
 def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, list[tuple]]:
@@ -46,7 +48,8 @@ def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, l
             ms = (time.perf_counter() - began) * 1000
             reply.raise_for_status()
             if i >= 0:
-                tier = reply.json()["predictions"][0]["tier"]
+                answer = reply.json()["predictions"][0]
+                tier = "escalated" if answer["escalated"] else answer["tier"]
                 groups.setdefault((policy, tier), []).append((i, ms, reply.headers["x-request-id"]))
     return groups
 
@@ -58,9 +61,9 @@ def layer_compute(directory: Path, manifest: dict, texts: list[str]) -> dict[str
     tok, mods = artifact.load_tokenizer(directory), {t: artifact.load_tier(directory, t, manifest) for t in artifact.TIERS}
     m, e, n = manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"]
 
-    def tier(name: str, end: int, ids=None, hidden=None) -> HiddenState:
+    def tier(name: str, end: int, ids=None, hidden=None, start: int = m) -> HiddenState:
         state = (mods[name].embed(torch.as_tensor(ids), torch.ones(ids.shape, dtype=torch.long)) if hidden is None
-                 else HiddenState(torch.from_numpy(hidden[0].copy()), torch.from_numpy(hidden[1].copy()), m))
+                 else HiddenState(torch.from_numpy(hidden[0].copy()), torch.from_numpy(hidden[1].copy()), start))
         state = mods[name].run_layers(state, end)
         mods[name].exit(state).logits.softmax(-1).numpy()
         return state
@@ -72,8 +75,10 @@ def layer_compute(directory: Path, manifest: dict, texts: list[str]) -> dict[str
         state = tier("mobile", m, ids=ids)
         hidden = (state.hidden.numpy(), state.attention_mask.numpy())
         t.append(time.perf_counter())
-        for name, end, kw in (("edge", e, {"hidden": hidden}), ("cloud", n, {"ids": ids}), ("cloud", n, {"hidden": hidden})):
-            tier(name, end, **kw)
+        edge = tier("edge", e, hidden=hidden)
+        t.append(time.perf_counter())
+        for kw in ({"ids": ids}, {"hidden": hidden}, {"hidden": (edge.hidden.numpy(), edge.attention_mask.numpy()), "start": e}):
+            tier("cloud", n, **kw)
             t.append(time.perf_counter())
         return list(np.diff(t) * 1000)
 

@@ -38,6 +38,7 @@ def test_classify_request_defaults_to_dimee():
     ({"artifact": "x", "max_body_bytes": 100}, "greater than or equal to 1024"),
     ({"artifact": "x", "api_key": ""}, "api_key\n  Value should have at least 1 item"),
     ({"artifact": "x", "replicas": 3}, "Extra inputs are not permitted"),
+    ({"artifact": "x", "transport": "http"}, "'grpc' or 'actor'"),
 ])
 def test_app_args_are_validated(args, message):
     with pytest.raises(ValidationError, match=message):
@@ -105,6 +106,7 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     ({"thresholds": {"mobile": 1.5, "edge": 0.5}}, "less than or equal to 1"),
     ({"thresholds": {"mobile": "high"}}, "valid number"),
     ({"hop_timeout_s": 0}, "greater than 0"),
+    ({"request_timeout_s": -1}, "greater than 0"),
     ({"cost_model": {"o_2": -1}}, "o_2"),
     ({"colour": "red"}, "Extra inputs"),
 ])
@@ -116,3 +118,4 @@ def test_live_router_config_is_validated(config, message):
 def test_live_router_config_defaults_to_the_artifact():
     config = RouterConfig.model_validate({})
     assert (config.policy, config.thresholds, config.cost_model, config.hop_timeout_s) == (None, None, None, 2.0)
+    assert config.request_timeout_s == 3.0

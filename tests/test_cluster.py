@@ -15,7 +15,7 @@ import ray
 import requests
 from ray.util.state import list_actors
 
-from deployments.schemas import DEPLOYMENT_NAMES, HiddenRef, TierRequest
+from deployments.schemas import DEPLOYMENT_NAMES, HiddenRef, RouterConfig, TierRequest
 from dimee_models.evaluate import predict_texts
 from tests.conftest import ESCALATE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
 
@@ -122,13 +122,18 @@ def test_hidden_state_travels_through_the_object_store(cluster, served_artifact)
     stored = mobile.store(reply.hidden, rows=[0, 5])
     assert isinstance(stored, HiddenRef) and isinstance(stored.ref, ray.ObjectRef)
     assert stored.nbytes <= reply.hidden.hidden.nbytes * 2 / len(ids)  # the 2 rows only, of 24
-    request = TierRequest(hidden=stored, keep_hidden=True)
+    request = TierRequest(hidden=stored, keep_hidden=True, keep_below=1.01)  # keep both rows
     assert len(pickle.dumps(request)) < stored.nbytes / 4  # the request is small; the hidden state is not
     edge_reply = edge.remote(request).result(timeout_s=60)
     assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
     assert isinstance(edge_reply.hidden.ref, ray.ObjectRef) and edge_reply.hidden.layer == 4  # escalation's hop
-    cloud_reply = cloud.remote(TierRequest(hidden=edge_reply.hidden, rows=[1])).result(timeout_s=60)
-    assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6 and cloud_reply.probs.shape[0] == 1
+    cloud_reply = cloud.remote(TierRequest(hidden=edge_reply.hidden)).result(timeout_s=60)
+    assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6 and cloud_reply.probs.shape[0] == 2
+    unsure = float(edge_reply.probs.max(-1).min()) + 1e-6  # edge keeps only the rows below this: one
+    kept = edge.remote(TierRequest(hidden=stored, keep_hidden=True, keep_below=unsure)).result(timeout_s=60)
+    assert cloud.remote(TierRequest(hidden=kept.hidden)).result(timeout_s=60).probs.shape[0] == 1
+    sure = edge.remote(TierRequest(hidden=stored, keep_hidden=True, keep_below=0.0)).result(timeout_s=60)
+    assert sure.hidden is None  # nothing to escalate, nothing stored
 
 
 def test_info_health_and_docs(cluster):
@@ -356,7 +361,7 @@ def kill_replica(deployment: str) -> str:
                                                    ("CloudTier", 2, ("mobile", "degraded"))])
 def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer):
     """Edge down: its samples go to cloud (fallback); cloud down: its samples keep the mobile exit
-    (degraded). No request fails or waits much past the 2 s hop timeout; Serve replaces the replica."""
+    (degraded). No request fails or waits past its 3 s deadline (+0.5 s); Serve replaces the replica."""
     with Traffic(cluster) as traffic:
         time.sleep(2)
         kill_replica(deployment)
@@ -364,7 +369,7 @@ def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer
         time.sleep(5)
     assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
         [entry for entry in traffic.log if entry[2] != 200][:3]
-    assert max(latency for _, latency, _, _ in traffic.log) < 2.0 + 1.5
+    assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + 0.5
     flagged = [body["predictions"][row] for _, _, _, body in traffic.log if body["predictions"][row][answer[1]]]
     assert flagged and all(p["tier"] == answer[0] for p in flagged)
     after = [body["predictions"] for began, _, _, body in traffic.log if began > back + 1]

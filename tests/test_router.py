@@ -1,6 +1,8 @@
 """The router's live settings without a cluster: what a user_config may change, and what it is refused."""
 
+import asyncio
 import shutil
+import time
 
 import numpy as np
 
@@ -28,8 +30,9 @@ def test_an_empty_config_serves_the_artifact_as_calibrated(served_artifact):
 
 def test_thresholds_cost_model_and_timeout_change_live(served_artifact):
     s = settings(served_artifact, {"policy": "dimee_learned", "thresholds": {"mobile": 0.2, "edge": 0.4},
-                                   "cost_model": {"o_2": 0.9}, "hop_timeout_s": 0.5})
+                                   "cost_model": {"o_2": 0.9}, "hop_timeout_s": 0.5, "request_timeout_s": 1.5})
     assert s.policy.thresholds == {"mobile": 0.2, "edge": 0.4} and s.hop_timeout_s == 0.5
+    assert s.request_timeout_s == 1.5
     assert s.path_cost["cloud"] == pytest.approx(2 * 0.1 + 0.9 + 4 * 0.1)
     assert load_policies(served_artifact)[0]["dimee_learned"].thresholds != s.policy.thresholds  # stored one untouched
     s = settings(served_artifact, {"policy": "dimee_escalate", "thresholds": {"mobile": 1, "edge": 0, "escalate": 0.9}})
@@ -59,3 +62,35 @@ def test_a_recalibrated_copy_can_be_switched_to_but_other_weights_cannot(served_
         settings(served_artifact, {"policy_artifact": str(tampered)})
     with pytest.raises(ValueError):
         settings(served_artifact, {"policy_artifact": str(tmp_path / "missing")})
+
+
+class SlowTier:
+    """A stand-in for a tier's handle that answers after `seconds` (unit test only; the real
+    deadline is exercised on the cluster by the fault tests)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.calls = seconds, 0
+
+    def remote(self, request):
+        self.calls += 1
+        return asyncio.sleep(self.seconds, result="reply")
+
+
+def router_with(tier: SlowTier):
+    from deployments.router import Router
+
+    router = object.__new__(Router.func_or_class)
+    router.handles, router.hop_failures = {"cloud": tier}, type("Counter", (), {"inc": lambda self, tags: None})()
+    return router
+
+
+def test_a_call_gets_at_most_what_is_left_of_the_deadline(served_artifact):
+    s = settings(served_artifact, {"hop_timeout_s": 2.0, "request_timeout_s": 3.0})
+    tier = SlowTier(5.0)
+    began = time.monotonic()
+    assert asyncio.run(router_with(tier).call("cloud", None, s, deadline=began + 0.3)) is None
+    assert 0.25 < time.monotonic() - began < 1.0  # the deadline's 0.3 s, not the hop's 2 s
+    past = SlowTier(0.0)
+    assert asyncio.run(router_with(past).call("cloud", None, s, deadline=time.monotonic() - 1)) is None
+    assert past.calls == 0  # past the deadline the call is not even made
+    assert asyncio.run(router_with(SlowTier(0.01)).call("cloud", None, s, deadline=time.monotonic() + 3)) == "reply"
