@@ -66,5 +66,6 @@ def build_app(args: AppArgs) -> Application:
     if args.require_placement and ray.is_initialized():
         check_placement()
     # The ingress runs the mobile slice on the mobile nodes, so an EASY sample needs no tier hop.
-    return Router.options(**deployment_options(args, "mobile")).bind(
+    return Router.options(**deployment_options(args, "mobile"),
+                          user_config=args.router.model_dump(mode="json", exclude_none=True)).bind(
         tier_deployment(args, "edge"), tier_deployment(args, "cloud"), args)

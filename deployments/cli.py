@@ -40,6 +40,10 @@ def add_serve_flags(p) -> None:
                    help="replicas of the mobile tier, which is the HTTP ingress (each runs the mobile slice)")
     for tier in ("edge", "cloud"):
         p.add_argument(f"--{tier}-replicas", type=model_cli._positive_int, default=1, help=f"replicas of the {tier} tier")
+    p.add_argument("--hop-timeout", type=model_cli._positive_float, default=None, metavar="SECONDS",
+                   help="longest wait for one tier call before falling back (default 2)")
+    p.add_argument("--request-timeout", type=model_cli._positive_float, default=None, metavar="SECONDS",
+                   help="a request's deadline, across all its tier calls (default 3)")
 
 
 def add_commands(sub) -> None:
@@ -96,6 +100,8 @@ def cmd_serve(args) -> int:
         mobile={"num_replicas": args.mobile_replicas}, edge={"num_replicas": args.edge_replicas},
         cloud={"num_replicas": args.cloud_replicas},
         api_key=os.environ[args.api_key_env] if args.api_key_env else None,
+        router={k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout))
+                if v is not None},
     )
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)

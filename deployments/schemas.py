@@ -101,6 +101,10 @@ class AppArgs(BaseModel):
     )
     transport: Transport = Field(
         "grpc", description="how the ingress calls edge and cloud: Serve's gRPC transport, or Ray actor calls")
+    router: RouterConfig = Field(
+        default_factory=lambda: RouterConfig(),
+        description="the Router's live settings to start with (its Serve user_config); a Serve config file's "
+                    "user_config for the Router replaces them")
 
 
 class RouterConfig(BaseModel):

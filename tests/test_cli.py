@@ -157,3 +157,11 @@ def test_api_key_env_names_the_variable_not_the_key(monkeypatch):
     args = build_parser(serve_cli.add_commands).parse_args(["serve", "a", "--api-key-env", "DIMEE_TEST_KEY"])
     assert args.api_key_env == "DIMEE_TEST_KEY"
     assert build_parser(serve_cli.add_commands).parse_args(["serve", "a"]).api_key_env is None
+
+
+def test_timeouts_are_refused_unless_positive_and_reach_the_routers_settings(capsys):
+    with pytest.raises(SystemExit) as exc:
+        serve_cli.main(["serve", "some/artifact", "--hop-timeout", "0"])
+    assert exc.value.code == 2 and "argument --hop-timeout" in capsys.readouterr().err
+    args = build_parser(serve_cli.add_commands).parse_args(["up", "--hop-timeout", "30", "--request-timeout", "45"])
+    assert (args.hop_timeout, args.request_timeout) == (30.0, 45.0)
