@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from deployments.router import Router
 from deployments.schemas import DEPLOYMENT_NAMES, AppArgs, TierOptions, tier_resource
@@ -22,13 +23,16 @@ TIER_NAMES = tuple(DEPLOYMENT_NAMES)
 
 
 def deployment_options(args: AppArgs, tier: str) -> dict:
-    """Serve options of one tier (for mobile: the ingress): its name, replicas and placement by the
-    tier's custom resource."""
+    """Serve options of one tier (for mobile: the ingress): its name, replicas, placement by the
+    tier's custom resource, and its bounded queue (past it Serve refuses at once with 503 and
+    Retry-After, rather than let every request wait and then time out)."""
     options: TierOptions = getattr(args, tier)
     return {
         "name": DEPLOYMENT_NAMES[tier],
         "num_replicas": options.num_replicas,
         "max_ongoing_requests": options.max_ongoing_requests,
+        "max_queued_requests": options.max_queued_requests,
+        "backpressure_config": BackpressureConfig(retry_after_s=args.retry_after_s),
         "ray_actor_options": {"num_cpus": options.num_cpus, "resources": {tier_resource(tier): 0.01}},
     }
 

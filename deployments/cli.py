@@ -52,8 +52,10 @@ def add_commands(sub) -> None:
     add_serve_flags(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("cluster", help="start or stop a local three-node cluster (mobile, edge, cloud)")
-    p.add_argument("action", choices=("up", "down"))
+    p = sub.add_parser("cluster", help="start or stop a local cluster (a head, then a node per tier), or lose "
+                                       "one tier's node and bring it back")
+    p.add_argument("action", choices=("up", "down", "node-down", "node-up"))
+    p.add_argument("tier", nargs="?", choices=TIERS, help="with node-down and node-up: whose node")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
@@ -75,7 +77,18 @@ def cmd_cluster(args) -> int:
         return cmd_down(args)
     from deployments import local_cluster
 
-    print(f"cluster up at {local_cluster.up()}")
+    if args.action == "up":
+        print(f"cluster up at {local_cluster.up()}")
+        return 0
+    if args.tier is None:
+        raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
+                         f"one of {', '.join(TIERS)}")
+    if args.action == "node-down":
+        killed = local_cluster.stop_node(args.tier)
+        print(f"{args.tier} node down ({killed} processes killed)" if killed else f"{args.tier} node was not running")
+        return 0
+    local_cluster.start_node(local_cluster.node_spec(args.tier))
+    print(f"{args.tier} node up at {local_cluster.node_ip(args.tier)}")
     return 0
 
 

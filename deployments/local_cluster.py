@@ -1,9 +1,11 @@
-"""A heterogeneous Ray cluster simulated on one machine: one Ray node per tier, each on its own
-loopback address with its tier resource and CPU share. The head node is the cloud node and also
-runs the HTTP proxy and Serve's controller; the ingress (which runs the mobile slice) is on the
-mobile node.
+"""A heterogeneous Ray cluster simulated on one machine: a head node with no tier (the GCS, Serve's
+controller and the HTTP proxy), then one Ray node per tier, each on its own loopback address with
+its tier resource and CPU share. The ingress (which runs the mobile slice) is on the mobile node.
 
-Loopback only: Ray rewrites 127.0.0.1 to the external address, so nodes use 127.0.0.2, .3, .4.
+A tier's node can be taken down (its raylet and every process on it killed, as when a machine is
+lost) and brought back, under traffic: `dimee cluster node-down edge`, `dimee cluster node-up edge`.
+
+Loopback only: Ray rewrites 127.0.0.1 to the external address, so nodes use 127.0.0.2 to .5.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,7 +40,10 @@ class NodeSpec:
     num_cpus: float
 
 
-DEFAULT_NODES = (NodeSpec("cloud", HEAD_IP, 2), NodeSpec("mobile", "127.0.0.3", 1), NodeSpec("edge", "127.0.0.4", 1))
+# The head carries no tier (a real cluster would not put its control plane on a tier's hardware, and
+# losing a tier's node must not take the GCS and Serve's controller with it) and no CPUs to schedule:
+# Serve's controller and proxy need none.
+DEFAULT_NODES = (NodeSpec("mobile", "127.0.0.3", 1), NodeSpec("edge", "127.0.0.4", 1), NodeSpec("cloud", "127.0.0.5", 2))
 
 
 def address() -> str:
@@ -46,7 +52,7 @@ def address() -> str:
 
 def node_ip(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
     """The address of the local cluster's node for `tier`."""
-    return next(node.ip for node in nodes if node.tier == tier)
+    return node_spec(tier, nodes).ip
 
 
 def ray_cli(name: str = "ray") -> str:
@@ -62,18 +68,45 @@ def _ray(*args: str, timeout: float = 120) -> None:
 
 
 def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True) -> str:
-    """Start the head (first node) and the workers; returns the cluster address."""
-    head, *workers = nodes
+    """Start the head and a node per tier; returns the cluster address."""
     started = time.time()
-    _ray("start", "--head", f"--node-ip-address={head.ip}", f"--port={GCS_PORT}", f"--num-cpus={head.num_cpus}",
-         f"--resources={json.dumps({f'tier_{head.tier}': 1})}", f"--include-dashboard={str(dashboard).lower()}",
-         f"--dashboard-host={HEAD_IP}", f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats")
-    for node in workers:
-        _ray("start", f"--address={address()}", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}",
-             f"--resources={json.dumps({f'tier_{node.tier}': 1})}", "--disable-usage-stats")
-    log.info("local cluster up at %s in %.0f s: %s", address(), time.time() - started,
+    _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", "--num-cpus=0",
+         f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-host={HEAD_IP}",
+         f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats")
+    for node in nodes:
+        start_node(node)
+    log.info("local cluster up at %s in %.0f s: head@%s, %s", address(), time.time() - started, HEAD_IP,
              ", ".join(f"{n.tier}@{n.ip}" for n in nodes))
     return address()
+
+
+def start_node(node: NodeSpec) -> None:
+    """Join a tier's node to the running cluster (again, after `stop_node`)."""
+    _ray("start", f"--address={address()}", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}",
+         f"--resources={json.dumps({f'tier_{node.tier}': 1})}", "--disable-usage-stats")
+
+
+def node_spec(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> NodeSpec:
+    return next(node for node in nodes if node.tier == tier)
+
+
+def stop_node(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
+    """Lose a tier's node at once: SIGKILL its raylet and every process it started (the tier's
+    replicas among them), with no drain and no goodbye to the GCS, as when the machine goes away.
+    Returns how many processes were killed (0: the node was not running)."""
+    import psutil
+
+    flag = f"--node_ip_address={node_spec(tier, nodes).ip}"
+    raylets = [p for p in psutil.process_iter(["cmdline"]) if flag in (p.info["cmdline"] or [])
+               and p.info["cmdline"][0].endswith("raylet")]
+    victims = [child for raylet in raylets for child in raylet.children(recursive=True)] + raylets
+    for proc in victims:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    return len(victims)
 
 
 def down() -> None:

@@ -8,15 +8,19 @@ Hidden states leave this process only as references into Ray's object store (mob
 cloud; edge to cloud on escalation): the tier that needs one fetches it from the process that
 computed it.
 
-Every tier call has a timeout. A failed or late edge sends its samples to cloud (`fallback`); a
-failed or late cloud leaves them with the deepest exit already computed (`degraded`). Live
-settings (policy, thresholds, cost model, hop timeout) come from Serve's `user_config` and change
-without a restart.
+Every tier call has a timeout, and a request one deadline for all its calls. A failed or late
+edge sends its samples to cloud (`fallback`); a failed or late cloud leaves them with the deepest
+exit already computed (`degraded`). A *busy* tier is not a failed one: when its bounded queue is
+full, Serve refuses the call at once and the whole request gets 503 with Retry-After, so that
+clients back off instead of getting degraded answers. Live settings (policy, thresholds, cost
+model, timeouts) come from Serve's `user_config` and change without a restart.
 """
 
 import asyncio
+import collections
 import dataclasses
 import logging
+import math
 import time
 
 import numpy as np
@@ -25,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
@@ -111,6 +116,10 @@ class Router:
                                          tag_keys=("tier",))
         self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",
                                             tag_keys=("tier", "reason"))
+        self.shed = metrics.Counter("dimee_shed_requests", "requests refused with 503 because a tier's queue was "
+                                    "full (the ingress's own refusals are Serve's 503s at the proxy)",
+                                    tag_keys=("tier",))
+        self.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}  # for /v1/info
 
     def reconfigure(self, config: dict) -> None:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
@@ -134,18 +143,24 @@ class Router:
         """The mobile slice, in this process; requests arriving together share one forward pass."""
         return await self.mobile.forward(requests)
 
+    @staticmethod
+    def live_replicas() -> dict[str, int]:
+        """Running replicas per tier, as Serve's controller sees them."""
+        return {deployment_tier(d): state.replica_states.get("RUNNING", 0)
+                for app in serve.status().applications.values() for d, state in app.deployments.items()
+                if deployment_tier(d)}
+
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok"}
+        """200 while this ingress answers; `degraded` names the tiers with no live replica, whose
+        samples are answered by fallback (edge) or from an earlier exit (cloud) meanwhile."""
+        down = sorted(t for t, n in self.live_replicas().items() if n == 0)
+        return {"status": "degraded" if down else "ok", "no_live_replica": down}
 
     @api.get("/v1/info")
     def info(self, request: Request) -> dict:
         check_api_key(self.api_key, request.headers)
-        status = serve.status().applications
-        replicas = {
-            deployment_tier(d): sum(state.replica_states.values())
-            for app in status.values() for d, state in app.deployments.items() if deployment_tier(d)
-        }
+        replicas = self.live_replicas()
         s = self.settings
         return {
             "model": self.model_name,
@@ -157,6 +172,10 @@ class Router:
             "request_timeout_s": s.request_timeout_s,
             "config_error": self.config_error,
             "replicas": replicas,
+            "no_live_replica": sorted(t for t, n in replicas.items() if n == 0),
+            # this replica's counts since it started: busy tiers (503) apart from failed ones (fallback)
+            "shed": dict(self.since_start["shed"]),
+            "hop_failures": {f"{tier}/{reason}": n for (tier, reason), n in self.since_start["hop_failures"].items()},
         }
 
     # The body is parsed by hand (deployments/http.py) for one-sentence errors; the schema is declared
@@ -191,19 +210,27 @@ class Router:
 
     async def call(self, tier: str, request: TierRequest, s: Settings, deadline: float) -> TierReply | None:
         """One tier call within the hop timeout and what is left of the request's deadline; None if it
-        failed or was late (the caller falls back, so a fallback never starts a fresh wait)."""
+        failed or was late (the caller falls back, so a fallback never starts a fresh wait). A tier
+        whose queue is full raises 503 for the whole request."""
         timeout_s = min(s.hop_timeout_s, deadline - time.monotonic())
         reason = "deadline"
         if timeout_s > 0:
             began = time.perf_counter()
             try:
                 return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
+            except BackPressureError as err:
+                self.shed.inc(tags={"tier": tier})
+                self.since_start["shed"][tier] += 1
+                headers = {"Retry-After": str(math.ceil(err.retry_after_s))} if err.retry_after_s is not None else None
+                raise HTTPException(503, f"the {tier} tier is at capacity (its queue is full): retry later",
+                                    headers=headers) from None
             except asyncio.TimeoutError:
                 reason = "timeout"
             except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back
                 reason = "error"
                 log.warning("%s tier call failed after %.0f ms: %r", tier, (time.perf_counter() - began) * 1000, err)
         self.hop_failures.inc(tags={"tier": tier, "reason": reason})
+        self.since_start["hop_failures"][tier, reason] += 1
         return None
 
     async def run_policy(self, policy: str, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
@@ -230,8 +257,14 @@ class Router:
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (EDGE, CLOUD)]
         escalate = policy == "dimee" and s.policy.escalates
-        results = await asyncio.gather(*(self.offload(tier, rows, mobile, on_mobile, s, deadline, escalate)
-                                         for tier, rows in offloaded if rows))
+        calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, s, deadline, escalate))
+                 for tier, rows in offloaded if rows]
+        try:
+            results = await asyncio.gather(*calls)
+        except HTTPException:  # a busy tier: the request gets 503, so the other tier's call is not needed
+            for c in calls:
+                c.cancel()
+            raise
         for rows, predictions in results:
             for row, prediction in zip(rows, predictions):
                 answers[row] = prediction

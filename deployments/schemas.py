@@ -69,7 +69,10 @@ class TierOptions(BaseModel):
 
     num_replicas: int = Field(1, ge=1, description="replicas of this tier")
     num_cpus: float = Field(0.5, gt=0, description="CPU share reserved per replica (also sets torch threads)")
-    max_ongoing_requests: int = Field(16, ge=1, description="requests a replica accepts at once")
+    max_ongoing_requests: int = Field(8, ge=1, description="requests a replica accepts at once")
+    max_queued_requests: int = Field(
+        8, ge=1, description="requests each caller holds waiting for a free replica; past that, Serve refuses "
+                             "at once and the client gets 503 with Retry-After")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: most requests merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="@serve.batch: how long to wait for a batch to fill")
 
@@ -78,7 +81,8 @@ class IngressOptions(TierOptions):
     """The mobile tier is the ingress (the Router deployment): its replicas take every request."""
 
     max_ongoing_requests: int = Field(
-        256, ge=1, description="requests a replica accepts at once; most of them await edge or cloud")
+        8, ge=1, description="requests a replica accepts at once: what the cluster behind it answers within "
+                             "the request deadline")
 
 
 class AppArgs(BaseModel):
@@ -99,6 +103,7 @@ class AppArgs(BaseModel):
     require_placement: bool = Field(
         True, description="fail at deploy time if the cluster has no node with a tier's resource"
     )
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 sent when a tier is at capacity")
     transport: Transport = Field(
         "grpc", description="how the ingress calls edge and cloud: Serve's gRPC transport, or Ray actor calls")
     router: RouterConfig = Field(

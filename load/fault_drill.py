@@ -1,9 +1,17 @@
-"""Fault drill: Locust load on a running cluster while tier replicas are killed, then a report of
-how the requests fared (answered normally, by fallback, degraded, failed), the longest wait, and how
-long Serve took to bring each replica back.
+"""Fault drill: Locust load on a running cluster while tier replicas are killed or a tier's whole
+node is lost and brought back, then a report of how the requests fared (answered normally, by
+fallback, degraded; refused with 503 because the cluster was at capacity; failed), the longest
+wait, how long Serve took to bring each replica back, and for each lost node a timeline.
 
     dimee cluster up && dimee serve artifacts/rt-polarity
-    python load/fault_drill.py --users 8 --duration 60 --kill EdgeTier@20 --kill CloudTier@40 --out runs/drill
+    python load/fault_drill.py --users 4 --texts-per-request 4 --duration 60 \
+        --kill EdgeTier@20 --kill CloudTier@40 --out runs/drill
+    python load/fault_drill.py --users 4 --duration 120 --node-down edge@20 --node-up edge@50 --out runs/node
+
+Node loss works on the local cluster (`dimee cluster node-down|node-up`). Its timeline comes from a
+probe that sends one text every 0.25 s with the lost tier's single-tier policy (edge_only or
+cloud_only): node down, first answer by fallback (edge) or degraded (cloud), /healthz naming the
+tier, node back, replica running again, first normal answer.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 from pathlib import Path
 
 import ray
+import requests
 from ray import serve
 from ray.util.state import list_actors
 
@@ -55,6 +64,65 @@ def kill_spec(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--kill wants DEPLOYMENT@SECONDS, e.g. EdgeTier@20, got {text!r}") from None
 
 
+def node_spec(text: str) -> tuple[str, float]:
+    tier, _, at = text.partition("@")
+    if tier not in PROBE_POLICY:
+        raise argparse.ArgumentTypeError(f"a node event wants TIER@SECONDS with TIER edge or cloud, got {text!r}")
+    try:
+        return tier, float(at)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a node event wants TIER@SECONDS, e.g. edge@20, got {text!r}") from None
+
+
+PROBE_POLICY = {"edge": "edge_only", "cloud": "cloud_only"}  # every probe answer needs the lost tier
+
+
+def probe(host: str, policy: str, text: str, stop: threading.Event, began: float, log: list) -> None:
+    """One text every 0.25 s; (seconds since the drill began, HTTP status, normal answer?)."""
+    session = requests.Session()
+    while not stop.is_set():
+        at = time.monotonic() - began
+        try:
+            r = session.post(f"{host}/v1/classify", json={"texts": [text], "policy": policy}, timeout=30)
+            p = r.json()["predictions"][0] if r.status_code == 200 else {}
+            log.append((at, r.status_code, r.status_code == 200 and not (p["fallback"] or p["degraded"])))
+        except requests.RequestException:
+            log.append((at, None, False))
+        stop.wait(0.25)
+
+
+def healthz_names(host: str, tier: str) -> bool:
+    try:
+        return tier in requests.get(f"{host}/healthz", timeout=10).json()["no_live_replica"]
+    except (requests.RequestException, ValueError, KeyError):
+        return False
+
+
+def node_timeline(host: str, tier: str, down_at: float, up_at: float, began: float, log: list) -> dict:
+    """Lose the tier's node at `down_at` s, bring it back at `up_at` s; when each step showed."""
+    def wait_until(check, timeout_s: float = 300) -> float | None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if check():
+                return round(time.monotonic() - began, 2)
+            time.sleep(0.25)
+        return None
+
+    time.sleep(max(0.0, down_at - (time.monotonic() - began)))
+    down = round(time.monotonic() - began, 2)
+    killed = local_cluster.stop_node(tier)
+    named = wait_until(lambda: healthz_names(host, tier))
+    time.sleep(max(0.0, up_at - (time.monotonic() - began)))
+    local_cluster.start_node(local_cluster.node_spec(tier))
+    up = round(time.monotonic() - began, 2)
+    running = wait_until(lambda: not healthz_names(host, tier))
+    first_normal = wait_until(lambda: any(ok and at >= up for at, _, ok in log))
+    first_flagged = next((round(at, 2) for at, status, ok in log if at >= down and status == 200 and not ok), None)
+    return {"tier": tier, "processes_killed": killed, "node_down_s": down, "first_fallback_or_degraded_s": first_flagged,
+            "healthz_names_it_s": named, "node_up_s": up, "replica_running_s": running,
+            "first_normal_answer_s": first_normal}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="http://127.0.0.1:8000")
@@ -64,15 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=60)
     p.add_argument("--kill", type=kill_spec, action="append", default=None, metavar="DEPLOYMENT@SECONDS",
                    help="kill one replica of DEPLOYMENT this many seconds into the load (repeatable)")
+    p.add_argument("--node-down", type=node_spec, action="append", default=[], metavar="TIER@SECONDS",
+                   help="lose the local cluster's edge or cloud node this many seconds in (needs a --node-up)")
+    p.add_argument("--node-up", type=node_spec, action="append", default=[], metavar="TIER@SECONDS",
+                   help="bring that node back this many seconds in")
+    p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--dataset", default="rt-polarity")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    kills = args.kill or [("EdgeTier", 20.0), ("CloudTier", 40.0)]
+    ups = dict(args.node_up)
+    if sorted(ups) != sorted(t for t, _ in args.node_down) or any(ups[t] <= at for t, at in args.node_down):
+        p.error("each --node-down TIER@S needs one --node-up TIER@LATER, and only those")
+    if args.texts_per_request < 1:
+        p.error("--texts-per-request must be at least 1")
+    kills = args.kill if args.kill is not None else [] if args.node_down else [("EdgeTier", 20.0), ("CloudTier", 40.0)]
     args.out.mkdir(parents=True, exist_ok=True)
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
 
-    load_args = argparse.Namespace(host=args.host, texts_per_request=1, think_time=0.0, dataset=args.dataset,
-                                   cpu_breakdown=False)
+    load_args = argparse.Namespace(host=args.host, texts_per_request=args.texts_per_request, think_time=0.0,
+                                   dataset=args.dataset, cpu_breakdown=False)
     result: dict = {}
     load = threading.Thread(target=lambda: result.update(
         run_locust(load_args, "dimee", args.users, args.duration, args.out / "drill")))
@@ -83,11 +161,19 @@ def main(argv: list[str] | None = None) -> int:
         recoveries.append({"at_s": round(time.monotonic() - started, 1), **kill_and_time_recovery(args.app, deployment)})
         print(f"killed a {deployment} replica at {at:g} s; back after {recoveries[-1]['back_after_s']} s", flush=True)
 
-    killers = [threading.Thread(target=kill_at, args=kill) for kill in kills]
+    stop, probes, timelines = threading.Event(), {tier: [] for tier, _ in args.node_down}, []
     started = time.monotonic()
-    for thread in [load, *killers]:
+    killers = [threading.Thread(target=kill_at, args=kill) for kill in kills]
+    killers += [threading.Thread(target=probe, args=(args.host, PROBE_POLICY[tier], "a fine, honest film.", stop,
+                                                     started, probes[tier]), daemon=True) for tier in probes]
+    nodes = [threading.Thread(target=lambda t=tier, at=at: timelines.append(
+        node_timeline(args.host, t, at, ups[t], started, probes[t]))) for tier, at in args.node_down]
+    for thread in [load, *killers, *nodes]:
         thread.start()
-    for thread in [load, *killers]:
+    for thread in [load, *nodes]:
+        thread.join()
+    stop.set()
+    for thread in killers:
         thread.join()
     ray.shutdown()
 
@@ -97,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         "answered": seen["predictions"], "answered_by_fallback": seen["fallback"], "answered_degraded": seen["degraded"],
         "answered_normally": seen["predictions"] - seen["fallback"] - seen["degraded"],
         "longest_wait_ms": result["max_ms"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-        "kills": recoveries,
+        "shed": result["shed"], "shed_p99_ms": result["shed_p99_ms"],
+        "kills": recoveries, "nodes": timelines,
+        "probe_failed": sum(status != 200 for log in probes.values() for _, status, _ in log),
     }
     (args.out / "drill.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    return 1 if report["failed"] else 0
+    return 1 if report["failed"] or report["probe_failed"] else 0
 
 
 if __name__ == "__main__":

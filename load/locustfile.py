@@ -23,6 +23,8 @@ TIERS = ("mobile", "edge", "cloud")
 TEXTS: list[str] = []
 PAIRS: list[str] | None = None
 SEEN = {"tiers": Counter(), "layers": 0, "predictions": 0, "fallback": 0, "degraded": 0}  # answers checked here
+SHED = " [503 at capacity]"  # suffix of the Locust stats entry that counts refusals apart from answers
+THINK = constant(0)  # the wait between requests, from --think-time
 
 
 @events.init_command_line_parser.add_listener
@@ -35,17 +37,19 @@ def _options(parser) -> None:
     parser.add_argument("--dataset", default="rt-polarity",
                         help="dataset whose test split supplies the texts: a name or csv:/jsonl:PATH")
     parser.add_argument("--tier-stats", default="", help="write the answering-tier counts to this JSON file at the end")
+    parser.add_argument("--ignore-retry-after", action="store_true",
+                        help="send the next request at once after a 503, instead of waiting its Retry-After")
 
 
 @events.init.add_listener
 def _load_texts(environment, **_) -> None:
-    global TEXTS, PAIRS
+    global TEXTS, PAIRS, THINK
     options = environment.parsed_options
     if options.texts_per_request < 1:
         raise SystemExit(f"--texts-per-request must be at least 1, got {options.texts_per_request}")
     test = split(load_dataset(options.dataset), DEFAULT_SPLITS, DEFAULT_SEED).test
     TEXTS, PAIRS = test.texts, test.text_pairs
-    ClassifyUser.wait_time = between(0, 2 * options.think_time) if options.think_time > 0 else constant(0)
+    THINK = between(0, 2 * options.think_time) if options.think_time > 0 else constant(0)
 
 
 @events.test_stop.add_listener
@@ -67,7 +71,11 @@ def check(body: dict, sent: int) -> str | None:
 
 
 class ClassifyUser(FastHttpUser):
-    wait_time = constant(0)
+    retry_after = 0.0  # set by a 503: a well-behaved client waits this long before its next request
+
+    def wait_time(self) -> float:
+        pause, self.retry_after = self.retry_after, 0.0
+        return pause or THINK(self)
 
     @task
     def classify(self) -> None:
@@ -78,6 +86,13 @@ class ClassifyUser(FastHttpUser):
             payload["text_pairs"] = [PAIRS[i] for i in rows]
         with self.client.post("/v1/classify", json=payload, name=f"/v1/classify [{options.policy}]",
                               catch_response=True) as response:
+            if response.status_code == 503 and response.headers.get("Retry-After"):
+                # the service is at capacity and said when to come back: not a failure, not an answer
+                response.request_meta["name"] += SHED
+                response.success()
+                if not options.ignore_retry_after:
+                    self.retry_after = float(response.headers["Retry-After"])
+                return
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return

@@ -12,7 +12,9 @@ compute cost anything.
 
 A comparison is only fair when neither policy is flattered by timeouts: answers that came by
 fallback or degraded are counted per policy (`fallback_or_degraded`), and a policy above 1% is
-named in `unfair`. The replicas per tier (from `/v1/info`) are part of the report: give cloud_only
+named in `unfair`. Requests refused with 503 and Retry-After (the cluster at capacity; the Locust
+users wait as told) are counted apart as `shed`, with their own p99, neither answers nor
+failures. The replicas per tier (from `/v1/info`) are part of the report: give cloud_only
 as many cloud replicas as the cores allow (`dimee up --cloud-replicas 2` on the local cluster).
 """
 
@@ -34,6 +36,7 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 POLICIES = ("dimee", "cloud_only")
 LATENCY = ("p50_ms", "p95_ms", "p99_ms")
 FAIR_SHARE = 0.01  # most fallback-or-degraded answers a policy may have for the comparison to count
+SHED = " [503 at capacity]"  # the locustfile's suffix for the stats of 503-with-Retry-After refusals
 # process-name fragment -> part of the serving path it belongs to (first match wins)
 PARTS = (("Router", "ingress_mobile"), ("EdgeTier", "edge"), ("CloudTier", "cloud"),
          ("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxy", "proxy"), ("raylet", "ray_core"), ("gcs_server", "ray_core"), ("ray", "ray_other"))
@@ -52,27 +55,35 @@ def cpu_by_part() -> dict[str, float]:
     return used
 
 
-def parse_stats(path: Path) -> dict:
-    """Totals of Locust's `--json-file` stats (written once the run has stopped, unlike its CSV,
-    which is refreshed every second and can miss the last requests)."""
-    entries = json.loads(Path(path).read_text())
-    if not entries:
-        raise ValueError(f"{path} has no stats: did Locust send any request?")
+def percentiles(entries: list[dict], qs: dict[str, float]) -> dict[str, float | None]:
+    """Latency percentiles over the merged response-time histograms of Locust stats entries."""
     histogram: dict[float, int] = {}
     for entry in entries:
         for ms, count in entry["response_times"].items():
             histogram[float(ms)] = histogram.get(float(ms), 0) + count
+    if not histogram:
+        return dict.fromkeys(qs)
     times, counts = zip(*sorted(histogram.items()))
     cumulative = np.cumsum(counts)
+    return {k: times[int(np.searchsorted(cumulative, q * cumulative[-1]))] for k, q in qs.items()}
 
-    def percentile(q: float) -> float:
-        return times[int(np.searchsorted(cumulative, q * cumulative[-1]))]
 
-    requests = sum(e["num_requests"] for e in entries)
+def parse_stats(path: Path) -> dict:
+    """Totals of Locust's `--json-file` stats (written once the run has stopped, unlike its CSV,
+    which is refreshed every second and can miss the last requests). Requests refused with 503
+    and Retry-After (`shed`) count apart: neither answers (rps, latency) nor failures."""
+    entries = json.loads(Path(path).read_text())
+    if not entries:
+        raise ValueError(f"{path} has no stats: did Locust send any request?")
+    answered = [e for e in entries if not e["name"].endswith(SHED)]
+    shed = [e for e in entries if e["name"].endswith(SHED)]
+    requests = sum(e["num_requests"] for e in answered)
     seconds = max(e["last_request_timestamp"] for e in entries) - min(e["start_time"] for e in entries)
-    return {"rps": requests / seconds, "p50_ms": percentile(0.5), "p95_ms": percentile(0.95),
-            "p99_ms": percentile(0.99), "max_ms": max(e["max_response_time"] for e in entries),
-            "requests": requests, "failures": sum(e["num_failures"] for e in entries)}
+    return {"rps": requests / seconds, **percentiles(answered, {"p50_ms": 0.5, "p95_ms": 0.95, "p99_ms": 0.99}),
+            "max_ms": max((e["max_response_time"] for e in answered), default=None),
+            "requests": requests, "failures": sum(e["num_failures"] for e in entries),
+            "shed": sum(e["num_requests"] for e in shed),
+            **percentiles(shed, {"shed_p50_ms": 0.5, "shed_p99_ms": 0.99})}
 
 
 def parse_tiers(path: Path) -> dict:
@@ -116,6 +127,8 @@ def summarize(runs: list[dict], replicas: dict[str, int] | None = None) -> dict:
         report[policy] = {
             **{k: statistics.median(r[k] for r in mine) for k in ("rps",) + LATENCY},
             "requests": requests, "failures": sum(r["failures"] for r in mine),
+            "shed": sum(r["shed"] for r in mine),  # 503 with Retry-After: the cluster was at capacity
+            "shed_p99_ms": max((r["shed_p99_ms"] for r in mine if r["shed"]), default=None),
             "tier_fraction": {t: sum(r["tier_fraction"][t] * r["requests"] for r in mine) / max(requests, 1)
                               for t in ("mobile", "edge", "cloud")},
             "mean_layers": sum(r["mean_layers"] * r["requests"] for r in mine) / max(requests, 1),
@@ -143,15 +156,16 @@ def markdown(report: dict, runs: list[dict], args) -> str:
         f"{args.texts_per_request} text(s) per request from the {args.dataset} test split, "
         f"think time {args.think_time:g} s, {args.repeat} repeat(s), against {args.host}; replicas per tier: "
         f"{report['replicas']}.", "",
-        "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | mobile | edge | cloud | mean layers "
-        "| fallback or degraded (worst run) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | shed (503) | shed p99 ms | mobile | edge "
+        "| cloud | mean layers | fallback or degraded (worst run) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for policy in POLICIES:
         r = report[policy]
         f = r["tier_fraction"]
         lines.append(f"| {policy} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
-                     f"{r['requests']} | {r['failures']} | {f['mobile']:.1%} | {f['edge']:.1%} | {f['cloud']:.1%} | "
+                     f"{r['requests']} | {r['failures']} | {r['shed']} | "
+                     f"{'-' if r['shed_p99_ms'] is None else round(r['shed_p99_ms'])} | {f['mobile']:.1%} | {f['edge']:.1%} | {f['cloud']:.1%} | "
                      f"{r['mean_layers']:.2f} | {max(x['fallback_or_degraded'] for x in runs if x['policy'] == policy):.1%} |")
     lines += ["", f"rps_ratio (dimee / cloud_only): **{report['rps_ratio']:.2f}** "
               f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
@@ -164,7 +178,7 @@ def markdown(report: dict, runs: list[dict], args) -> str:
         lines += ["", "CPU ms per request by process (median over repeats):", ""] + cpu_table(runs)
     lines += ["", "Every run:", ""]
     lines += [f"- repeat {r['repeat']} {r['policy']}: {r['rps']:.1f} rps, p50 {r['p50_ms']:.0f} ms, "
-              f"p99 {r['p99_ms']:.0f} ms, {r['failures']} failures" for r in runs]
+              f"p99 {r['p99_ms']:.0f} ms, {r['failures']} failures, {r['shed']} shed" for r in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -207,9 +221,10 @@ def sweep(args) -> dict:
             if args.warmup:
                 run_locust(args, policy, users, args.warmup, args.out / f"warmup-{policy}-{users}")
             r = run_locust(args, policy, users, args.duration, args.out / f"sweep-{policy}-{users}")
-            keep = ("users", "rps", "p50_ms", "p99_ms", "failures", "fallback_or_degraded")
+            keep = ("users", "rps", "p50_ms", "p99_ms", "failures", "shed", "shed_p99_ms", "fallback_or_degraded")
             out[policy].append({k: r[k] for k in keep})
-            print(f"{users:4d} users {policy:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms", flush=True)
+            print(f"{users:4d} users {policy:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms, "
+                  f"{r['shed']} shed", flush=True)
     out["max_rps_within_p99_limit"] = {
         policy: max((p for p in out[policy] if p["p99_ms"] <= args.p99_limit_ms and not p["failures"]),
                     key=lambda p: p["rps"], default=None)
@@ -275,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_locust(args, policy, args.users, args.duration, args.out / f"{policy}-{repeat}")
             runs.append({"repeat": repeat, **run})
             print(f"repeat {repeat} {policy:>10}: {run['rps']:.1f} rps, p50 {run['p50_ms']:.0f} ms, "
-                  f"p99 {run['p99_ms']:.0f} ms, {run['failures']} failures", flush=True)
+                  f"p99 {run['p99_ms']:.0f} ms, {run['failures']} failures, {run['shed']} shed", flush=True)
     report = summarize(runs, served_replicas(args.host))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     (args.out / "runs.json").write_text(json.dumps(runs, indent=2))

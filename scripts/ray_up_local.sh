@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `ray up cluster-local.yaml` for real on this one machine: a private sshd answers on the loopback
-# aliases 127.0.0.2-4, so the local provider brings up a head (cloud) and two workers (mobile,
-# edge) over SSH; the head deploys ARTIFACT; we check the nodes' tier resources and an HTTP
+# aliases 127.0.0.2-5, so the local provider brings up a head (no tier) and three workers
+# (mobile, edge, cloud) over SSH; the head deploys ARTIFACT; we check the nodes' tier resources and an HTTP
 # answer; `ray down` must leave no Ray process behind. Needs root (apt, sshd). Used by CI via
 # tests/test_ray_up.py.
 #
@@ -40,6 +40,7 @@ Port 22
 ListenAddress 127.0.0.2
 ListenAddress 127.0.0.3
 ListenAddress 127.0.0.4
+ListenAddress 127.0.0.5
 PermitRootLogin prohibit-password
 PasswordAuthentication no
 PidFile $WORK/sshd.pid
@@ -55,7 +56,7 @@ python - <<'EOF'
 import time, requests, ray
 ray.init(address="127.0.0.2:6379", logging_level="ERROR")
 deadline = time.time() + 420
-tiers = {"tier_cloud": "127.0.0.2", "tier_mobile": "127.0.0.3", "tier_edge": "127.0.0.4"}
+tiers = {"tier_mobile": "127.0.0.3", "tier_edge": "127.0.0.4", "tier_cloud": "127.0.0.5"}
 while time.time() < deadline:
     nodes = {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     if all(nodes.get(ip, {}).get(r, 0) > 0 for r, ip in tiers.items()):

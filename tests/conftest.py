@@ -85,7 +85,10 @@ def serve_config(directory: Path, replicas: dict[str, int], policy: str = "three
     doc = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "serve_config.yaml").read_text())
     doc["http_options"]["port"] = PORT
     app = doc["applications"][0]
-    app["args"].update({"artifact": str(directory), "policy": policy})
+    # A 20 ms batch wait makes concurrent test requests merge for sure (with the default 0 s wait,
+    # whether they do depends on event-loop timing); a lone request pays it only on mobile and edge.
+    app["args"].update({"artifact": str(directory), "policy": policy,
+                        "mobile": {"batch_wait_timeout_s": 0.02}, "edge": {"batch_wait_timeout_s": 0.02}})
     for entry in app["deployments"]:
         tier = deployment_tier(entry["name"])
         if tier in replicas:

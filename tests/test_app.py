@@ -78,7 +78,10 @@ def test_each_tier_is_pinned_by_its_resource_and_scaled_on_its_own():
         assert options["name"] == DEPLOYMENT_NAMES[tier]
         assert options["ray_actor_options"]["resources"] == {f"tier_{tier}": 0.01}
     assert app_module.deployment_options(args, "mobile")["name"] == "Router"  # the ingress is the mobile tier
-    assert app_module.deployment_options(args, "mobile")["max_ongoing_requests"] == 256
+    for tier in ("mobile", "edge", "cloud"):  # every queue is bounded and its refusals say when to retry
+        options = app_module.deployment_options(args, tier)
+        assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 8
+        assert options["backpressure_config"].retry_after_s == 1
     assert app_module.deployment_options(args, "edge")["num_replicas"] == 3
     assert app_module.deployment_options(args, "edge")["ray_actor_options"]["num_cpus"] == 1.5
     assert app_module.deployment_options(args, "mobile")["num_replicas"] == 1
@@ -100,6 +103,7 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     assert set(names) == set(DEPLOYMENT_NAMES.values())
     for tier, name in DEPLOYMENT_NAMES.items():
         assert names[name].ray_actor_options.resources == {f"tier_{tier}": 0.01}
+        assert names[name].max_queued_requests > 0 and names[name].backpressure_config.retry_after_s > 0
 
 
 @pytest.mark.parametrize("config,message", [

@@ -165,3 +165,12 @@ def test_timeouts_are_refused_unless_positive_and_reach_the_routers_settings(cap
     assert exc.value.code == 2 and "argument --hop-timeout" in capsys.readouterr().err
     args = build_parser(serve_cli.add_commands).parse_args(["up", "--hop-timeout", "30", "--request-timeout", "45"])
     assert (args.hop_timeout, args.request_timeout) == (30.0, 45.0)
+
+
+def test_node_down_and_up_need_a_tier(capsys):
+    for action in ("node-down", "node-up"):
+        assert serve_cli.main(["cluster", action]) == 2  # refused before any Ray process is touched
+        assert f"dimee cluster: error: {action} needs the tier" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        serve_cli.main(["cluster", "node-down", "gpu"])
+    assert exc.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err

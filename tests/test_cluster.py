@@ -141,7 +141,7 @@ def test_info_health_and_docs(cluster):
     assert info["exit_layers"] == {"mobile": 2, "edge": 4, "cloud": 6}
     assert info["labels"] == ["negative", "positive"] and info["policy"]["name"] == "three_way"
     assert info["replicas"] == {"mobile": 1, "edge": 1, "cloud": 1}
-    assert requests.get(f"{cluster}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{cluster}/healthz", timeout=30).json() == {"status": "ok", "no_live_replica": []}
     assert requests.get(f"{cluster}/docs", timeout=30).status_code == 200
 
 
@@ -375,6 +375,48 @@ def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer
     after = [body["predictions"] for began, _, _, body in traffic.log if began > back + 1]
     assert after and [p["tier"] for p in after[-1]] == ["mobile", "edge", "cloud"]
     assert not any(p["fallback"] or p["degraded"] for p in after[-1])
+
+
+def wait_for(check, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not check():
+        assert time.time() < deadline, f"{what} not within {seconds:g} s"
+        time.sleep(0.5)
+
+
+def no_live_replica(url: str) -> list[str]:
+    return requests.get(f"{url}/healthz", timeout=30).json()["no_live_replica"]
+
+
+@pytest.mark.parametrize("tier,row,answer", [("edge", 1, ("cloud", "fallback")), ("cloud", 2, ("mobile", "degraded"))])
+def test_a_lost_node_costs_no_request_and_its_tier_returns_when_the_node_rejoins(cluster, tier, row, answer):
+    """A tier's whole node goes away (its raylet and replicas killed; no node with its resource is
+    left): its samples are answered by fallback (edge) or from the mobile exit (cloud), /healthz and
+    /v1/info name the tier, and once the node rejoins Serve places the replica there again and the
+    answers are normal, without a redeploy. No request fails or waits past its deadline (+0.5 s)."""
+    from deployments import local_cluster
+
+    with Traffic(cluster) as traffic:
+        time.sleep(2)
+        down = time.monotonic()
+        assert local_cluster.stop_node(tier) > 0
+        wait_for(lambda: tier in no_live_replica(cluster), 120, f"/healthz naming {tier}")
+        assert requests.get(f"{cluster}/v1/info", timeout=30).json()["no_live_replica"] == [tier]
+        local_cluster.start_node(local_cluster.node_spec(tier))
+        wait_for(lambda: not no_live_replica(cluster), 240, f"a {tier} replica running again")
+        back = time.monotonic()
+        time.sleep(3)
+    assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
+        [entry for entry in traffic.log if entry[2] != 200][:3]
+    assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + 0.5
+    during = [body["predictions"][row] for began, _, _, body in traffic.log if down < began < back - 5]
+    assert during and all(p[answer[1]] and p["tier"] == answer[0] for p in during[-3:])
+    after = [body["predictions"] for began, _, _, body in traffic.log if began > back]
+    assert after and [p["tier"] for p in after[-1]] == ["mobile", "edge", "cloud"]
+    assert not any(p["fallback"] or p["degraded"] for p in after[-1])
+    placed = {t: [r["node"] for r in replicas()[name]] for t, name in DEPLOYMENT_NAMES.items()}
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    assert [nodes[node] for node in placed[tier]] == [local_cluster.node_ip(tier)]  # on the rejoined node
 
 
 def test_an_api_key_guards_the_api_when_set(cluster, served_artifact, tmp_path):

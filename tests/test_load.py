@@ -24,11 +24,17 @@ def test_parse_stats_totals_locust_json(tmp_path):
     times = {100: 50, 200: 45, 300: 4, 900: 1}  # 100 requests: p50 100 ms, p95 200, p99 300, max 900
     (tmp_path / "s.json").write_text(json.dumps([entry(times, 2, 1000.0, 1010.0)]))
     assert load_run.parse_stats(tmp_path / "s.json") == {
-        "rps": 10.0, "p50_ms": 100.0, "p95_ms": 200.0, "p99_ms": 300.0, "max_ms": 900, "requests": 100, "failures": 2}
+        "rps": 10.0, "p50_ms": 100.0, "p95_ms": 200.0, "p99_ms": 300.0, "max_ms": 900, "requests": 100, "failures": 2,
+        "shed": 0, "shed_p50_ms": None, "shed_p99_ms": None}
     (tmp_path / "two.json").write_text(json.dumps([entry({100: 10}, 0, 1000.0, 1004.0),
                                                     entry({400: 10}, 1, 1001.0, 1005.0)]))
     two = load_run.parse_stats(tmp_path / "two.json")
     assert (two["requests"], two["failures"], two["rps"], two["p50_ms"], two["p99_ms"]) == (20, 1, 4.0, 100.0, 400.0)
+    shed = {**entry({5: 98, 40: 2}, 0, 1000.0, 1004.0), "name": "/v1/classify [dimee]" + load_run.SHED}
+    (tmp_path / "shed.json").write_text(json.dumps([entry({100: 10}, 0, 1000.0, 1004.0), shed]))
+    with_shed = load_run.parse_stats(tmp_path / "shed.json")  # refusals are neither answers nor failures
+    assert (with_shed["requests"], with_shed["rps"], with_shed["p99_ms"], with_shed["failures"]) == (10, 2.5, 100.0, 0)
+    assert (with_shed["shed"], with_shed["shed_p50_ms"], with_shed["shed_p99_ms"]) == (100, 5.0, 40.0)
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(ValueError, match="no stats"):
         load_run.parse_stats(tmp_path / "empty.json")
@@ -44,7 +50,7 @@ def test_parse_tiers_gives_fractions_and_mean_layers(tmp_path):
 def run_row(repeat: int, policy: str, rps: float, p50: float, mean_layers: float, fractions: tuple,
             flagged: float = 0.0) -> dict:
     return {"repeat": repeat, "policy": policy, "rps": rps, "p50_ms": p50, "p95_ms": 2 * p50, "p99_ms": 3 * p50,
-            "requests": 100, "failures": 0, "mean_layers": mean_layers, "fallback_or_degraded": flagged,
+            "requests": 100, "failures": 0, "shed": 0, "shed_p99_ms": None, "mean_layers": mean_layers, "fallback_or_degraded": flagged,
             "tier_fraction": dict(zip(("mobile", "edge", "cloud"), fractions))}
 
 
@@ -53,8 +59,8 @@ def test_summarize_gives_the_report_shape_medians_and_ratios():
             run_row(1, "cloud_only", 25.0, 280, 6.0, (0, 0, 1)), run_row(1, "dimee", 25.0, 220, 4.0, (0.3, 0.5, 0.2))]
     report = load_run.summarize(runs, {"mobile": 1, "edge": 1, "cloud": 2})
     assert set(report) == {"dimee", "cloud_only", "rps_ratio", "rps_ratio_ceiling", "unfair", "replicas"}
-    assert set(report["dimee"]) == {"rps", "p50_ms", "p95_ms", "p99_ms", "requests", "failures", "tier_fraction",
-                                    "mean_layers", "fallback_or_degraded"}
+    assert set(report["dimee"]) == {"rps", "p50_ms", "p95_ms", "p99_ms", "requests", "failures", "shed", "shed_p99_ms",
+                                    "tier_fraction", "mean_layers", "fallback_or_degraded"}
     assert report["replicas"] == {"mobile": 1, "edge": 1, "cloud": 2} and report["unfair"] == []
     assert report["dimee"]["rps"] == 27.5 and report["dimee"]["p50_ms"] == 210 and report["dimee"]["requests"] == 200
     assert report["dimee"]["tier_fraction"] == pytest.approx({"mobile": 0.4, "edge": 0.5, "cloud": 0.1})
@@ -84,13 +90,23 @@ def test_run_refuses_bad_flags(capsys):
 
 
 class StandIn(BaseHTTPRequestHandler):
-    """Answers /v1/classify like the service, or (wrong=True) with one prediction too few."""
+    """Answers /v1/classify like the service, or (mode "wrong") with one prediction too few, or (mode
+    "busy") every other request with 503 and Retry-After."""
 
-    wrong = False
+    mode = "right"
+    sent = 0
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        n = len(body["texts"]) - (1 if self.wrong else 0)
+        type(self).sent += 1
+        if self.mode == "busy" and self.sent % 2:
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        wrong = self.mode == "wrong"
+        n = len(body["texts"]) - (1 if wrong else 0)
         answer = json.dumps({"model": "stand-in", "predictions": [
             {"label": "positive", "label_id": 1, "confidence": 0.9, "tier": "edge", "exit_layer": 4, "cost": 0.6}] * n})
         self.send_response(200)
@@ -103,9 +119,9 @@ class StandIn(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("wrong", [False, True])
-def test_locustfile_counts_tiers_and_marks_wrong_answers_as_failures(tmp_path, wrong):
-    handler = type("Handler", (StandIn,), {"wrong": wrong})
+@pytest.mark.parametrize("mode", ["right", "wrong", "busy"])
+def test_locustfile_counts_tiers_marks_wrong_answers_as_failures_and_503s_as_shed(tmp_path, mode):
+    handler = type("Handler", (StandIn,), {"mode": mode})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -119,10 +135,11 @@ def test_locustfile_counts_tiers_and_marks_wrong_answers_as_failures(tmp_path, w
     stats = load_run.parse_stats(tmp_path / "x.json")
     tiers = json.loads((tmp_path / "tiers.json").read_text())
     assert stats["requests"] > 0
-    if wrong:
+    if mode == "wrong":
         assert stats["failures"] == stats["requests"] and tiers["predictions"] == 0
         assert "sent 3 texts, got 2 predictions" in (tmp_path / "x_failures.csv").read_text()
     else:
         assert stats["failures"] == 0
+        assert abs(stats["shed"] - stats["requests"]) <= 1 if mode == "busy" else stats["shed"] == 0
         n = 3 * stats["requests"]
         assert tiers == {"tiers": {"edge": n}, "layers": 4 * n, "predictions": n, "fallback": 0, "degraded": 0}

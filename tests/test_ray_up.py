@@ -19,4 +19,5 @@ def test_ray_up_local_provider_brings_up_serves_and_tears_down(served_artifact):
                             env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "'127.0.0.3': ['tier_mobile']" in result.stdout and "'127.0.0.4': ['tier_edge']" in result.stdout
+    assert "'127.0.0.5': ['tier_cloud']" in result.stdout and "'127.0.0.2': []" in result.stdout  # a head with no tier
     assert "ray up / serve / ray down: OK" in result.stdout

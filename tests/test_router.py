@@ -76,11 +76,26 @@ class SlowTier:
         return asyncio.sleep(self.seconds, result="reply")
 
 
-def router_with(tier: SlowTier):
+class BusyTier:
+    """A stand-in for a tier's handle whose bounded queue is full: Serve raises BackPressureError."""
+
+    def remote(self, request):
+        from ray.serve.exceptions import BackPressureError
+
+        async def refused():
+            raise BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=1.5)
+        return refused()
+
+
+def router_with(tier):
+    import collections
+
     from deployments.router import Router
 
     router = object.__new__(Router.func_or_class)
-    router.handles, router.hop_failures = {"cloud": tier}, type("Counter", (), {"inc": lambda self, tags: None})()
+    no_metric = type("Counter", (), {"inc": lambda self, tags: None})()
+    router.handles, router.hop_failures, router.shed = {"cloud": tier}, no_metric, no_metric
+    router.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}
     return router
 
 
@@ -94,3 +109,18 @@ def test_a_call_gets_at_most_what_is_left_of_the_deadline(served_artifact):
     assert asyncio.run(router_with(past).call("cloud", None, s, deadline=time.monotonic() - 1)) is None
     assert past.calls == 0  # past the deadline the call is not even made
     assert asyncio.run(router_with(SlowTier(0.01)).call("cloud", None, s, deadline=time.monotonic() + 3)) == "reply"
+
+
+def test_a_busy_tier_is_a_503_with_retry_after_not_a_fallback(served_artifact):
+    from fastapi import HTTPException
+
+    s = settings(served_artifact, {})
+    router = router_with(BusyTier())
+    with pytest.raises(HTTPException) as refused:
+        asyncio.run(router.call("cloud", None, s, deadline=time.monotonic() + 3))
+    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "2"}
+    assert "cloud tier is at capacity" in refused.value.detail
+    assert router.since_start["shed"] == {"cloud": 1} and not router.since_start["hop_failures"]
+    router = router_with(SlowTier(5.0))
+    assert asyncio.run(router.call("cloud", None, s, deadline=time.monotonic() + 0.1)) is None
+    assert router.since_start["hop_failures"] == {("cloud", "timeout"): 1} and not router.since_start["shed"]
