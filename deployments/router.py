@@ -20,7 +20,6 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import math
 import time
 
 import numpy as np
@@ -62,6 +61,7 @@ class Settings:
     path_cost: dict[str, float]
     hop_timeout_s: float
     request_timeout_s: float
+    max_texts_in_flight: int
 
 
 def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Settings:
@@ -86,7 +86,7 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
     cost = config.cost_model or CostModel(**doc["cost_model"])
     exits = manifest["exits"]
     return Settings(policy, cost, cost.path_costs(exits["mobile"], exits["edge"], manifest["num_layers"]),
-                    config.hop_timeout_s, config.request_timeout_s)
+                    config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
 
 
 @serve.deployment
@@ -116,10 +116,11 @@ class Router:
                                          tag_keys=("tier",))
         self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",
                                             tag_keys=("tier", "reason"))
-        self.shed = metrics.Counter("dimee_shed_requests", "requests refused with 503 because a tier's queue was "
-                                    "full (the ingress's own refusals are Serve's 503s at the proxy)",
+        self.shed = metrics.Counter("dimee_shed_requests", "requests refused with 503: the ingress's texts in "
+                                    "flight (tier=ingress) or an edge or cloud queue was full",
                                     tag_keys=("tier",))
         self.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}  # for /v1/info
+        self.texts_in_flight = 0
 
     def reconfigure(self, config: dict) -> None:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
@@ -170,6 +171,8 @@ class Router:
             "cost_model": s.cost.model_dump(),
             "hop_timeout_s": s.hop_timeout_s,
             "request_timeout_s": s.request_timeout_s,
+            "max_texts_in_flight": s.max_texts_in_flight,
+            "texts_in_flight": self.texts_in_flight,
             "config_error": self.config_error,
             "replicas": replicas,
             "no_live_replica": sorted(t for t, n in replicas.items() if n == 0),
@@ -196,6 +199,20 @@ class Router:
             raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
         s = self.settings
         deadline = time.monotonic() + s.request_timeout_s
+        # Admission by texts, the unit the tiers' work grows with (Serve's bounded queues count
+        # requests): past the budget, refuse now rather than answer late or degraded.
+        n = len(body.texts)
+        if self.texts_in_flight and self.texts_in_flight + n > s.max_texts_in_flight:
+            raise self.refuse("ingress", f"the service is at capacity ({self.texts_in_flight} texts in progress, "
+                                         f"the limit is {s.max_texts_in_flight}): retry later")
+        self.texts_in_flight += n
+        try:
+            answers = await self.classify_admitted(body, s, deadline)
+        finally:
+            self.texts_in_flight -= n
+        return ClassifyResponse(predictions=answers, model=self.model_name)
+
+    async def classify_admitted(self, body: ClassifyRequest, s: Settings, deadline: float) -> list[Prediction]:
         self.requests.inc(tags={"policy": body.policy})
         max_length = self.manifest["max_length"]
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
@@ -206,7 +223,13 @@ class Router:
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
                        else "escalated" if answer.escalated else "normal")
             self.answers.inc(tags={"policy": body.policy, "tier": answer.tier, "outcome": outcome})
-        return ClassifyResponse(predictions=answers, model=self.model_name)
+        return answers
+
+    def refuse(self, where: str, detail: str) -> HTTPException:
+        """503 with Retry-After for a request the cluster has no room for now, counted by where."""
+        self.shed.inc(tags={"tier": where})
+        self.since_start["shed"][where] += 1
+        return HTTPException(503, detail, headers={"Retry-After": str(self.args.retry_after_s)})
 
     async def call(self, tier: str, request: TierRequest, s: Settings, deadline: float) -> TierReply | None:
         """One tier call within the hop timeout and what is left of the request's deadline; None if it
@@ -218,12 +241,8 @@ class Router:
             began = time.perf_counter()
             try:
                 return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
-            except BackPressureError as err:
-                self.shed.inc(tags={"tier": tier})
-                self.since_start["shed"][tier] += 1
-                headers = {"Retry-After": str(math.ceil(err.retry_after_s))} if err.retry_after_s is not None else None
-                raise HTTPException(503, f"the {tier} tier is at capacity (its queue is full): retry later",
-                                    headers=headers) from None
+            except BackPressureError:
+                raise self.refuse(tier, f"the {tier} tier is at capacity (its queue is full): retry later") from None
             except asyncio.TimeoutError:
                 reason = "timeout"
             except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back

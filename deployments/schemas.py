@@ -129,6 +129,9 @@ class RouterConfig(BaseModel):
     request_timeout_s: float = Field(
         3.0, gt=0, le=600, description="a request's deadline: every tier call gets at most what is left of it, so a "
                                        "request is answered (from the deepest exit computed by then) within it")
+    max_texts_in_flight: int = Field(
+        64, ge=1, description="texts this ingress replica works on at once; a request that would go past it gets "
+                              "503 with Retry-After at once (one request is always admitted, whatever its size)")
 
 
 def tier_resource(tier: str) -> str:

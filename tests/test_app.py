@@ -111,6 +111,7 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     ({"thresholds": {"mobile": "high"}}, "valid number"),
     ({"hop_timeout_s": 0}, "greater than 0"),
     ({"request_timeout_s": -1}, "greater than 0"),
+    ({"max_texts_in_flight": 0}, "greater than or equal to 1"),
     ({"cost_model": {"o_2": -1}}, "o_2"),
     ({"colour": "red"}, "Extra inputs"),
 ])

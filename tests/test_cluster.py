@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +309,25 @@ def test_live_reconfiguration_changes_policy_and_costs_without_restarts_or_lost_
     assert {r["id"] for r in replicas()["Router"]} == {r["id"] for r in before["Router"]}
     assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
         [entry for entry in traffic.log if entry[2] != 200][:3]
+
+
+def test_past_its_texts_in_flight_the_ingress_refuses_at_once_with_503_and_retry_after(
+        cluster, served_artifact, tmp_path):
+    deploy(router_config(served_artifact, {"max_texts_in_flight": 1}), tmp_path)
+    time.sleep(2)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: requests.post(f"{cluster}/v1/classify",
+                                                            json={"texts": THREE_WAY_TEXTS}, timeout=60), range(8)))
+        info = requests.get(f"{cluster}/v1/info", timeout=30).json()
+    finally:
+        deploy(router_config(served_artifact, {}), tmp_path)
+    refused = [r for r in replies if r.status_code == 503]
+    assert refused and {r.status_code for r in replies} == {200, 503}  # one request is always admitted
+    for r in refused:
+        assert r.headers["Retry-After"] == "1" and "at capacity" in r.json()["detail"]
+        assert r.elapsed.total_seconds() < 1.0
+    assert info["max_texts_in_flight"] == 1 and info["shed"]["ingress"] >= len(refused)
 
 
 def test_an_unsure_edge_hands_its_samples_on_to_cloud_as_offline(cluster, served_artifact, tmp_path):

@@ -83,7 +83,7 @@ class BusyTier:
         from ray.serve.exceptions import BackPressureError
 
         async def refused():
-            raise BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=1.5)
+            raise BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=2)
         return refused()
 
 
@@ -96,6 +96,7 @@ def router_with(tier):
     no_metric = type("Counter", (), {"inc": lambda self, tags: None})()
     router.handles, router.hop_failures, router.shed = {"cloud": tier}, no_metric, no_metric
     router.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}
+    router.args = AppArgs(artifact="unused", retry_after_s=2)
     return router
 
 
@@ -118,7 +119,7 @@ def test_a_busy_tier_is_a_503_with_retry_after_not_a_fallback(served_artifact):
     router = router_with(BusyTier())
     with pytest.raises(HTTPException) as refused:
         asyncio.run(router.call("cloud", None, s, deadline=time.monotonic() + 3))
-    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "2"}
+    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "2"}  # AppArgs
     assert "cloud tier is at capacity" in refused.value.detail
     assert router.since_start["shed"] == {"cloud": 1} and not router.since_start["hop_failures"]
     router = router_with(SlowTier(5.0))
