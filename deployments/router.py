@@ -121,6 +121,10 @@ class Router:
                                     tag_keys=("tier",))
         self.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}  # for /v1/info
         self.texts_in_flight = 0
+        # Tiers Serve's controller reports with no running replica (a lost node, a replica being
+        # replaced) are not called: a call there waits out its timeout; refreshed in the background.
+        self.no_replica: set[str] = set()
+        self.no_replica_checked = 0.0
 
     def reconfigure(self, config: dict) -> None:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
@@ -235,9 +239,10 @@ class Router:
         """One tier call within the hop timeout and what is left of the request's deadline; None if it
         failed or was late (the caller falls back, so a fallback never starts a fresh wait). A tier
         whose queue is full raises 503 for the whole request."""
+        self.refresh_no_replica()
         timeout_s = min(s.hop_timeout_s, deadline - time.monotonic())
-        reason = "deadline"
-        if timeout_s > 0:
+        reason = "unavailable" if tier in self.no_replica else "deadline"
+        if timeout_s > 0 and reason != "unavailable":
             began = time.perf_counter()
             try:
                 return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
@@ -251,6 +256,21 @@ class Router:
         self.hop_failures.inc(tags={"tier": tier, "reason": reason})
         self.since_start["hop_failures"][tier, reason] += 1
         return None
+
+    def refresh_no_replica(self, every_s: float = 1.0) -> None:
+        """Start a background refresh of the tiers without a running replica, at most every `every_s`."""
+        if time.monotonic() - self.no_replica_checked < every_s:
+            return
+        self.no_replica_checked = time.monotonic()
+
+        async def refresh() -> None:
+            try:
+                live = await asyncio.to_thread(self.live_replicas)
+                self.no_replica = {t for t, n in live.items() if n == 0}
+            except Exception as err:  # the controller unreachable: keep calling every tier
+                self.no_replica = set()
+                log.warning("could not read the replicas per tier from Serve: %r", err)
+        asyncio.get_running_loop().create_task(refresh())
 
     async def run_policy(self, policy: str, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
                          s: Settings, deadline: float) -> list[Prediction]:

@@ -11,7 +11,7 @@ wait, how long Serve took to bring each replica back, and for each lost node a t
 Node loss works on the local cluster (`dimee cluster node-down|node-up`). Its timeline comes from a
 probe that sends one text every 0.25 s with the lost tier's single-tier policy (edge_only or
 cloud_only): node down, first answer by fallback (edge) or degraded (cloud), /healthz naming the
-tier, node back, replica running again, first normal answer.
+tier, `ray start` of the node begun and returned, replica running again, first normal answer.
 """
 
 from __future__ import annotations
@@ -113,13 +113,15 @@ def node_timeline(host: str, tier: str, down_at: float, up_at: float, began: flo
     killed = local_cluster.stop_node(tier)
     named = wait_until(lambda: healthz_names(host, tier))
     time.sleep(max(0.0, up_at - (time.monotonic() - began)))
+    starting = round(time.monotonic() - began, 2)
     local_cluster.start_node(local_cluster.node_spec(tier))
     up = round(time.monotonic() - began, 2)
     running = wait_until(lambda: not healthz_names(host, tier))
-    first_normal = wait_until(lambda: any(ok and at >= up for at, _, ok in log))
+    wait_until(lambda: any(ok and at >= up for at, _, ok in log), 60)
+    first_normal = next((round(at, 2) for at, _, ok in log if ok and at >= up), None)
     first_flagged = next((round(at, 2) for at, status, ok in log if at >= down and status == 200 and not ok), None)
     return {"tier": tier, "processes_killed": killed, "node_down_s": down, "first_fallback_or_degraded_s": first_flagged,
-            "healthz_names_it_s": named, "node_up_s": up, "replica_running_s": running,
+            "healthz_names_it_s": named, "node_start_s": starting, "node_up_s": up, "replica_running_s": running,
             "first_normal_answer_s": first_normal}
 
 

@@ -97,6 +97,7 @@ def router_with(tier):
     router.handles, router.hop_failures, router.shed = {"cloud": tier}, no_metric, no_metric
     router.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}
     router.args = AppArgs(artifact="unused", retry_after_s=2)
+    router.no_replica, router.no_replica_checked = set(), float("inf")  # no refresh from Serve here
     return router
 
 
@@ -125,3 +126,15 @@ def test_a_busy_tier_is_a_503_with_retry_after_not_a_fallback(served_artifact):
     router = router_with(SlowTier(5.0))
     assert asyncio.run(router.call("cloud", None, s, deadline=time.monotonic() + 0.1)) is None
     assert router.since_start["hop_failures"] == {("cloud", "timeout"): 1} and not router.since_start["shed"]
+
+
+def test_a_tier_serve_reports_without_replicas_is_not_called(served_artifact):
+    """A lost node's tier: the call is skipped (fallback at once) instead of waiting out its timeout."""
+    s = settings(served_artifact, {})
+    tier = SlowTier(5.0)
+    router = router_with(tier)
+    router.no_replica = {"cloud"}
+    began = time.monotonic()
+    assert asyncio.run(router.call("cloud", None, s, deadline=began + 3)) is None
+    assert tier.calls == 0 and time.monotonic() - began < 0.1
+    assert router.since_start["hop_failures"] == {("cloud", "unavailable"): 1}
