@@ -78,16 +78,17 @@ PROBE_POLICY = {"edge": "edge_only", "cloud": "cloud_only"}  # every probe answe
 
 
 def probe(host: str, policy: str, text: str, stop: threading.Event, began: float, log: list) -> None:
-    """One text every 0.25 s; (seconds since the drill began, HTTP status, normal answer?)."""
+    """One text every 0.25 s; (seconds since the drill began when the answer came, HTTP status,
+    normal answer?)."""
     session = requests.Session()
     while not stop.is_set():
-        at = time.monotonic() - began
         try:
             r = session.post(f"{host}/v1/classify", json={"texts": [text], "policy": policy}, timeout=30)
             p = r.json()["predictions"][0] if r.status_code == 200 else {}
-            log.append((at, r.status_code, r.status_code == 200 and not (p["fallback"] or p["degraded"])))
+            log.append((time.monotonic() - began, r.status_code,
+                        r.status_code == 200 and not (p["fallback"] or p["degraded"])))
         except requests.RequestException:
-            log.append((at, None, False))
+            log.append((time.monotonic() - began, None, False))
         stop.wait(0.25)
 
 
