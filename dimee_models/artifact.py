@@ -178,9 +178,12 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
 def load_split(directory: str | Path, part: str, manifest: dict | None = None) -> TextDataset:
     root = Path(directory)
     manifest = manifest or read_manifest(root)
-    rows = [json.loads(line) for line in (root / "splits" / f"{part}.jsonl").read_text().splitlines() if line]
+    # "\n" only: str.splitlines() also splits at U+0085, U+2028, U+2029 and the like, which JSON
+    # keeps raw inside strings (write_jsonl's ensure_ascii=False), so a text holding one would break.
+    text = (root / "splits" / f"{part}.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.split("\n") if line]
     return TextDataset.from_rows(f"{manifest['dataset']['name']}:{part}", rows, manifest["labels"])
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
