@@ -87,6 +87,7 @@ def cmd_cluster(args) -> int:
         killed = local_cluster.stop_node(args.tier)
         print(f"{args.tier} node down ({killed} processes killed)" if killed else f"{args.tier} node was not running")
         return 0
+    check_cluster_answers(local_cluster.address())
     local_cluster.start_node(local_cluster.node_spec(args.tier))
     print(f"{args.tier} node up at {local_cluster.node_ip(args.tier)}")
     return 0
@@ -100,12 +101,27 @@ def cmd_down(args) -> int:
     return 0
 
 
+def check_cluster_answers(address: str, timeout_s: float = 3.0) -> None:
+    """Ray's client retries an address where nothing listens for minutes, with C++ warnings:
+    refuse within seconds instead, saying how to get a cluster."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError):
+        raise ValueError(f"no Ray cluster answers at {address}: start the local one with `dimee cluster up` "
+                         "(or use `dimee up`), or pass --address HOST:PORT of a running cluster's head") from None
+
+
 def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
     from deployments import local_cluster
-    from deployments.app import build_app
+    from deployments.app import build_app, check_artifact
     from deployments.schemas import AppArgs
 
     app_args = AppArgs(
@@ -116,7 +132,10 @@ def cmd_serve(args) -> int:
         router={k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout))
                 if v is not None},
     )
-    ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
+    check_artifact(app_args)  # before any cluster work: a wrong path is refused in a second
+    address = args.address or local_cluster.address()
+    check_cluster_answers(address)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
     serve.run(build_app(app_args), name="dimee", route_prefix="/")

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -89,6 +90,17 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
 
 
+def public_model_name(manifest: dict) -> str:
+    """What answers call the model: backbone and dataset by name, never a path on the server (a
+    local backbone folder or a user's CSV); a hub id such as org/name stays as it is."""
+    backbone = manifest["backbone"]
+    if Path(backbone).is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1:
+        backbone = Path(backbone).name
+    kind, sep, source = manifest["dataset"]["name"].partition(":")
+    dataset = f"{kind}:{Path(source).name}" if sep and kind in ("csv", "jsonl") else manifest["dataset"]["name"]
+    return f"{backbone}@{dataset}"
+
+
 @serve.deployment
 @serve.ingress(api)
 class Router:
@@ -106,7 +118,7 @@ class Router:
         m, e, n = self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"], self.manifest["num_layers"]
         self.exit_layers = {"mobile": m, "edge": e, "cloud": n}
         self.labels = self.manifest["labels"] or ["value"]
-        self.model_name = f"{self.manifest['backbone']}@{self.manifest['dataset']['name']}"
+        self.model_name = public_model_name(self.manifest)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
         self.requests = metrics.Counter("dimee_requests", "classify requests, by policy", tag_keys=("policy",))

@@ -174,3 +174,16 @@ def test_node_down_and_up_need_a_tier(capsys):
     with pytest.raises(SystemExit) as exc:
         serve_cli.main(["cluster", "node-down", "gpu"])
     assert exc.value.code == 2 and "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_wrong_artifact_and_a_missing_cluster_within_seconds(served_artifact, tmp_path, capsys):
+    """Before, `dimee serve` with no cluster hung for minutes printing Ray's connection warnings."""
+    import time
+
+    began = time.monotonic()
+    assert serve_cli.main(["serve", str(tmp_path / "nope")]) == 2
+    assert "is not a DIMEE artifact" in capsys.readouterr().err
+    assert serve_cli.main(["serve", str(served_artifact), "--address", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "no Ray cluster answers at 127.0.0.1:1" in err and "dimee cluster up" in err and "Traceback" not in err
+    assert time.monotonic() - began < 10
