@@ -118,7 +118,7 @@ def deploy(config: dict, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(served_artifact, tmp_path_factory):
-    """A real local cluster (cloud head + mobile + edge nodes), the app deployed from the Serve
+    """A real local cluster (a head, then mobile, edge and cloud nodes), the app deployed from the Serve
     config file; torn down after the module (other modules start Ray clusters of their own)."""
     import ray
 
