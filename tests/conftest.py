@@ -68,6 +68,35 @@ def served_artifact(tmp_path_factory) -> Path:
     return out
 
 
+# Valid but hostile texts: separators that str.splitlines() splits at, NUL, a BOM, emoji, RTL and
+# a direction override, quotes and backslashes, a very long line, duplicates.
+HOSTILE_TEXTS = ["next\u0085line in the middle", "line\u2028separator here", "para\u2029graph break", "nul\x00byte",
+                 "\ufeffstarts with a bom", "emoji \U0001F600\U0001F44D\U0001F3FD great", "\u05e9\u05dc\u05d5\u05dd rtl \u202eevil",
+                 'tab\tand "quotes", commas and \\ backslash', "a very long line " * 1000, "dup", "dup"]
+
+
+@pytest.fixture(scope="session")
+def hostile_artifact(tmp_path_factory) -> Path:
+    """A tiny model trained and calibrated from a user CSV full of hostile texts, written as Excel
+    would (BOM, CRLF) with an empty row, as a user would bring it."""
+    import csv
+
+    folder = tmp_path_factory.mktemp("hostile")
+    rows = [(text, ("pos", "neg")[(i + copy) % 2]) for copy in range(3) for i, text in enumerate(HOSTILE_TEXTS)]
+    rows += [(f"an ordinary review number {i}, {'fine' if i % 2 else 'dull'}.", ("pos", "neg")[i % 2]) for i in range(15)]
+    with (folder / "reviews.csv").open("w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.writer(f)  # CRLF line ends, fields quoted where needed
+        writer.writerow(["review", "sentiment"])
+        writer.writerows(rows[:20])
+        f.write("\r\n")  # an empty row
+        writer.writerows(rows[20:])
+    out = folder / "artifact"
+    train(TrainConfig(dataset=f"csv:{folder / 'reviews.csv'}", text_column="review", label_column="sentiment",
+                      epochs=1, max_train_samples=32, batch_size=16, max_length=32, splits=(0.5, 0.25, 0.25)), out)
+    run_calibration(out, CostModel(), 0.3)
+    return out
+
+
 def add_policy(directory: Path, policy: Policy) -> None:
     from safetensors.numpy import load_file, save_file
 
@@ -81,7 +110,7 @@ def add_policy(directory: Path, policy: Policy) -> None:
     assert policy.name in load_policies(directory)[0]
 
 
-def serve_config(directory: Path, replicas: dict[str, int], policy: str = "three_way") -> dict:
+def serve_config(directory: Path, replicas: dict[str, int], policy: str | None = "three_way") -> dict:
     doc = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "serve_config.yaml").read_text())
     doc["http_options"]["port"] = PORT
     app = doc["applications"][0]

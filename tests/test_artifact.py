@@ -12,6 +12,7 @@ from dimee_models import artifact
 from dimee_models.artifact import ArtifactError
 from dimee_models.data import TextDataset, split
 from dimee_models.model import MultiExitEncoder
+from tests.conftest import HOSTILE_TEXTS
 from dimee_models.train import resolve_backbone
 
 EXITS = {"mobile": 1, "edge": 3}
@@ -95,19 +96,14 @@ def test_tokenizer_and_splits_round_trip(saved):
     assert (test.texts, test.labels, test.label_names) == (splits.test.texts, splits.test.labels, ["a", "b", "c"])
 
 
-HOSTILE_TEXTS = ["next\u0085line", "line\u2028separator", "para\u2029graph", "cr\rlf\r\n", "nul\x00byte",
-                 "\ufeffbom first", "emoji \U0001F600\U0001F44D\U0001F3FD", "\u05e9\u05dc\u05d5\u05dd rtl \u202e",
-                 "tab\tand \"quotes\" and \\ backslash", "x" * 20000, " ", "dup", "dup"]
-
-
 def test_a_split_of_hostile_texts_round_trips(tmp_path):
-    """Texts with line and paragraph separators (which str.splitlines() would split at), NUL,
-    BOM, emoji, RTL, very long and duplicate ones come back from the split file unchanged."""
+    """Texts with line and paragraph separators (which str.splitlines() would split at), CR, NUL,
+    a BOM, emoji, RTL, very long and duplicate ones come back from the split file unchanged."""
+    texts = HOSTILE_TEXTS + ["cr\rlf\r\n", " "]
     (tmp_path / "splits").mkdir()
-    rows = [{"text": t, "label": i % 2} for i, t in enumerate(HOSTILE_TEXTS)]
-    artifact.write_jsonl(tmp_path / "splits" / "test.jsonl", rows)
+    artifact.write_jsonl(tmp_path / "splits" / "test.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(texts)])
     back = artifact.load_split(tmp_path, "test", {"dataset": {"name": "hostile"}, "labels": ["a", "b"]})
-    assert back.texts == HOSTILE_TEXTS and back.labels == [i % 2 for i in range(len(HOSTILE_TEXTS))]
+    assert back.texts == texts and back.labels == [i % 2 for i in range(len(texts))]
 
 
 def test_no_pickles(saved):

@@ -18,7 +18,7 @@ from ray.util.state import list_actors
 
 from deployments.schemas import DEPLOYMENT_NAMES, HiddenRef, RouterConfig, TierRequest
 from dimee_models.evaluate import predict_texts
-from tests.conftest import ESCALATE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
+from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
 
 pytestmark = pytest.mark.cluster
 
@@ -437,6 +437,28 @@ def test_a_lost_node_costs_no_request_and_its_tier_returns_when_the_node_rejoins
     placed = {t: [r["node"] for r in replicas()[name]] for t, name in DEPLOYMENT_NAMES.items()}
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
     assert [nodes[node] for node in placed[tier]] == [local_cluster.node_ip(tier)]  # on the rejoined node
+
+
+def test_a_model_trained_on_hostile_texts_is_served_as_offline(cluster, served_artifact, hostile_artifact, tmp_path):
+    """The user-CSV model of hostile texts (tests/conftest.py) deployed: its test split and every
+    hostile text answered as offline, the model named without server paths."""
+    from dimee_models import artifact
+
+    texts = artifact.load_split(hostile_artifact, "test").texts + [t.strip() for t in HOSTILE_TEXTS]
+    deploy(serve_config(hostile_artifact, {"mobile": 1, "edge": 1, "cloud": 1}, policy=None), tmp_path)
+    try:
+        wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["labels"] == ["neg", "pos"], 120,
+                 "the hostile-text model serving")
+        response = requests.post(f"{cluster}/v1/classify", json={"texts": texts}, timeout=60)
+    finally:
+        deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2@csv:reviews.csv"
+    offline = predict_texts(hostile_artifact, texts, "dimee")
+    for got, want in zip(body["predictions"], offline):
+        assert (got["tier"], got["label_id"], got["exit_layer"]) == (want["tier"], want["label_id"], want["exit_layer"])
+        assert abs(got["confidence"] - want["confidence"]) < 1e-4
 
 
 def test_an_api_key_guards_the_api_when_set(cluster, served_artifact, tmp_path):
