@@ -108,7 +108,7 @@ def check_cluster_answers(address: str, timeout_s: float = 3.0) -> None:
 
     if address == "auto":
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.split("://")[-1].rpartition(":")  # also ray://HOST:PORT, Ray's client address
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError):

@@ -187,3 +187,9 @@ def test_serve_refuses_a_wrong_artifact_and_a_missing_cluster_within_seconds(ser
     err = capsys.readouterr().err
     assert "no Ray cluster answers at 127.0.0.1:1" in err and "dimee cluster up" in err and "Traceback" not in err
     assert time.monotonic() - began < 10
+
+
+def test_a_cluster_address_is_checked_with_or_without_a_scheme():
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1", "no-port"):
+        with pytest.raises(ValueError, match=f"no Ray cluster answers at {address}"):
+            serve_cli.check_cluster_answers(address, timeout_s=1)
