@@ -4,7 +4,7 @@ Three routers share one interface, used by offline evaluation and by the serving
 `Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge, 2 cloud) decides on mobile, and
 `Policy.escalate(edge_probs)` says which samples answered on edge go on to cloud after all.
 
-- `centroid` (the method of DESIGN.md section 2): pools EASY / MEDIUM / HARD from confidence
+- `centroid` (the method of docs/METHOD.md section 5): pools EASY / MEDIUM / HARD from confidence
   thresholds at alpha, one centroid of the mobile embedding z per pool, nearest centroid wins.
 - `learned` (our variant): two logistic regressions on mobile-side features (z and the mobile
   exit's probabilities) estimate whether the mobile exit and the edge exit would agree with the
