@@ -23,13 +23,20 @@ def _env_var_set(name: str) -> str:
     return name
 
 
+def _port(value: str) -> int:
+    port = model_cli._positive_int(value)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value!r}")
+    return port
+
+
 def add_serve_flags(p) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
     p.add_argument("--wait-for-nodes", type=float, default=0, metavar="SECONDS",
                    help="wait this long for nodes carrying every tier resource to join before deploying")
     p.add_argument("--policy", default=None, help="stored policy to serve (default: the artifact's default)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--proxy-location", choices=("HeadOnly", "EveryNode"), default="HeadOnly",
                    help="HTTP proxies on the head only (one host: one port), or on every node with a replica, "
                         "so clients can send to a mobile node and an easy sample never leaves it")
@@ -102,8 +109,8 @@ def cmd_down(args) -> int:
 
 
 def check_cluster_answers(address: str, timeout_s: float = 3.0) -> None:
-    """Ray's client retries an address where nothing listens for minutes, with C++ warnings:
-    refuse within seconds instead, saying how to get a cluster."""
+    """Ray's client retries an address where nothing listens, or that refuses its token, for
+    half a minute to minutes, with C++ warnings: refuse within seconds instead, saying what to do."""
     import socket
 
     if address == "auto":
@@ -114,6 +121,66 @@ def check_cluster_answers(address: str, timeout_s: float = 3.0) -> None:
     except (OSError, ValueError):
         raise ValueError(f"no Ray cluster answers at {address}: start the local one with `dimee cluster up` "
                          "(or use `dimee up`), or pass --address HOST:PORT of a running cluster's head") from None
+    if "://" not in address and _gcs_refuses_token(address, timeout_s):
+        raise ValueError(f"the Ray cluster at {address} uses token authentication and refused this machine's "
+                         "token: export RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token "
+                         "(or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
+
+
+def _gcs_refuses_token(address: str, timeout_s: float) -> bool:
+    """One call to the GCS answers in under a second, unlike `ray.init`'s retries. Anything but a
+    token refusal (a slow or odd server) is left to `ray.init` to report."""
+    import threading
+
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    refused = threading.Event()
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)
+        except AuthenticationError:
+            refused.set()
+        except Exception:  # not a token refusal: ray.init reports it, see above
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return refused.is_set()
+
+
+def head_is_here(address: str) -> bool:
+    """The local cluster's head, or `auto` on a head node: its HTTP proxy binds on this machine."""
+    import ipaddress
+
+    host = address.split("://")[-1].rpartition(":")[0]
+    try:
+        return address == "auto" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http_port(host: str, port: int) -> None:
+    """Serve's proxy, on a port another program holds, fails after ~15 s with a traceback and stays
+    half-started. A port held by this cluster's own proxy (a redeploy) is fine."""
+    import urllib.request
+
+    from deployments import local_cluster
+
+    try:
+        local_cluster.check_port_free(host, port, "another program holds it: stop it, or serve on another port "
+                                                  "with --port")
+    except ValueError:
+        try:
+            with urllib.request.urlopen(f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/-/healthz",
+                                        timeout=2) as reply:
+                if reply.read() == b"success":  # what Serve's proxy answers there
+                    return
+        except OSError:
+            pass
+        raise
 
 
 def cmd_serve(args) -> int:
@@ -121,7 +188,7 @@ def cmd_serve(args) -> int:
     from ray import serve
 
     from deployments import local_cluster
-    from deployments.app import build_app, check_artifact
+    from deployments.app import build_app, check_artifact, check_placement
     from deployments.schemas import AppArgs
 
     app_args = AppArgs(
@@ -134,9 +201,12 @@ def cmd_serve(args) -> int:
     )
     check_artifact(app_args)  # before any cluster work: a wrong path is refused in a second
     address = args.address or local_cluster.address()
+    if head_is_here(address):
+        check_http_port(args.host, args.port)
     check_cluster_answers(address)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
+    check_placement()  # before Serve starts on a cluster it cannot use
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
@@ -149,7 +219,7 @@ def cmd_serve(args) -> int:
 
 def wait_for_tiers(seconds: float) -> None:
     """Nodes of a freshly launched cluster join over minutes; deploy once every tier has one
-    (build_app then refuses loudly if one is still missing)."""
+    (then a missing one is refused, with the resource it lacks)."""
     import ray
 
     deadline = time.time() + seconds
@@ -161,6 +231,14 @@ def cmd_up(args) -> int:
     from deployments import local_cluster
     from dimee_models.artifact import read_manifest
 
+    if not (args.artifact / "manifest.json").is_file() and args.artifact.exists() and (
+            args.artifact.is_file() or any(args.artifact.iterdir())):
+        raise ValueError(f"--artifact {args.artifact} is not a DIMEE artifact (no manifest.json) and not an empty "
+                         "folder: pass an artifact, or a new folder to train the default model into")
+    if not args.no_cluster:  # ports first: in seconds, not after training and a cluster start
+        local_cluster.down()  # a stale cluster from an earlier run would hold them
+        local_cluster.check_head_ports()
+        check_http_port(args.host, args.port)
     if not (args.artifact / "manifest.json").is_file():
         from dimee_models.train import TrainConfig, train
 
@@ -172,7 +250,6 @@ def cmd_up(args) -> int:
 
         run_calibration(args.artifact, CostModel(), 0.3)
     if not args.no_cluster:
-        local_cluster.down()  # a stale cluster from an earlier run would hold the ports
         local_cluster.up()
     args.dir = args.artifact
     return cmd_serve(args)

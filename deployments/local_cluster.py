@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,9 +68,26 @@ def _ray(*args: str, timeout: float = 120) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
 
+def check_port_free(host: str, port: int, fix: str) -> None:
+    """Refuse in a second what Ray would find out in a minute, behind a C++ stack trace."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ValueError(f"port {port} on {host} is in use ({err.strerror}): {fix}") from None
+
+
+def check_head_ports(dashboard: bool = True) -> None:
+    for port in (GCS_PORT, DASHBOARD_PORT) if dashboard else (GCS_PORT,):
+        check_port_free(HEAD_IP, port, "a Ray cluster or another program holds it (`dimee down` stops a local "
+                                       "cluster started earlier)")
+
+
 def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True) -> str:
     """Start the head and a node per tier; returns the cluster address."""
     started = time.time()
+    check_head_ports(dashboard)
     _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", "--num-cpus=0",
          f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-host={HEAD_IP}",
          f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats")

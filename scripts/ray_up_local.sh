@@ -2,7 +2,8 @@
 # `ray up cluster-local.yaml` for real on this one machine: a private sshd answers on the loopback
 # aliases 127.0.0.2-5, so the local provider brings up a head (no tier) and three workers
 # (mobile, edge, cloud) over SSH; the head deploys ARTIFACT; we check the nodes' tier resources and an HTTP
-# answer; `ray down` must leave no Ray process behind. Needs root (apt, sshd). Used by CI via
+# answer, and that Ray's job API refuses a request without the cluster's token; `ray down` must
+# leave no Ray process behind. Needs root (apt, sshd). Used by CI via
 # tests/test_ray_up.py.
 #
 #   scripts/ray_up_local.sh ARTIFACT
@@ -22,6 +23,7 @@ cleanup() {
   [ -f "$WORK/sshd.pid" ] && kill "$(cat "$WORK/sshd.pid")" 2>/dev/null || true
   sed -i "/$MARK/d" ~/.bashrc ~/.ssh/authorized_keys 2>/dev/null || true
   [ -L ~/dimee-serve ] && rm ~/dimee-serve
+  [ -n "${MADE_TOKEN:-}" ] && rm -f ~/.ray/auth_token
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -32,6 +34,9 @@ echo "$(cat "$KEY.pub") $MARK" >> ~/.ssh/authorized_keys
 # Ray runs each remote command in a login shell that sources ~/.bashrc: put ray/dimee on its PATH.
 echo "export PATH=$VENV_BIN:\$PATH DIMEE_ARTIFACT=$ARTIFACT $MARK" >> ~/.bashrc
 [ -e ~/dimee-serve ] || ln -s "$REPO" ~/dimee-serve
+# the cluster's token (cluster-local.yaml mounts it on every node), as a user makes it before `ray up`
+[ -f ~/.ray/auth_token ] || { ray get-auth-token --generate >/dev/null 2>&1; MADE_TOKEN=1; }
+export RAY_AUTH_MODE=token
 
 ssh-keygen -A >/dev/null
 mkdir -p /run/sshd
@@ -77,6 +82,10 @@ while time.time() < deadline:
     time.sleep(3)
 else:
     raise SystemExit("the app deployed by the head start command never answered on :8000")
+status = requests.get("http://127.0.0.2:8265/api/jobs/", timeout=30).status_code
+if status != 401:
+    raise SystemExit(f"Ray's job API answered {status} to a request without the token")
+print("job API without the token: 401")
 EOF
 
 echo "== ray down"

@@ -2,13 +2,22 @@
 traceback."""
 
 import json
+import os
+import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from deployments import cli as serve_cli
+from deployments import local_cluster
 from dimee_models import artifact
 from dimee_models.cli import build_parser, main
 from dimee_models.data import TextDataset, split
@@ -178,8 +187,6 @@ def test_node_down_and_up_need_a_tier(capsys):
 
 def test_serve_refuses_a_wrong_artifact_and_a_missing_cluster_within_seconds(served_artifact, tmp_path, capsys):
     """Before, `dimee serve` with no cluster hung for minutes printing Ray's connection warnings."""
-    import time
-
     began = time.monotonic()
     assert serve_cli.main(["serve", str(tmp_path / "nope")]) == 2
     assert "is not a DIMEE artifact" in capsys.readouterr().err
@@ -193,3 +200,110 @@ def test_a_cluster_address_is_checked_with_or_without_a_scheme():
     for address in ("127.0.0.1:1", "ray://127.0.0.1:1", "no-port"):
         with pytest.raises(ValueError, match=f"no Ray cluster answers at {address}"):
             serve_cli.check_cluster_answers(address, timeout_s=1)
+
+
+def held_port(host: str = "127.0.0.1") -> socket.socket:
+    """A port another program listens on."""
+    sock = socket.socket()
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("command", [["cluster", "up"], ["up"]])
+@pytest.mark.parametrize("port", ["GCS_PORT", "DASHBOARD_PORT"])
+def test_cluster_start_refuses_a_held_head_port_within_seconds(command, port, tmp_path, capsys, monkeypatch):
+    """Before, Ray failed after ~50 s with a C++ check failure naming a log file."""
+    with held_port(local_cluster.HEAD_IP) as sock, held_port(local_cluster.HEAD_IP) as free:
+        held = sock.getsockname()[1]
+        for name in ("GCS_PORT", "DASHBOARD_PORT"):  # not the real ones: a test cluster may be running
+            monkeypatch.setattr(local_cluster, name, held if name == port else free.getsockname()[1])
+        free.close()
+        monkeypatch.setattr(local_cluster, "down", lambda: None)  # would stop a test cluster running beside us
+        monkeypatch.setattr(local_cluster, "_ray", lambda *a, **k: pytest.fail("Ray was started"))
+        began = time.monotonic()
+        code = serve_cli.main([*command, "--artifact", str(tmp_path / "a")] if command == ["up"] else command)
+    err = capsys.readouterr().err
+    assert code == 2 and f"port {held} on {local_cluster.HEAD_IP} is in use" in err
+    assert "`dimee down`" in err and "Traceback" not in err and time.monotonic() - began < 10
+    assert not (tmp_path / "a").exists()  # refused before any training
+
+
+def test_serve_and_up_refuse_an_http_port_another_program_holds(served_artifact, tmp_path, capsys, monkeypatch):
+    """Before, Serve's proxy failed to bind after ~15 s, with a traceback, and stayed half-started."""
+    monkeypatch.setattr(local_cluster, "down", lambda: None)
+    monkeypatch.setattr(local_cluster, "check_head_ports", lambda: None)
+    with held_port() as sock:
+        port = str(sock.getsockname()[1])
+        began = time.monotonic()
+        for argv in (["serve", str(served_artifact), "--port", port], ["up", "--artifact", str(tmp_path), "--port", port]):
+            assert serve_cli.main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"port {port} on 127.0.0.1 is in use" in err and "--port" in err and "Traceback" not in err
+    assert time.monotonic() - began < 10
+
+
+def test_the_http_port_check_is_for_heads_on_this_machine():
+    assert serve_cli.head_is_here("127.0.0.2:6390") and serve_cli.head_is_here("auto")
+    assert not serve_cli.head_is_here("10.0.0.7:6379") and not serve_cli.head_is_here("ray://head.example:10001")
+
+
+def start_bare_ray(env: dict) -> tuple[subprocess.Popen, str]:
+    """A Ray cluster of one node with no tier resource, owned by a driver process (gone with it)."""
+    driver = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False, "
+         "_temp_dir='/tmp/ray_cli_test'); print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(600)"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return driver, driver.stdout.readline().strip()
+
+
+def dimee(argv: list[str], env: dict) -> tuple[int, str, float]:
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "deployments.cli", *argv], env=env, capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).parents[1])
+    return result.returncode, result.stderr, time.monotonic() - began
+
+
+@pytest.mark.cluster
+def test_serve_refuses_a_cluster_that_wants_a_token_or_lacks_the_tiers(served_artifact):
+    """Each within seconds, one line saying what to do (Ray alone: ~30 s of warnings, then
+    'Failed to connect'; or replicas waiting forever for a node that never comes)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    with_token = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    driver, address = start_bare_ray(with_token)
+    try:
+        code, err, took = dimee(["serve", str(served_artifact), "--address", address], base)
+        assert code == 2 and f"the Ray cluster at {address} uses token authentication" in err, err
+        assert "export RAY_AUTH_MODE=token" in err and "Traceback" not in err and took < 10
+
+        code, err, took = dimee(["serve", str(served_artifact), "--address", address], with_token)
+        assert code == 2 and "no node in this Ray cluster carries the resource(s) ['tier_mobile'" in err, err
+        assert "Traceback" not in err and "Started Serve" not in err and took < 10
+    finally:
+        driver.send_signal(signal.SIGINT)  # the driver's exit takes its cluster down
+        driver.wait(timeout=60)
+
+
+def test_up_refuses_an_artifact_path_it_cannot_train_into(tmp_path, capsys, monkeypatch):
+    """Before, `dimee up` began minutes of training into a file or a folder holding something else."""
+    monkeypatch.setattr(local_cluster, "down", lambda: pytest.fail("the cluster was touched"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("x")
+    for path in (tmp_path / "notes", tmp_path / "notes" / "keep.txt"):
+        assert serve_cli.main(["up", "--artifact", str(path)]) == 2
+        assert f"--artifact {path} is not a DIMEE artifact (no manifest.json)" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "http"])
+def test_a_port_out_of_range_is_refused_by_its_flag(port, capsys):
+    with pytest.raises(SystemExit) as exc:
+        serve_cli.main(["serve", "some/artifact", "--port", port])
+    assert exc.value.code == 2 and "argument --port" in capsys.readouterr().err
+
+
+def test_node_up_without_a_cluster_says_how_to_start_one(capsys, monkeypatch):
+    monkeypatch.setattr(local_cluster, "address", lambda: "127.0.0.1:1")  # not the test cluster's
+    monkeypatch.setattr(local_cluster, "start_node", lambda node: pytest.fail("a node was started"))
+    assert serve_cli.main(["cluster", "node-up", "edge"]) == 2
+    assert "no Ray cluster answers at 127.0.0.1:1" in capsys.readouterr().err
