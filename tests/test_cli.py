@@ -103,10 +103,12 @@ def test_missing_backbone_directory(tmp_path, capsys, monkeypatch):
     assert code == 2 and "no-model" in err
 
 
-def test_info_on_non_artifact(tmp_path, capsys):
-    code, out, err = run(["info", str(tmp_path)], capsys)
-    assert code == 2 and out == ""
-    assert "dimee info: error:" in err and "not a DIMEE artifact" in err and "manifest.json" in err
+@pytest.mark.parametrize("command", ["info", "calibrate", "evaluate"])
+def test_a_command_on_a_non_artifact_names_it(command, tmp_path, capsys):
+    for path in (tmp_path, tmp_path / "missing"):
+        code, out, err = run([command, str(path)], capsys)
+        assert code == 2 and out == ""
+        assert f"dimee {command}: error: {path} is not a DIMEE artifact: manifest.json not found" in err
 
 
 @pytest.fixture(scope="module")
