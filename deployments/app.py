@@ -14,31 +14,30 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
 from deployments.router import Router
-from deployments.schemas import DEPLOYMENT_NAMES, AppArgs, TierOptions, tier_resource
+from deployments.schemas import AppArgs, TierOptions
 from deployments.tier import TierModel
 from dimee_models import artifact
 from dimee_models.policy import load_policies
+from dimee_models.tiers import Tier
 
-TIER_NAMES = tuple(DEPLOYMENT_NAMES)
 
-
-def deployment_options(args: AppArgs, tier: str) -> dict:
+def deployment_options(args: AppArgs, tier: Tier) -> dict:
     """Serve options of one tier (for mobile: the ingress): its name, replicas, placement by the
     tier's custom resource, and its bounded queue (past it Serve refuses at once with 503 and
     Retry-After, rather than let every request wait and then time out)."""
-    options: TierOptions = getattr(args, tier)
+    options: TierOptions = getattr(args, tier.label)
     return {
-        "name": DEPLOYMENT_NAMES[tier],
+        "name": tier.deployment,
         "num_replicas": options.num_replicas,
         "max_ongoing_requests": options.max_ongoing_requests,
         "max_queued_requests": options.max_queued_requests,
         "backpressure_config": BackpressureConfig(retry_after_s=args.retry_after_s),
-        "ray_actor_options": {"num_cpus": options.num_cpus, "resources": {tier_resource(tier): 0.01}},
+        "ray_actor_options": {"num_cpus": options.num_cpus, "resources": {tier.resource: 0.01}},
     }
 
 
-def tier_deployment(args: AppArgs, tier: str):
-    options: TierOptions = getattr(args, tier)
+def tier_deployment(args: AppArgs, tier: Tier):
+    options: TierOptions = getattr(args, tier.label)
     return TierModel.options(**deployment_options(args, tier)).bind(
         str(Path(args.artifact).resolve()), tier, options.max_batch_size, options.batch_wait_timeout_s
     )
@@ -55,7 +54,7 @@ def check_artifact(args: AppArgs) -> None:
 def check_placement() -> None:
     """A tier whose resource no node carries would wait forever for a node: refuse instead."""
     available = ray.cluster_resources()
-    missing = [tier_resource(t) for t in TIER_NAMES if available.get(tier_resource(t), 0) <= 0]
+    missing = [t.resource for t in Tier if available.get(t.resource, 0) <= 0]
     if missing:
         raise RuntimeError(
             f"no node in this Ray cluster carries the resource(s) {missing}: start nodes with e.g. "
@@ -70,6 +69,6 @@ def build_app(args: AppArgs) -> Application:
     if args.require_placement and ray.is_initialized():
         check_placement()
     # The ingress runs the mobile slice on the mobile nodes, so an EASY sample needs no tier hop.
-    return Router.options(**deployment_options(args, "mobile"),
+    return Router.options(**deployment_options(args, Tier.MOBILE),
                           user_config=args.router.model_dump(mode="json", exclude_none=True)).bind(
-        tier_deployment(args, "edge"), tier_deployment(args, "cloud"), args)
+        tier_deployment(args, Tier.EDGE), tier_deployment(args, Tier.CLOUD), args)

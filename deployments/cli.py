@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from dimee_models import cli as model_cli
+from dimee_models.tiers import TIER_NAMES, Tier
 
 DEFAULT_ARTIFACT = Path("artifacts/default")
 QUICK_EPOCHS = 1  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
-TIERS = ("mobile", "edge", "cloud")
 
 
 def _env_var_set(name: str) -> str:
@@ -62,7 +62,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("cluster", help="start or stop a local cluster (a head, then a node per tier), or lose "
                                        "one tier's node and bring it back")
     p.add_argument("action", choices=("up", "down", "node-down", "node-up"))
-    p.add_argument("tier", nargs="?", choices=TIERS, help="with node-down and node-up: whose node")
+    p.add_argument("tier", nargs="?", choices=TIER_NAMES, help="with node-down and node-up: whose node")
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
@@ -89,14 +89,15 @@ def cmd_cluster(args) -> int:
         return 0
     if args.tier is None:
         raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
-                         f"one of {', '.join(TIERS)}")
+                         f"one of {', '.join(TIER_NAMES)}")
+    tier = Tier.named(args.tier)
     if args.action == "node-down":
-        killed = local_cluster.stop_node(args.tier)
+        killed = local_cluster.stop_node(tier)
         print(f"{args.tier} node down ({killed} processes killed)" if killed else f"{args.tier} node was not running")
         return 0
     check_cluster_answers(local_cluster.address())
-    local_cluster.start_node(local_cluster.node_spec(args.tier))
-    print(f"{args.tier} node up at {local_cluster.node_ip(args.tier)}")
+    local_cluster.start_node(local_cluster.node_spec(tier))
+    print(f"{args.tier} node up at {local_cluster.node_ip(tier)}")
     return 0
 
 
@@ -223,7 +224,7 @@ def wait_for_tiers(seconds: float) -> None:
     import ray
 
     deadline = time.time() + seconds
-    while time.time() < deadline and any(ray.cluster_resources().get(f"tier_{t}", 0) <= 0 for t in TIERS):
+    while time.time() < deadline and any(ray.cluster_resources().get(t.resource, 0) <= 0 for t in Tier):
         time.sleep(5)
 
 

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dimee_models.tiers import Tier
+
 log = logging.getLogger(__name__)
 
 HEAD_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", 6390, 8265
@@ -36,7 +38,7 @@ SERVE_ENV = {name: os.environ.get(name, "1")
 
 @dataclass(frozen=True)
 class NodeSpec:
-    tier: str
+    tier: Tier
     ip: str
     num_cpus: float
 
@@ -44,14 +46,15 @@ class NodeSpec:
 # The head carries no tier (a real cluster would not put its control plane on a tier's hardware, and
 # losing a tier's node must not take the GCS and Serve's controller with it) and no CPUs to schedule:
 # Serve's controller and proxy need none.
-DEFAULT_NODES = (NodeSpec("mobile", "127.0.0.3", 1), NodeSpec("edge", "127.0.0.4", 1), NodeSpec("cloud", "127.0.0.5", 2))
+DEFAULT_NODES = (NodeSpec(Tier.MOBILE, "127.0.0.3", 1), NodeSpec(Tier.EDGE, "127.0.0.4", 1),
+                 NodeSpec(Tier.CLOUD, "127.0.0.5", 2))
 
 
 def address() -> str:
     return f"{HEAD_IP}:{GCS_PORT}"
 
 
-def node_ip(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
+def node_ip(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
     """The address of the local cluster's node for `tier`."""
     return node_spec(tier, nodes).ip
 
@@ -94,21 +97,21 @@ def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True) -> s
     for node in nodes:
         start_node(node)
     log.info("local cluster up at %s in %.0f s: head@%s, %s", address(), time.time() - started, HEAD_IP,
-             ", ".join(f"{n.tier}@{n.ip}" for n in nodes))
+             ", ".join(f"{n.tier.label}@{n.ip}" for n in nodes))
     return address()
 
 
 def start_node(node: NodeSpec) -> None:
     """Join a tier's node to the running cluster (again, after `stop_node`)."""
     _ray("start", f"--address={address()}", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}",
-         f"--resources={json.dumps({f'tier_{node.tier}': 1})}", "--disable-usage-stats")
+         f"--resources={json.dumps({node.tier.resource: 1})}", "--disable-usage-stats")
 
 
-def node_spec(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> NodeSpec:
+def node_spec(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> NodeSpec:
     return next(node for node in nodes if node.tier == tier)
 
 
-def stop_node(tier: str, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
+def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
     """Lose a tier's node at once: SIGKILL its raylet and every process it started (the tier's
     replicas among them), with no drain and no goodbye to the GCS, as when the machine goes away.
     Returns how many processes were killed (0: the node was not running)."""

@@ -34,11 +34,12 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
-                                 TierRequest, deployment_tier)
+                                 TierRequest)
 from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
-from dimee_models.policy import CLOUD, EDGE, MOBILE, TIERS, Policy, load_policies
+from dimee_models.policy import Mode, Policy, load_policies
+from dimee_models.tiers import TIER_NAMES, Tier
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="DIMEE-Serve", description="Early-exit text classification across mobile, edge and cloud tiers")
@@ -106,24 +107,25 @@ def public_model_name(manifest: dict) -> str:
 class Router:
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
         # Set here, not by the environment of whichever process built the app (a handle carries that).
-        self.handles = {t: h.options(_by_reference=args.transport == "actor") for t, h in (("edge", edge), ("cloud", cloud))}
+        self.handles = {t: h.options(_by_reference=args.transport == "actor") for t, h in ((Tier.EDGE, edge),
+                                                                                          (Tier.CLOUD, cloud))}
         self.args = args
         threads_from_cpu_share()
-        self.mobile = TierRunner(str(args.artifact), "mobile")
+        self.mobile = TierRunner(str(args.artifact), Tier.MOBILE)
         self.mobile_batch.set_max_batch_size(args.mobile.max_batch_size)
         self.mobile_batch.set_batch_wait_timeout_s(args.mobile.batch_wait_timeout_s)
         self.api_key = args.api_key.get_secret_value() if args.api_key else None
         self.manifest = artifact.read_manifest(args.artifact)
         self.tokenizer = artifact.load_tokenizer(args.artifact)
-        m, e, n = self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"], self.manifest["num_layers"]
-        self.exit_layers = {"mobile": m, "edge": e, "cloud": n}
+        self.exit_layers = dict(zip(TIER_NAMES, (self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"],
+                                                 self.manifest["num_layers"])))
         self.labels = self.manifest["labels"] or ["value"]
         self.model_name = public_model_name(self.manifest)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
-        self.requests = metrics.Counter("dimee_requests", "classify requests, by policy", tag_keys=("policy",))
+        self.requests = metrics.Counter("dimee_requests", "classify requests, by mode", tag_keys=("mode",))
         self.answers = metrics.Counter("dimee_answers", "predictions by answering tier and outcome "
-                                       "(normal, fallback, degraded, escalated)", tag_keys=("policy", "tier", "outcome"))
+                                       "(normal, fallback, degraded, escalated)", tag_keys=("mode", "tier", "outcome"))
         self.decisions = metrics.Counter("dimee_routing_decisions", "tier chosen by the DIMEE policy, per sample",
                                          tag_keys=("tier",))
         self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",
@@ -135,7 +137,7 @@ class Router:
         self.texts_in_flight = 0
         # Tiers Serve's controller reports with no running replica (a lost node, a replica being
         # replaced) are not called: a call there waits out its timeout; refreshed in the background.
-        self.no_replica: set[str] = set()
+        self.no_replica: set[Tier] = set()
         self.no_replica_checked = 0.0
 
     def reconfigure(self, config: dict) -> None:
@@ -161,17 +163,17 @@ class Router:
         return await self.mobile.forward(requests)
 
     @staticmethod
-    def live_replicas() -> dict[str, int]:
+    def live_replicas() -> dict[Tier, int]:
         """Running replicas per tier, as Serve's controller sees them."""
-        return {deployment_tier(d): state.replica_states.get("RUNNING", 0)
+        return {Tier.of_deployment(d): state.replica_states.get("RUNNING", 0)
                 for app in serve.status().applications.values() for d, state in app.deployments.items()
-                if deployment_tier(d)}
+                if Tier.of_deployment(d) is not None}
 
     @api.get("/healthz")
     def healthz(self) -> dict:
         """200 while this ingress answers; `degraded` names the tiers with no live replica, whose
         samples are answered by fallback (edge) or from an earlier exit (cloud) meanwhile."""
-        down = sorted(t for t, n in self.live_replicas().items() if n == 0)
+        down = [t.label for t, n in sorted(self.live_replicas().items()) if n == 0]
         return {"status": "degraded" if down else "ok", "no_live_replica": down}
 
     @api.get("/v1/info")
@@ -190,8 +192,8 @@ class Router:
             "max_texts_in_flight": s.max_texts_in_flight,
             "texts_in_flight": self.texts_in_flight,
             "config_error": self.config_error,
-            "replicas": replicas,
-            "no_live_replica": sorted(t for t, n in replicas.items() if n == 0),
+            "replicas": {t.label: n for t, n in replicas.items()},
+            "no_live_replica": [t.label for t, n in sorted(replicas.items()) if n == 0],
             # this replica's counts since it started: busy tiers (503) apart from failed ones (fallback)
             "shed": dict(self.since_start["shed"]),
             "hop_failures": {f"{tier}/{reason}": n for (tier, reason), n in self.since_start["hop_failures"].items()},
@@ -229,16 +231,16 @@ class Router:
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
     async def classify_admitted(self, body: ClassifyRequest, s: Settings, deadline: float) -> list[Prediction]:
-        self.requests.inc(tags={"policy": body.policy})
+        self.requests.inc(tags={"mode": body.mode})
         max_length = self.manifest["max_length"]
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_policy(body.policy, enc["input_ids"], enc.get("token_type_ids"), s, deadline)
+        answers = await self.run_mode(body.mode, enc["input_ids"], enc.get("token_type_ids"), s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
                        else "escalated" if answer.escalated else "normal")
-            self.answers.inc(tags={"policy": body.policy, "tier": answer.tier, "outcome": outcome})
+            self.answers.inc(tags={"mode": body.mode, "tier": answer.tier, "outcome": outcome})
         return answers
 
     def refuse(self, where: str, detail: str) -> HTTPException:
@@ -247,7 +249,7 @@ class Router:
         self.since_start["shed"][where] += 1
         return HTTPException(503, detail, headers={"Retry-After": str(self.args.retry_after_s)})
 
-    async def call(self, tier: str, request: TierRequest, s: Settings, deadline: float) -> TierReply | None:
+    async def call(self, tier: Tier, request: TierRequest, s: Settings, deadline: float) -> TierReply | None:
         """One tier call within the hop timeout and what is left of the request's deadline; None if it
         failed or was late (the caller falls back, so a fallback never starts a fresh wait). A tier
         whose queue is full raises 503 for the whole request."""
@@ -259,14 +261,14 @@ class Router:
             try:
                 return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
             except BackPressureError:
-                raise self.refuse(tier, f"the {tier} tier is at capacity (its queue is full): retry later") from None
+                raise self.refuse(tier.label, f"the {tier.label} tier is at capacity (its queue is full): retry later") from None
             except asyncio.TimeoutError:
                 reason = "timeout"
             except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back
                 reason = "error"
-                log.warning("%s tier call failed after %.0f ms: %r", tier, (time.perf_counter() - began) * 1000, err)
-        self.hop_failures.inc(tags={"tier": tier, "reason": reason})
-        self.since_start["hop_failures"][tier, reason] += 1
+                log.warning("%s tier call failed after %.0f ms: %r", tier.label, (time.perf_counter() - began) * 1000, err)
+        self.hop_failures.inc(tags={"tier": tier.label, "reason": reason})
+        self.since_start["hop_failures"][tier.label, reason] += 1
         return None
 
     def refresh_no_replica(self, every_s: float = 1.0) -> None:
@@ -284,30 +286,25 @@ class Router:
                 log.warning("could not read the replicas per tier from Serve: %r", err)
         asyncio.get_running_loop().create_task(refresh())
 
-    async def run_policy(self, policy: str, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
-                         s: Settings, deadline: float) -> list[Prediction]:
-        n = len(input_ids)
-        if policy == "cloud_only":
+    async def run_mode(self, mode: Mode, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
+                       s: Settings, deadline: float) -> list[Prediction]:
+        if mode == "cloud_only":  # the tokens go to cloud: no sample runs the mobile slice
             tokens = TierRequest(input_ids=input_ids, token_type_ids=token_type_ids)
-            cloud = await self.call("cloud", tokens, s, deadline)
+            cloud = await self.call(Tier.CLOUD, tokens, s, deadline)
             if cloud is not None:
-                return self.answer(cloud, "cloud", s.path_cost["cloud_only"])
+                return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
             mobile = await self.mobile_batch(tokens)
-            return self.answer(mobile, "mobile", s.path_cost["mobile"], degraded=True)
+            return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True)
         mobile = await self.mobile_batch(TierRequest(input_ids=input_ids, token_type_ids=token_type_ids,
-                                                     keep_hidden=policy != "mobile_only"))
-        if policy == "mobile_only":
-            tiers = np.full(n, MOBILE)
-        elif policy == "edge_only":
-            tiers = np.full(n, EDGE)
-        else:
-            tiers = s.policy.route(mobile.z, mobile.probs)
+                                                     keep_hidden=mode != "mobile_only"))
+        tiers = s.policy.plan(mode, mobile.z, mobile.probs)
+        if mode == "dimee":
             for tier, count in zip(*np.unique(tiers, return_counts=True)):
-                self.decisions.inc(int(count), tags={"tier": TIERS[tier]})
-        answers = self.answer(mobile, "mobile", s.path_cost["mobile"])
+                self.decisions.inc(int(count), tags={"tier": Tier(tier).label})
+        answers = self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"])
         on_mobile = list(answers)  # what a degraded sample falls back to
-        offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (EDGE, CLOUD)]
-        escalate = policy == "dimee" and s.policy.escalates
+        offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (Tier.EDGE, Tier.CLOUD)]
+        escalate = mode == "dimee" and s.policy.escalates
         calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, s, deadline, escalate))
                  for tier, rows in offloaded if rows]
         try:
@@ -321,22 +318,22 @@ class Router:
                 answers[row] = prediction
         return answers
 
-    async def offload(self, tier: int, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
+    async def offload(self, tier: Tier, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
                       s: Settings, deadline: float, escalate: bool) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
         answers, the mobile exit's predictions, marked degraded. Only these rows' hidden state goes
         into the object store, for whichever tier reads it."""
         stored = self.mobile.store(mobile.hidden, rows)
-        if tier == EDGE:
+        if tier is Tier.EDGE:
             request = (TierRequest(hidden=stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
                        if escalate else TierRequest(hidden=stored))
-            reply = await self.call("edge", request, s, deadline)
+            reply = await self.call(Tier.EDGE, request, s, deadline)
             if reply is not None:
-                answers = self.answer(reply, "edge", s.path_cost["edge"])
+                answers = self.answer(reply, Tier.EDGE, s.path_cost["edge"])
                 return rows, await self.escalate(reply, answers, s, deadline) if escalate else answers
-        reply = await self.call("cloud", TierRequest(hidden=stored), s, deadline)
+        reply = await self.call(Tier.CLOUD, TierRequest(hidden=stored), s, deadline)
         if reply is not None:
-            return rows, self.answer(reply, "cloud", s.path_cost["cloud"], fallback=tier == EDGE)
+            return rows, self.answer(reply, Tier.CLOUD, s.path_cost["cloud"], fallback=tier is Tier.EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
 
     async def escalate(self, edge: TierReply, answers: list[Prediction], s: Settings,
@@ -347,20 +344,20 @@ class Router:
         unsure = np.flatnonzero(s.policy.escalate(edge.probs)).tolist()
         if not unsure:
             return answers
-        reply = await self.call("cloud", TierRequest(hidden=edge.hidden), s, deadline)
-        cloud = (self.answer(reply, "cloud", s.path_cost["edge_cloud"], escalated=True) if reply is not None
+        reply = await self.call(Tier.CLOUD, TierRequest(hidden=edge.hidden), s, deadline)
+        cloud = (self.answer(reply, Tier.CLOUD, s.path_cost["edge_cloud"], escalated=True) if reply is not None
                  else [answers[row].model_copy(update={"degraded": True}) for row in unsure])
         for row, prediction in zip(unsure, cloud):
             answers[row] = prediction
         return answers
 
-    def answer(self, reply: TierReply, tier: str, cost: float, fallback: bool = False,
+    def answer(self, reply: TierReply, tier: Tier, cost: float, fallback: bool = False,
                degraded: bool = False, escalated: bool = False) -> list[Prediction]:
         predictions = []
         for probs in reply.probs:
             label_id = int(probs.argmax())
             predictions.append(Prediction(
-                label=self.labels[label_id], label_id=label_id, confidence=float(probs.max()), tier=tier,
+                label=self.labels[label_id], label_id=label_id, confidence=float(probs.max()), tier=tier.label,
                 exit_layer=reply.exit_layer, cost=round(cost, 6), fallback=fallback, degraded=degraded,
                 escalated=escalated,
             ))

@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 
 import numpy as np
 import ray
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from dimee_models.cost import CostModel
+from dimee_models.policy import Mode
 
-Policy = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
 Transport = Literal["grpc", "actor"]
 TierName = Literal["mobile", "edge", "cloud"]
 
@@ -24,7 +24,9 @@ class ClassifyRequest(BaseModel):
 
     texts: list[str] = Field(..., min_length=1, description="texts to classify (1 to the server's limit, 64 by default)")
     text_pairs: list[str] | None = Field(None, description="second sentences, one per text, for sentence-pair models")
-    policy: Policy = Field("dimee", description="dimee, or a baseline: cloud_only, mobile_only, edge_only")
+    # `policy` is this field's old name, still accepted; the stored policy that mode dimee routes with is the server's
+    mode: Mode = Field("dimee", validation_alias=AliasChoices("mode", "policy"),
+                       description="dimee (route with the served policy), or a baseline: cloud_only, mobile_only, edge_only")
 
     @model_validator(mode="after")
     def _texts_are_usable(self) -> ClassifyRequest:
@@ -134,18 +136,6 @@ class RouterConfig(BaseModel):
                               "503 with Retry-After at once (one request is always admitted, whatever its size)")
 
 
-def tier_resource(tier: str) -> str:
-    """The custom resource that pins a tier's replicas to its kind of node."""
-    return f"tier_{tier}"
-
-
-# The mobile tier runs inside the ingress; edge and cloud are `TierModel` deployments.
-DEPLOYMENT_NAMES = {"mobile": "Router", "edge": "EdgeTier", "cloud": "CloudTier"}
-
-
-def deployment_tier(name: str) -> str | None:
-    """The tier a deployment of the app serves, or None."""
-    return next((tier for tier, deployment in DEPLOYMENT_NAMES.items() if deployment == name), None)
 
 
 # between deployments -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from ray.serve import metrics
 from deployments.schemas import HiddenArrays, HiddenRef, TierReply, TierRequest
 from dimee_models import artifact
 from dimee_models.model import HiddenState
+from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
 # The hidden state's owner (this replica) keeps each reference alive this long: a reference that
@@ -49,13 +50,13 @@ def select_rows(arrays: HiddenArrays, rows: list[int] | None) -> tuple[np.ndarra
 class TierRunner:
     """One tier's layers, exit head and metrics; `forward` runs a batch of requests through them."""
 
-    def __init__(self, artifact_dir: str, tier: str):
+    def __init__(self, artifact_dir: str, tier: Tier):
         manifest = artifact.read_manifest(artifact_dir)
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
         exits = manifest["exits"]
         self.end = artifact.tier_specs(manifest["num_layers"], exits["mobile"], exits["edge"])[tier].end
-        self.source = {exits["mobile"]: "mobile", exits["edge"]: "edge"}  # which tier stored a hidden state
+        self.source = {exits["mobile"]: Tier.MOBILE, exits["edge"]: Tier.EDGE}  # which tier stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
@@ -69,10 +70,10 @@ class TierRunner:
         self.offloaded = metrics.Counter(
             "dimee_hidden_state_bytes", "bytes of hidden state fetched from the object store, per hop",
             tag_keys=("hop",))
-        self.compute_ms.set_default_tags({"tier": tier})
-        self.batch_size.set_default_tags({"tier": tier})
+        self.compute_ms.set_default_tags({"tier": tier.label})
+        self.batch_size.set_default_tags({"tier": tier.label})
         params, nbytes = self.model.parameter_bytes()
-        log.info("%s tier: layers ..%d, %d parameters (%.1f MiB)", tier, self.end, params, nbytes / 2**20)
+        log.info("%s tier: layers ..%d, %d parameters (%.1f MiB)", tier.label, self.end, params, nbytes / 2**20)
 
     def check_health(self) -> None:
         """Serve's periodic health check: the weights are loaded and a one-sample forward pass works."""
@@ -84,11 +85,11 @@ class TierRunner:
                                     self.model.first_layer)
             logits = self.model.exit(self.model.run_layers(state, self.end)).logits
         if not torch.isfinite(logits).all():
-            raise RuntimeError(f"{self.tier} tier: the health-check forward pass gave non-finite logits")
+            raise RuntimeError(f"{self.tier.label} tier: the health-check forward pass gave non-finite logits")
 
     def describe(self) -> dict:
         params, nbytes = self.model.parameter_bytes()
-        return {"tier": self.tier, "node_id": self.node_id, "parameters": params, "parameter_bytes": nbytes,
+        return {"tier": self.tier.label, "node_id": self.node_id, "parameters": params, "parameter_bytes": nbytes,
                 "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
                 "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads),
                 "requests_served": self.requests_served}
@@ -97,7 +98,7 @@ class TierRunner:
         stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
         for r in requests:
             if r.hidden is not None:
-                self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"{self.source[r.hidden.layer]}->{self.tier}"})
+                self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"{self.source[r.hidden.layer].label}->{self.tier.label}"})
         self.batch_size.observe(len(requests))
         self.requests_served += len(requests)
         inputs, fetched = [], iter(stored)
@@ -133,7 +134,7 @@ class TierRunner:
                 hidden = HiddenArrays(state.hidden[rows].numpy(), state.attention_mask[rows].numpy(), self.end)
             replies.append(TierReply(
                 probs=probs[rows], exit_layer=self.end,
-                z=out.pooled[rows].numpy() if self.tier == "mobile" else None,
+                z=out.pooled[rows].numpy() if self.tier is Tier.MOBILE else None,
                 hidden=hidden, compute_ms=compute_ms, batch_size=batch,
                 received="tokens" if start == 0 else "object_store", node_id=self.node_id,
             ))
@@ -177,7 +178,7 @@ def threads_from_cpu_share() -> None:
 class TierModel:
     """Edge or cloud: a `TierRunner` behind a Serve handle, batching the requests that arrive together."""
 
-    def __init__(self, artifact_dir: str, tier: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, artifact_dir: str, tier: Tier, max_batch_size: int, batch_wait_timeout_s: float):
         threads_from_cpu_share()
         self.runner = TierRunner(artifact_dir, tier)
         self.max_batch_size = max_batch_size

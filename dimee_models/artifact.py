@@ -23,10 +23,10 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from dimee_models.data import Splits, TextDataset
 from dimee_models.model import MultiExitEncoder
+from dimee_models.tiers import Tier
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-TIERS = ("mobile", "edge", "cloud")
 
 
 class ArtifactError(ValueError):
@@ -37,21 +37,21 @@ class ArtifactError(ValueError):
 class TierSpec:
     """Which part of the model a tier holds. Layers are 0-based `[start, end)`."""
 
-    name: str
+    tier: Tier
     start: int
     end: int
     embeddings: bool
     head_layers: tuple[int, ...]
 
 
-def tier_specs(num_layers: int, mobile_exit: int, edge_exit: int) -> dict[str, TierSpec]:
+def tier_specs(num_layers: int, mobile_exit: int, edge_exit: int) -> dict[Tier, TierSpec]:
     """Mobile: embeddings + layers 1..m + head m. Edge: layers m+1..e + head e. Cloud: the full
     model with every head, so it can serve cloud-only requests and continue from any layer."""
     check_exits(num_layers, mobile_exit, edge_exit)
     return {
-        "mobile": TierSpec("mobile", 0, mobile_exit, True, (mobile_exit,)),
-        "edge": TierSpec("edge", mobile_exit, edge_exit, False, (edge_exit,)),
-        "cloud": TierSpec("cloud", 0, num_layers, True, tuple(range(1, num_layers + 1))),
+        Tier.MOBILE: TierSpec(Tier.MOBILE, 0, mobile_exit, True, (mobile_exit,)),
+        Tier.EDGE: TierSpec(Tier.EDGE, mobile_exit, edge_exit, False, (edge_exit,)),
+        Tier.CLOUD: TierSpec(Tier.CLOUD, 0, num_layers, True, tuple(range(1, num_layers + 1))),
     }
 
 
@@ -108,10 +108,10 @@ def write_tiers(out: Path, full: MultiExitEncoder, mobile: int, edge: int) -> di
     for spec in tier_specs(full.num_layers, mobile, edge).values():
         part = full.tier(spec.start, spec.end, spec.embeddings, list(spec.head_layers))
         state = {k: v.detach().contiguous() for k, v in part.state_dict().items()}
-        save_file(state, out / f"{spec.name}.safetensors")
+        save_file(state, out / f"{spec.tier.label}.safetensors")
         params, nbytes = part.parameter_bytes()
-        info[spec.name] = {
-            "file": f"{spec.name}.safetensors",
+        info[spec.tier.label] = {
+            "file": f"{spec.tier.label}.safetensors",
             "layers": [spec.start + 1, spec.end],
             "embeddings": spec.embeddings,
             "exit_heads": list(spec.head_layers),
@@ -152,10 +152,8 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
     return manifest
 
 
-def load_tier(directory: str | Path, tier: str, manifest: dict | None = None) -> MultiExitEncoder:
+def load_tier(directory: str | Path, tier: Tier, manifest: dict | None = None) -> MultiExitEncoder:
     """A module holding exactly one tier's weights, in eval mode."""
-    if tier not in TIERS:
-        raise ArtifactError(f"unknown tier {tier!r}; choose one of {TIERS}")
     root = Path(directory)
     manifest = manifest or read_manifest(root)
     config = AutoConfig.from_pretrained(root)
@@ -163,12 +161,12 @@ def load_tier(directory: str | Path, tier: str, manifest: dict | None = None) ->
     model = MultiExitEncoder.empty_tier(
         config, manifest["num_labels"], spec.start, spec.end, spec.embeddings, list(spec.head_layers)
     )
-    model.load_state_dict(load_file(root / manifest["tiers"][tier]["file"]), strict=True)
+    model.load_state_dict(load_file(root / manifest["tiers"][tier.label]["file"]), strict=True)
     return model.eval()
 
 
 def load_full(directory: str | Path, manifest: dict | None = None) -> MultiExitEncoder:
-    return load_tier(directory, "cloud", manifest)
+    return load_tier(directory, Tier.CLOUD, manifest)
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 from dimee_models import artifact
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
-from dimee_models.policy import CLOUD, EDGE, EDGE_CLOUD, MOBILE, TIERS, ExitOutputs, Outcome, Policy, choose, score
+from dimee_models.policy import EDGE_CLOUD, ExitOutputs, Mode, Outcome, Policy, choose, score
+from dimee_models.tiers import TIER_NAMES, Tier
 from dimee_models.train import batches, model_inputs
 
 
@@ -55,8 +56,8 @@ def split_outputs(directory: str | Path, part: str, manifest: dict | None = None
 def cascade_paths(conf: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Classic early exit over the tiers: stop at the first exit whose confidence clears the
     threshold, paying every hop on the way (cloud is reached through edge)."""
-    tiers = np.where(conf[:, 0] >= threshold, MOBILE, np.where(conf[:, 1] >= threshold, EDGE, CLOUD))
-    paths = np.array([MOBILE, EDGE, EDGE_CLOUD])[tiers]
+    tiers = np.where(conf[:, 0] >= threshold, Tier.MOBILE, np.where(conf[:, 1] >= threshold, Tier.EDGE, Tier.CLOUD))
+    paths = np.array([Tier.MOBILE, Tier.EDGE, EDGE_CLOUD])[tiers]
     return tiers, paths
 
 
@@ -76,7 +77,7 @@ def calibrate_cascade(out: ExitOutputs, cost: CostModel, max_drop_pp: float) -> 
 def oracle_tiers(out: ExitOutputs) -> np.ndarray:
     """The cheapest tier whose prediction is right (cloud when none is)."""
     correct = out.tier_predictions == out.labels[:, None]  # (N, 3)
-    return np.where(correct[:, 0], MOBILE, np.where(correct[:, 1], EDGE, CLOUD))
+    return np.where(correct[:, 0], Tier.MOBILE, np.where(correct[:, 1], Tier.EDGE, Tier.CLOUD))
 
 
 def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], seed: int = 0) -> dict:
@@ -84,9 +85,9 @@ def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: d
     n = len(out.labels)
     direct = {t: np.full(n, t) for t in range(3)}
     rows = {
-        "cloud_only": (direct[CLOUD], np.full(n, PATHS.index("cloud_only"))),
-        "mobile_only": (direct[MOBILE], None),
-        "edge_only": (direct[EDGE], None),
+        "cloud_only": (direct[Tier.CLOUD], np.full(n, PATHS.index("cloud_only"))),
+        "mobile_only": (direct[Tier.MOBILE], None),
+        "edge_only": (direct[Tier.EDGE], None),
     }
     for name, threshold in cascade.items():
         rows[name] = cascade_paths(out.tier_confidences, threshold)
@@ -122,7 +123,7 @@ def evaluate(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, f
             "accuracy_drop_pp_ci95": bootstrap_drop_ci(correct, reference),
             "cost": o.cost,
             "cost_reduction": 1 - o.cost / base_cost,
-            "tier_fraction": dict(zip(TIERS, o.fractions)),
+            "tier_fraction": dict(zip(TIER_NAMES, o.fractions)),
         }
     return methods
 
@@ -216,29 +217,27 @@ def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict
     return result, split_outputs(directory, "calibration", manifest), test_out
 
 
-def predict_texts(directory: str | Path, texts: list[str], policy: str = "dimee", pairs: list[str] | None = None,
+def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee", pairs: list[str] | None = None,
                   policy_name: str | None = None) -> list[dict]:
-    """What the server answers for these texts, computed offline from the full model and the
-    same routing function: [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
+    """What the server answers for these texts in `mode`, computed offline from the full model
+    with the same plan (`Policy.plan`, then escalation in mode dimee):
+    [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
     from dimee_models.policy import load_policies
 
     manifest = artifact.read_manifest(directory)
-    m, e, n = manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"]
+    exits = dict(zip(Tier, (manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"])))
     ds = TextDataset("texts", texts, [0] * len(texts), manifest["labels"], pairs)
     model, tokenizer = artifact.load_full(directory, manifest), artifact.load_tokenizer(directory)
     with torch.inference_mode():
         (enc, _), = batches(ds, tokenizer, len(texts), manifest["max_length"])
         outs = model(**model_inputs(enc))
-    probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in zip(TIERS, (m, e, n))}
-    if policy == "dimee":
-        policies, doc = load_policies(directory)
-        tiers, paths = policies[policy_name or doc["default"]].assign(outs[m - 1].pooled.numpy(), probs["mobile"],
-                                                                      probs["edge"])
-    else:
-        tiers = paths = np.full(len(texts), {"mobile_only": MOBILE, "edge_only": EDGE, "cloud_only": CLOUD}[policy])
-    exit_layer = {"mobile": m, "edge": e, "cloud": n}
-    return [{"tier": TIERS[t], "label_id": int(probs[TIERS[t]][i].argmax()),
-             "confidence": float(probs[TIERS[t]][i].max()), "exit_layer": exit_layer[TIERS[t]],
-             "escalated": bool(paths[i] == EDGE_CLOUD)}
+    probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in exits.items()}
+    policies, doc = load_policies(directory)
+    policy = policies[policy_name or doc["default"]]
+    tiers = policy.plan(mode, outs[exits[Tier.MOBILE] - 1].pooled.numpy(), probs[Tier.MOBILE])
+    escalated = (tiers == Tier.EDGE) & (policy.escalate(probs[Tier.EDGE]) if mode == "dimee" else False)
+    tiers = np.where(escalated, Tier.CLOUD, tiers)
+    return [{"tier": Tier(t).label, "label_id": int(probs[t][i].argmax()), "confidence": float(probs[t][i].max()),
+             "exit_layer": exits[t], "escalated": bool(escalated[i])}
             for i, t in enumerate(tiers)]

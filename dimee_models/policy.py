@@ -23,15 +23,18 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
 from dimee_models.cost import PATHS, CostModel
+from dimee_models.tiers import TIER_NAMES, Tier
 
-TIERS = ("mobile", "edge", "cloud")
-MOBILE, EDGE, CLOUD = 0, 1, 2
+# A request's mode: route with the served `Policy`, or a baseline that sends every sample to one tier.
+Mode = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
+MODES = get_args(Mode)
 EDGE_CLOUD = PATHS.index("edge_cloud")  # tier ids double as the PATHS indices of their own paths
 ALPHA_GRID = np.round(np.concatenate([np.linspace(0.5, 0.9, 17), np.linspace(0.91, 1.0, 37)]), 4)
 ESCALATE_GRID = np.round(np.linspace(0.4, 1.0, 25), 3)
@@ -96,11 +99,20 @@ class Policy:
             return np.zeros(len(edge_probs), dtype=bool)
         return edge_probs.max(-1) < self.thresholds["escalate"]
 
+    def plan(self, mode: Mode, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        """Where each sample goes once the mobile slice has run, in `mode`: the one decision the
+        serving ingress and offline prediction share (`cloud_only` sends the tokens to cloud instead,
+        so its samples never reach the mobile slice). Escalation follows, only in mode `dimee`."""
+        if mode == "dimee":
+            return self.route(z, mobile_probs)
+        return np.full(len(mobile_probs), {"mobile_only": Tier.MOBILE, "edge_only": Tier.EDGE,
+                                           "cloud_only": Tier.CLOUD}[mode])
+
     def assign(self, z: np.ndarray, mobile_probs: np.ndarray, edge_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(answering tier, path index into cost.PATHS) per sample, escalations included."""
         tiers = self.route(z, mobile_probs)
-        up = (tiers == EDGE) & self.escalate(edge_probs)
-        return np.where(up, CLOUD, tiers), np.where(up, EDGE_CLOUD, tiers)
+        up = (tiers == Tier.EDGE) & self.escalate(edge_probs)
+        return np.where(up, Tier.CLOUD, tiers), np.where(up, EDGE_CLOUD, tiers)
 
     def to_json(self) -> dict:
         return {
@@ -116,7 +128,7 @@ class Policy:
 
 def pools(conf: np.ndarray, alpha: float) -> np.ndarray:
     """EASY (0) if C_m >= alpha, MEDIUM (1) elif C_e >= alpha, else HARD (2); conf is (N, 3)."""
-    return np.where(conf[:, 0] >= alpha, MOBILE, np.where(conf[:, 1] >= alpha, EDGE, CLOUD))
+    return np.where(conf[:, 0] >= alpha, Tier.MOBILE, np.where(conf[:, 1] >= alpha, Tier.EDGE, Tier.CLOUD))
 
 
 def centroids_of(z: np.ndarray, pool: np.ndarray) -> np.ndarray:
@@ -179,7 +191,7 @@ def learned_scores(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
 
 
 def threshold_route(scores: np.ndarray, t_mobile: float, t_edge: float) -> np.ndarray:
-    return np.where(scores[:, 0] >= t_mobile, MOBILE, np.where(scores[:, 1] >= t_edge, EDGE, CLOUD))
+    return np.where(scores[:, 0] >= t_mobile, Tier.MOBILE, np.where(scores[:, 1] >= t_edge, Tier.EDGE, Tier.CLOUD))
 
 
 # scoring an assignment ----------------------------------------------------------------------------
@@ -296,8 +308,8 @@ def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: 
     outcomes = []
     for combo in combos:
         tiers = threshold_route(scores, combo[0], combo[1])
-        up = (tiers == EDGE) & (edge_conf < combo[2]) if kind == "escalate" else np.zeros(len(tiers), dtype=bool)
-        outcomes.append(score(out, np.where(up, CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
+        up = (tiers == Tier.EDGE) & (edge_conf < combo[2]) if kind == "escalate" else np.zeros(len(tiers), dtype=bool)
+        outcomes.append(score(out, np.where(up, Tier.CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
     ref = float((out.tier_predictions[:, 2] == out.labels).mean())
     by_reward, constrained = choose(outcomes, ref, max_drop_pp, strict=kind == "escalate")
     params = fit_learned(x, targets)
@@ -326,14 +338,14 @@ def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: in
         fractions = np.bincount(tiers, minlength=3) / len(out.labels)
         if fractions.max() >= 0.95:
             warnings.append(
-                f"{name}: sends {fractions.max():.0%} of calibration samples to {TIERS[int(fractions.argmax())]}"
+                f"{name}: sends {fractions.max():.0%} of calibration samples to {Tier(int(fractions.argmax())).label}"
                 f" (mu={cost.mu}); the reward may be dominated by cost or by confidence"
             )
     return Calibration(policies, curves, float((out.tier_predictions[:, 2] == out.labels).mean()), warnings)
 
 
 def _outcome_json(o: Outcome) -> dict:
-    return {"accuracy": o.accuracy, "cost": o.cost, "reward": o.reward, "tier_fraction": dict(zip(TIERS, o.fractions))}
+    return {"accuracy": o.accuracy, "cost": o.cost, "reward": o.reward, "tier_fraction": dict(zip(TIER_NAMES, o.fractions))}
 
 
 def _pareto(items: list[tuple]) -> list[tuple]:

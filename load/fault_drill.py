@@ -30,6 +30,7 @@ from ray import serve
 from ray.util.state import list_actors
 
 from deployments import local_cluster
+from dimee_models.tiers import Tier
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run import run_locust  # noqa: E402  (a sibling script)
@@ -77,13 +78,13 @@ def node_spec(text: str) -> tuple[str, float]:
 PROBE_POLICY = {"edge": "edge_only", "cloud": "cloud_only"}  # every probe answer needs the lost tier
 
 
-def probe(host: str, policy: str, text: str, stop: threading.Event, began: float, log: list) -> None:
+def probe(host: str, mode: str, text: str, stop: threading.Event, began: float, log: list) -> None:
     """One text every 0.25 s; (seconds since the drill began when the answer came, HTTP status,
     normal answer?)."""
     session = requests.Session()
     while not stop.is_set():
         try:
-            r = session.post(f"{host}/v1/classify", json={"texts": [text], "policy": policy}, timeout=30)
+            r = session.post(f"{host}/v1/classify", json={"texts": [text], "mode": mode}, timeout=30)
             p = r.json()["predictions"][0] if r.status_code == 200 else {}
             log.append((time.monotonic() - began, r.status_code,
                         r.status_code == 200 and not (p["fallback"] or p["degraded"])))
@@ -111,11 +112,11 @@ def node_timeline(host: str, tier: str, down_at: float, up_at: float, began: flo
 
     time.sleep(max(0.0, down_at - (time.monotonic() - began)))
     down = round(time.monotonic() - began, 2)
-    killed = local_cluster.stop_node(tier)
+    killed = local_cluster.stop_node(Tier.named(tier))
     named = wait_until(lambda: healthz_names(host, tier))
     time.sleep(max(0.0, up_at - (time.monotonic() - began)))
     starting = round(time.monotonic() - began, 2)
-    local_cluster.start_node(local_cluster.node_spec(tier))
+    local_cluster.start_node(local_cluster.node_spec(Tier.named(tier)))
     up = round(time.monotonic() - began, 2)
     running = wait_until(lambda: not healthz_names(host, tier))
     wait_until(lambda: any(ok and at >= up for at, _, ok in log), 60)

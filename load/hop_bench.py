@@ -36,9 +36,10 @@ import torch
 from ray import serve
 
 from deployments import local_cluster
-from deployments.schemas import DEPLOYMENT_NAMES, TierRequest
+from deployments.schemas import TierRequest
 from deployments.tier import TierRunner
 from dimee_models import artifact
+from dimee_models.tiers import Tier
 
 HOPS = ("noop", "edge_hidden", "cloud_hidden", "cloud_tokens", "edge_cloud", "http_healthz", "http_mobile_only")
 WARMUP = 10
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifact", type=Path, required=True, help="the artifact being served (for its test texts)")
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--address", default=None, help="Ray address (default: the local cluster's)")
-    p.add_argument("--node-ip", default=local_cluster.node_ip("mobile"),
+    p.add_argument("--node-ip", default=local_cluster.node_ip(Tier.MOBILE),
                    help="join the cluster on this node, a mobile node (default: the local cluster's)")
     p.add_argument("--app", default="dimee", help="Serve application name")
     p.add_argument("--requests", type=int, default=200)
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(local_cluster.SERVE_ENV)  # this driver stores hidden states as the ingress does
     ray.init(address=args.address or local_cluster.address(), _node_ip_address=args.node_ip,
              logging_level=logging.WARNING, log_to_driver=False)
-    handles = {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name=args.app)
-               .options(_by_reference=args.transport == "actor") for t in ("edge", "cloud")}
+    handles = {t.label: serve.get_deployment_handle(t.deployment, app_name=args.app)
+               .options(_by_reference=args.transport == "actor") for t in (Tier.EDGE, Tier.CLOUD)}
     torch.set_num_threads(1)  # as in the ingress replica's 0.5-CPU share
-    mobile = TierRunner(str(args.artifact), "mobile")
+    mobile = TierRunner(str(args.artifact), Tier.MOBILE)
     session = requests.Session()
     samples = {hop: [] for hop in HOPS}
     for i, text in enumerate(texts):
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         session.get(f"{args.url}/healthz", timeout=60).raise_for_status()
         hops["http_healthz"] = ((time.perf_counter() - began) * 1000, 0.0)
         began = time.perf_counter()
-        session.post(f"{args.url}/v1/classify", json={"texts": [text], "policy": "mobile_only"},
+        session.post(f"{args.url}/v1/classify", json={"texts": [text], "mode": "mobile_only"},
                      timeout=60).raise_for_status()
         hops["http_mobile_only"] = ((time.perf_counter() - began) * 1000, hops.pop("mobile_compute")[1])
         if i >= WARMUP:

@@ -18,8 +18,7 @@ from collections import Counter
 from locust import FastHttpUser, between, constant, events, run_single_user, task
 
 from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, load_dataset, split
-
-TIERS = ("mobile", "edge", "cloud")
+from dimee_models.tiers import TIER_NAMES
 TEXTS: list[str] = []
 PAIRS: list[str] | None = None
 SEEN = {"tiers": Counter(), "layers": 0, "predictions": 0, "fallback": 0, "degraded": 0}  # answers checked here
@@ -65,7 +64,7 @@ def check(body: dict, sent: int) -> str | None:
     if not isinstance(predictions, list) or len(predictions) != sent:
         return f"sent {sent} texts, got {len(predictions) if isinstance(predictions, list) else 'no'} predictions"
     for p in predictions:
-        if p.get("tier") not in TIERS or not isinstance(p.get("exit_layer"), int):
+        if p.get("tier") not in TIER_NAMES or not isinstance(p.get("exit_layer"), int):
             return f"prediction without a valid tier and exit layer: {p}"
     return None
 
@@ -81,7 +80,7 @@ class ClassifyUser(FastHttpUser):
     def classify(self) -> None:
         options = self.environment.parsed_options
         rows = random.sample(range(len(TEXTS)), min(options.texts_per_request, len(TEXTS)))
-        payload = {"texts": [TEXTS[i] for i in rows], "policy": options.policy}
+        payload = {"texts": [TEXTS[i] for i in rows], "mode": options.policy}
         if PAIRS is not None:
             payload["text_pairs"] = [PAIRS[i] for i in rows]
         with self.client.post("/v1/classify", json=payload, name=f"/v1/classify [{options.policy}]",

@@ -32,6 +32,8 @@ import numpy as np
 import psutil
 import requests
 
+from dimee_models.tiers import TIER_NAMES
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 POLICIES = ("dimee", "cloud_only")
 LATENCY = ("p50_ms", "p95_ms", "p99_ms")
@@ -90,7 +92,7 @@ def parse_tiers(path: Path) -> dict:
     """Answering-tier fractions and mean exit layer from the locustfile's `--tier-stats` file."""
     seen = json.loads(Path(path).read_text())
     n = max(seen["predictions"], 1)
-    return {"tier_fraction": {t: seen["tiers"].get(t, 0) / n for t in ("mobile", "edge", "cloud")},
+    return {"tier_fraction": {t: seen["tiers"].get(t, 0) / n for t in TIER_NAMES},
             "mean_layers": seen["layers"] / n, "fallback_or_degraded": (seen["fallback"] + seen["degraded"]) / n}
 
 
@@ -130,7 +132,7 @@ def summarize(runs: list[dict], replicas: dict[str, int] | None = None) -> dict:
             "shed": sum(r["shed"] for r in mine),  # 503 with Retry-After: the cluster was at capacity
             "shed_p99_ms": max((r["shed_p99_ms"] for r in mine if r["shed"]), default=None),
             "tier_fraction": {t: sum(r["tier_fraction"][t] * r["requests"] for r in mine) / max(requests, 1)
-                              for t in ("mobile", "edge", "cloud")},
+                              for t in TIER_NAMES},
             "mean_layers": sum(r["mean_layers"] * r["requests"] for r in mine) / max(requests, 1),
             "fallback_or_degraded": sum(r["fallback_or_degraded"] * r["requests"] for r in mine) / max(requests, 1),
         }

@@ -21,9 +21,9 @@ import requests
 import torch
 
 from deployments import local_cluster
-from deployments.schemas import deployment_tier
 from dimee_models import artifact
 from dimee_models.model import HiddenState
+from dimee_models.tiers import TIER_NAMES, Tier
 
 POLICIES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
 PARTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m", "cloud_from_e")
@@ -44,7 +44,7 @@ def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, l
     for i, text in [(-1, t) for t in warmup] + list(enumerate(texts)):
         for policy in POLICIES[i % 4:] + POLICIES[:i % 4]:
             began = time.perf_counter()
-            reply = session.post(f"{url}/v1/classify", json={"texts": [text], "policy": policy}, timeout=60)
+            reply = session.post(f"{url}/v1/classify", json={"texts": [text], "mode": policy}, timeout=60)
             ms = (time.perf_counter() - began) * 1000
             reply.raise_for_status()
             if i >= 0:
@@ -58,7 +58,7 @@ def layer_compute(directory: Path, manifest: dict, texts: list[str]) -> dict[str
     """Per text (median of REPS), ms of PARTS: the router's tokenizer call, then each tier's forward as
     TierModel._forward runs it (tensors in, run_layers, exit, softmax to numpy)."""
     torch.set_num_threads(1)
-    tok, mods = artifact.load_tokenizer(directory), {t: artifact.load_tier(directory, t, manifest) for t in artifact.TIERS}
+    tok, mods = artifact.load_tokenizer(directory), {t.label: artifact.load_tier(directory, t, manifest) for t in Tier}
     m, e, n = manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"]
 
     def tier(name: str, end: int, ids=None, hidden=None, start: int = m) -> HiddenState:
@@ -94,7 +94,8 @@ def serve_log_times(log_dir: Path) -> dict[str, dict[str, float]]:
     line, times = re.compile(r" dimee_(Router|\w+Tier) \S+ (\S+) -- \S+ \S+ \S+ ([\d.]+)ms$"), {}
     for path in log_dir.glob("*.log"):
         for hit in filter(None, map(line.search, path.read_text(errors="replace").splitlines())):
-            times.setdefault(hit[2], {})[hit[1].removesuffix("Tier").lower()] = float(hit[3])
+            part = "router" if hit[1] == "Router" else Tier.of_deployment(hit[1]).label
+            times.setdefault(hit[2], {})[part] = float(hit[3])
     return times
 
 
@@ -152,7 +153,8 @@ def table(run: dict) -> str:
     out.append("compute p50 (ms, 1 thread, all texts): " + ", ".join(f"{p} {v:.2f}" for p, v in run["compute_p50_ms"].items()))
     out.append(f"{'actor':<16}{'node':<11}{'RSS MiB':>9}{'USS MiB':>9}{'params MiB':>11}")
     for r in run["memory"]:
-        nbytes = run["parameter_bytes"].get(deployment_tier(r["actor"]))
+        tier = Tier.of_deployment(r["actor"])
+        nbytes = run["parameter_bytes"].get(tier.label) if tier else None
         out.append(f"{r['actor']:<16}{r['node'] or '?':<11}{r['rss_mib']:>9.1f}{r['uss_mib']:>9.1f}"
                    + (f"{nbytes / 2**20:>11.1f}" if nbytes else f"{'-':>11}"))
     return "\n".join(out + [f"mobile parameter bytes = {run['mobile_share_of_full']:.1%} of the full model's"])
@@ -173,7 +175,7 @@ def main() -> None:
     groups = http_latency(args.url.rstrip("/"), texts, warmup)
     compute = layer_compute(args.artifact, manifest, texts)
     memory = replica_memory()  # also gives the access logs time to be flushed
-    params = {t: manifest["tiers"][t]["parameter_bytes"] for t in artifact.TIERS}
+    params = {t: manifest["tiers"][t]["parameter_bytes"] for t in TIER_NAMES}
     run = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": args.url, "artifact": str(args.artifact),
            "requests_per_policy": args.requests, "warmup_per_policy": WARMUP, "cpus": psutil.cpu_count(),
            "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS)),

@@ -22,7 +22,8 @@ import numpy as np
 
 from dimee_models.cost import CostModel
 from dimee_models.evaluate import split_outputs
-from dimee_models.policy import TIERS, calibrate, score
+from dimee_models.policy import calibrate, score
+from dimee_models.tiers import TIER_NAMES
 
 ROUTERS = ("dimee", "dimee_learned")
 DEFAULT_MU = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -30,7 +31,7 @@ DEFAULT_MU = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 def fractions(out, policy) -> dict[str, float]:
     tiers = policy.route(out.z, out.probs(out.mobile_exit))
-    return dict(zip(TIERS, (np.bincount(tiers, minlength=3) / len(tiers)).tolist()))
+    return dict(zip(TIER_NAMES, (np.bincount(tiers, minlength=3) / len(tiers)).tolist()))
 
 
 def sweep(directory: Path, mus: list[float], max_drop_pp: float) -> list[dict]:
@@ -47,7 +48,7 @@ def sweep(directory: Path, mus: list[float], max_drop_pp: float) -> list[dict]:
             cal_frac = fractions(cal, pol)
             rows.append({
                 "artifact": directory.name, "mu": mu, "router": name, "thresholds": pol.thresholds,
-                "calibration_fraction": cal_frac, "test_fraction": dict(zip(TIERS, o.fractions)),
+                "calibration_fraction": cal_frac, "test_fraction": dict(zip(TIER_NAMES, o.fractions)),
                 "degenerate": max(cal_frac.values()) >= 0.95,
                 "test_accuracy": o.accuracy, "test_final_exit_accuracy": test_ref,
                 "test_drop_pp": (test_ref - o.accuracy) * 100, "test_cost": o.cost,

@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from deployments.local_cluster import ray_cli
-from deployments.schemas import deployment_tier
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.evaluate import run_calibration
 from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, Policy, load_policies
+from dimee_models.tiers import Tier
 from dimee_models.train import TrainConfig, train
 
 THREE_WAY_TEXTS = [
@@ -119,10 +119,10 @@ def serve_config(directory: Path, replicas: dict[str, int], policy: str | None =
     app["args"].update({"artifact": str(directory), "policy": policy,
                         "mobile": {"batch_wait_timeout_s": 0.02}, "edge": {"batch_wait_timeout_s": 0.02}})
     for entry in app["deployments"]:
-        tier = deployment_tier(entry["name"])
-        if tier in replicas:
+        tier = Tier.of_deployment(entry["name"])
+        if tier.label in replicas:
             entry.pop("autoscaling_config", None)
-            entry["num_replicas"] = replicas[tier]
+            entry["num_replicas"] = replicas[tier.label]
     return doc
 
 

@@ -8,7 +8,8 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deployments import app as app_module
-from deployments.schemas import DEPLOYMENT_NAMES, AppArgs, ClassifyRequest, RouterConfig
+from deployments.schemas import AppArgs, ClassifyRequest, RouterConfig
+from dimee_models.tiers import Tier
 
 ROOT = Path(__file__).parents[1]
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).parents[1]
     ({"texts": []}, "at least 1 item"),
     ({"texts": ["fine", "   "]}, "texts[1] is empty"),
     ({"texts": ["a", "b"], "text_pairs": ["x"]}, "text_pairs has 1 items but texts has 2"),
-    ({"texts": ["a"], "policy": "fastest"}, "'dimee', 'cloud_only', 'mobile_only' or 'edge_only'"),
+    ({"texts": ["a"], "mode": "fastest"}, "'dimee', 'cloud_only', 'mobile_only' or 'edge_only'"),
     ({"texts": "a single string"}, "valid list"),
     ({"texts": ["a"], "colour": "red"}, "Extra inputs are not permitted"),
 ])
@@ -26,8 +27,9 @@ def test_classify_request_rejects_bad_bodies(body, message):
         ClassifyRequest(**body)
 
 
-def test_classify_request_defaults_to_dimee():
-    assert ClassifyRequest(texts=["ok"]).policy == "dimee"
+def test_classify_request_defaults_to_dimee_and_takes_the_modes_old_name():
+    assert ClassifyRequest(texts=["ok"]).mode == "dimee"
+    assert ClassifyRequest.model_validate({"texts": ["ok"], "policy": "cloud_only"}).mode == "cloud_only"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -73,18 +75,16 @@ def test_builder_refuses_an_unknown_policy(served_artifact):
 
 def test_each_tier_is_pinned_by_its_resource_and_scaled_on_its_own():
     args = AppArgs(artifact="x", edge={"num_replicas": 3, "num_cpus": 1.5})
-    for tier in ("mobile", "edge", "cloud"):
+    names = {tier.label: app_module.deployment_options(args, tier)["name"] for tier in Tier}
+    assert names == {"mobile": "Router", "edge": "EdgeTier", "cloud": "CloudTier"}  # the ingress is the mobile tier
+    for tier in Tier:  # pinned by its resource; every queue is bounded and its refusals say when to retry
         options = app_module.deployment_options(args, tier)
-        assert options["name"] == DEPLOYMENT_NAMES[tier]
-        assert options["ray_actor_options"]["resources"] == {f"tier_{tier}": 0.01}
-    assert app_module.deployment_options(args, "mobile")["name"] == "Router"  # the ingress is the mobile tier
-    for tier in ("mobile", "edge", "cloud"):  # every queue is bounded and its refusals say when to retry
-        options = app_module.deployment_options(args, tier)
+        assert options["ray_actor_options"]["resources"] == {f"tier_{tier.label}": 0.01}
         assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 8
         assert options["backpressure_config"].retry_after_s == 1
-    assert app_module.deployment_options(args, "edge")["num_replicas"] == 3
-    assert app_module.deployment_options(args, "edge")["ray_actor_options"]["num_cpus"] == 1.5
-    assert app_module.deployment_options(args, "mobile")["num_replicas"] == 1
+    assert app_module.deployment_options(args, Tier.EDGE)["num_replicas"] == 3
+    assert app_module.deployment_options(args, Tier.EDGE)["ray_actor_options"]["num_cpus"] == 1.5
+    assert app_module.deployment_options(args, Tier.MOBILE)["num_replicas"] == 1
 
 
 def test_builder_returns_an_application(served_artifact):
@@ -100,10 +100,11 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     assert app.import_path == "deployments.app:build_app"
     AppArgs(**app.args)
     names = {d.name: d for d in app.deployments}
-    assert set(names) == set(DEPLOYMENT_NAMES.values())
-    for tier, name in DEPLOYMENT_NAMES.items():
-        assert names[name].ray_actor_options.resources == {f"tier_{tier}": 0.01}
-        assert names[name].max_queued_requests > 0 and names[name].backpressure_config.retry_after_s > 0
+    assert set(names) == {tier.deployment for tier in Tier}
+    for tier in Tier:
+        assert names[tier.deployment].ray_actor_options.resources == {tier.resource: 0.01}
+        options = names[tier.deployment]
+        assert options.max_queued_requests > 0 and options.backpressure_config.retry_after_s > 0
 
 
 @pytest.mark.parametrize("config,message", [

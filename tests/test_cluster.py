@@ -16,15 +16,16 @@ import ray
 import requests
 from ray.util.state import list_actors
 
-from deployments.schemas import DEPLOYMENT_NAMES, HiddenRef, RouterConfig, TierRequest
+from deployments.schemas import HiddenRef, RouterConfig, TierRequest
 from dimee_models.evaluate import predict_texts
+from dimee_models.tiers import Tier
 from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
 
 pytestmark = pytest.mark.cluster
 
 
-def classify(url: str, texts: list[str], policy: str = "dimee") -> list[dict]:
-    response = requests.post(f"{url}/v1/classify", json={"texts": texts, "policy": policy}, timeout=60)
+def classify(url: str, texts: list[str], mode: str = "dimee") -> list[dict]:
+    response = requests.post(f"{url}/v1/classify", json={"texts": texts, "mode": mode}, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()["predictions"]
 
@@ -38,30 +39,30 @@ def replicas() -> dict[str, list[dict]]:
     return out
 
 
-def tier_handle(tier: str):
+def tier_handle(tier: Tier):
     """What computes a tier's slice behind a Serve handle: the ingress's mobile batch, edge's and cloud's
     deployments."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAMES[tier], app_name="dimee")
-    return handle.mobile_batch if tier == "mobile" else handle
+    handle = serve.get_deployment_handle(tier.deployment, app_name="dimee")
+    return handle.mobile_batch if tier is Tier.MOBILE else handle
 
 
 def test_each_tier_runs_on_the_node_with_its_resource(cluster):
     """The ingress (which is the mobile tier) on the mobile node, edge and cloud on theirs."""
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     placed = replicas()
-    assert set(placed) == set(DEPLOYMENT_NAMES.values())  # no separate mobile deployment
-    for tier, name in DEPLOYMENT_NAMES.items():
-        for replica in placed[name]:
-            assert nodes[replica["node"]].get(f"tier_{tier}", 0) > 0, (tier, replica)
+    assert set(placed) == {tier.deployment for tier in Tier}  # no separate mobile deployment
+    for tier in Tier:
+        for replica in placed[tier.deployment]:
+            assert nodes[replica["node"]].get(tier.resource, 0) > 0, (tier, replica)
 
 
 def test_each_replica_holds_only_its_tier(cluster):
     from ray import serve
 
-    held = {t: serve.get_deployment_handle(name, app_name="dimee").describe.remote().result(timeout_s=60)
-            for t, name in DEPLOYMENT_NAMES.items()}
+    held = {t.label: serve.get_deployment_handle(t.deployment, app_name="dimee").describe.remote().result(timeout_s=60)
+            for t in Tier}
     assert (held["mobile"]["holds_embeddings"], held["mobile"]["first_layer"], held["mobile"]["layers"]) == (True, 0, 2)
     assert (held["edge"]["holds_embeddings"], held["edge"]["first_layer"], held["edge"]["layers"]) == (False, 2, 2)
     assert (held["cloud"]["holds_embeddings"], held["cloud"]["layers"]) == (True, 6)
@@ -87,8 +88,8 @@ def test_an_easy_sample_never_leaves_the_ingress(cluster):
     from ray import serve
 
     def served() -> dict[str, int]:
-        return {t: serve.get_deployment_handle(DEPLOYMENT_NAMES[t], app_name="dimee").describe.remote()
-                .result(timeout_s=60)["requests_served"] for t in ("mobile", "edge", "cloud")}
+        return {t.label: serve.get_deployment_handle(t.deployment, app_name="dimee").describe.remote()
+                .result(timeout_s=60)["requests_served"] for t in Tier}
 
     for text, tier, calls in zip(THREE_WAY_TEXTS, ("mobile", "edge", "cloud"),
                                  ({"mobile": 1}, {"mobile": 1, "edge": 1}, {"mobile": 1, "cloud": 1})):
@@ -98,12 +99,12 @@ def test_an_easy_sample_never_leaves_the_ingress(cluster):
         assert {t: after[t] - before[t] for t in after} == {"mobile": 0, "edge": 0, "cloud": 0} | calls, tier
 
 
-@pytest.mark.parametrize("policy,tier,layer", [("cloud_only", "cloud", 6), ("edge_only", "edge", 4),
-                                               ("mobile_only", "mobile", 2)])
-def test_baseline_policies_equal_the_offline_exits(cluster, served_artifact, policy, tier, layer):
+@pytest.mark.parametrize("mode,tier,layer", [("cloud_only", "cloud", 6), ("edge_only", "edge", 4),
+                                             ("mobile_only", "mobile", 2)])
+def test_baseline_modes_equal_the_offline_exits(cluster, served_artifact, mode, tier, layer):
     texts = THREE_WAY_TEXTS + ["an utterly forgettable sequel."]
-    served = classify(cluster, texts, policy)
-    for got, want in zip(served, predict_texts(served_artifact, texts, policy)):
+    served = classify(cluster, texts, mode)
+    for got, want in zip(served, predict_texts(served_artifact, texts, mode)):
         assert got["tier"] == tier and got["exit_layer"] == layer
         assert got["label_id"] == want["label_id"] and abs(got["confidence"] - want["confidence"]) < 1e-4
 
@@ -117,8 +118,8 @@ def test_hidden_state_travels_through_the_object_store(cluster, served_artifact)
     from dimee_models.artifact import load_tokenizer
 
     ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS * 8)["input_ids"]
-    edge, cloud = tier_handle("edge"), tier_handle("cloud")
-    mobile = TierRunner(str(served_artifact), "mobile")  # the ingress's own code, in this process
+    edge, cloud = tier_handle(Tier.EDGE), tier_handle(Tier.CLOUD)
+    mobile = TierRunner(str(served_artifact), Tier.MOBILE)  # the ingress's own code, in this process
     [reply] = asyncio.run(mobile.forward([TierRequest(input_ids=ids, keep_hidden=True)]))
     stored = mobile.store(reply.hidden, rows=[0, 5])
     assert isinstance(stored, HiddenRef) and isinstance(stored.ref, ray.ObjectRef)
@@ -172,7 +173,7 @@ def test_every_bad_input_gets_a_clear_4xx_and_serving_goes_on(cluster):
         (b'{"texts": ["fine", " \\n "]}', "application/json", 422, "texts[1] is empty"),
         (b'{"texts": ["a\\ud800"]}', "application/json", 422, "texts[0] holds a lone surrogate"),
         (b'{"texts": ["a", "b"], "text_pairs": ["x"]}', "application/json", 422, "text_pairs has 1 items"),
-        (b'{"texts": ["fine"], "policy": "fastest"}', "application/json", 422, "policy: Input should be"),
+        (b'{"texts": ["fine"], "mode": "fastest"}', "application/json", 422, "mode: Input should be"),
         (json.dumps({"texts": ["x"] * 65}).encode(), "application/json", 422, "too many texts"),
         (b'{"texts": ["a"], "text_pairs": ["b"]}', "application/json", 422, "single texts"),  # a single-text model
     ]
@@ -419,10 +420,10 @@ def test_a_lost_node_costs_no_request_and_its_tier_returns_when_the_node_rejoins
     with Traffic(cluster) as traffic:
         time.sleep(2)
         down = time.monotonic()
-        assert local_cluster.stop_node(tier) > 0
+        assert local_cluster.stop_node(Tier.named(tier)) > 0
         wait_for(lambda: tier in no_live_replica(cluster), 120, f"/healthz naming {tier}")
         assert requests.get(f"{cluster}/v1/info", timeout=30).json()["no_live_replica"] == [tier]
-        local_cluster.start_node(local_cluster.node_spec(tier))
+        local_cluster.start_node(local_cluster.node_spec(Tier.named(tier)))
         wait_for(lambda: not no_live_replica(cluster), 240, f"a {tier} replica running again")
         back = time.monotonic()
         time.sleep(3)
@@ -434,9 +435,9 @@ def test_a_lost_node_costs_no_request_and_its_tier_returns_when_the_node_rejoins
     after = [body["predictions"] for began, _, _, body in traffic.log if began > back]
     assert after and [p["tier"] for p in after[-1]] == ["mobile", "edge", "cloud"]
     assert not any(p["fallback"] or p["degraded"] for p in after[-1])
-    placed = {t: [r["node"] for r in replicas()[name]] for t, name in DEPLOYMENT_NAMES.items()}
+    placed = [r["node"] for r in replicas()[Tier.named(tier).deployment]]
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-    assert [nodes[node] for node in placed[tier]] == [local_cluster.node_ip(tier)]  # on the rejoined node
+    assert [nodes[node] for node in placed] == [local_cluster.node_ip(Tier.named(tier))]  # on the rejoined node
 
 
 def test_a_model_trained_on_hostile_texts_is_served_as_offline(cluster, served_artifact, hostile_artifact, tmp_path):

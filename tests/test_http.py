@@ -50,8 +50,9 @@ def doc(value) -> bytes:
     (b'{"texts": ["a\\ud800b"]}', JSON, 422, ["texts[0] holds a lone surrogate"]),
     (doc({"texts": ["a", "b"], "text_pairs": ["x"]}), JSON, 422, ["text_pairs has 1 items but texts has 2"]),
     (doc({"texts": ["a"], "text_pairs": "x"}), JSON, 422, ["text_pairs: Input should be a valid list"]),
-    (doc({"texts": ["a"], "policy": "fastest"}), JSON, 422,
-     ["policy: Input should be 'dimee', 'cloud_only', 'mobile_only' or 'edge_only'"]),
+    (doc({"texts": ["a"], "mode": "fastest"}), JSON, 422,
+     ["mode: Input should be 'dimee', 'cloud_only', 'mobile_only' or 'edge_only'"]),
+    (doc({"texts": ["a"], "policy": "fastest"}), JSON, 422, ["policy: Input should be 'dimee'"]),  # the old name
     (doc({"texts": ["a"], "colour": "red"}), JSON, 422, ["colour: Extra inputs are not permitted"]),
 ])
 def test_each_bad_body_gets_its_status_and_one_sentence(body, content_type, status, words):
@@ -64,9 +65,9 @@ def test_each_bad_body_gets_its_status_and_one_sentence(body, content_type, stat
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"])
 def test_a_good_body_is_parsed(content_type):
-    body = doc({"texts": ["a gorgeous movie.", "meh"], "policy": "cloud_only"})
+    body = doc({"texts": ["a gorgeous movie.", "meh"], "mode": "cloud_only"})
     request = parse_classify(body, content_type, LIMIT)
-    assert request.texts == ["a gorgeous movie.", "meh"] and request.policy == "cloud_only"
+    assert request.texts == ["a gorgeous movie.", "meh"] and request.mode == "cloud_only"
     assert parse_classify(b"\xef\xbb\xbf" + body, content_type, LIMIT).texts == request.texts  # byte order mark
     assert parse_classify(doc({"texts": ["x" * (LIMIT - 15)]}), content_type, LIMIT).texts[0].startswith("x")
 
@@ -85,7 +86,7 @@ def test_the_docs_still_show_the_classify_body():
     post = api.openapi()["paths"]["/v1/classify"]["post"]
     schema = post["requestBody"]["content"]["application/json"]["schema"]
     assert post["requestBody"]["required"] and schema["required"] == ["texts"]
-    assert set(schema["properties"]) == {"texts", "text_pairs", "policy"}
+    assert set(schema["properties"]) == {"texts", "text_pairs", "mode"}
     assert "ClassifyResponse" in post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
 
 

@@ -6,9 +6,10 @@ import pytest
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import (
-    ALPHA_GRID, CLOUD, EDGE, EDGE_CLOUD, MOBILE, ExitOutputs, Outcome, Policy, calibrate, centroids_of, choose,
+    ALPHA_GRID, EDGE_CLOUD, ExitOutputs, Outcome, Policy, calibrate, centroids_of, choose,
     exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features, save_policies, score,
 )
+from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
 NAMES = {"dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained", "dimee_escalate",
@@ -60,22 +61,22 @@ def test_synthetic_outputs_are_what_they_claim(data):
 
 def test_pools_thresholds_per_sample():
     conf = np.array([[0.9, 0.5, 0.5], [0.6, 0.8, 0.9], [0.6, 0.6, 0.99], [0.8, 0.95, 0.7], [0.79, 0.79, 0.1]])
-    np.testing.assert_array_equal(pools(conf, 0.8), [MOBILE, EDGE, CLOUD, MOBILE, CLOUD])  # >= is inclusive
-    np.testing.assert_array_equal(pools(conf, 0.5), [MOBILE] * 5)
-    np.testing.assert_array_equal(pools(conf, 0.92), [CLOUD, CLOUD, CLOUD, EDGE, CLOUD])
+    np.testing.assert_array_equal(pools(conf, 0.8), [Tier.MOBILE, Tier.EDGE, Tier.CLOUD, Tier.MOBILE, Tier.CLOUD])  # >= is inclusive
+    np.testing.assert_array_equal(pools(conf, 0.5), [Tier.MOBILE] * 5)
+    np.testing.assert_array_equal(pools(conf, 0.92), [Tier.CLOUD, Tier.CLOUD, Tier.CLOUD, Tier.EDGE, Tier.CLOUD])
 
 
 def test_empty_pool_centroid_is_nan_and_never_chosen():
     z = np.array([[0.0, 0.0], [2.0, 2.0], [10.0, 10.0]], dtype=np.float32)
-    c = centroids_of(z, np.array([MOBILE, MOBILE, EDGE]))
+    c = centroids_of(z, np.array([Tier.MOBILE, Tier.MOBILE, Tier.EDGE]))
     assert c.shape == (3, 2) and c.dtype == np.float32
     np.testing.assert_allclose(c[:2], [[1.0, 1.0], [10.0, 10.0]])
-    assert np.isnan(c[CLOUD]).all()
+    assert np.isnan(c[Tier.CLOUD]).all()
     probe = np.array([[1.0, 1.0], [9.0, 9.0], [-50.0, -50.0], [1e3, 1e3], [6.0, 6.0]], dtype=np.float32)
-    np.testing.assert_array_equal(nearest_centroid(probe, c), [MOBILE, EDGE, MOBILE, EDGE, EDGE])
-    only_edge = centroids_of(z, np.full(3, EDGE))
-    assert np.isnan(only_edge[[MOBILE, CLOUD]]).all()
-    assert (nearest_centroid(probe, only_edge) == EDGE).all()
+    np.testing.assert_array_equal(nearest_centroid(probe, c), [Tier.MOBILE, Tier.EDGE, Tier.MOBILE, Tier.EDGE, Tier.EDGE])
+    only_edge = centroids_of(z, np.full(3, Tier.EDGE))
+    assert np.isnan(only_edge[[Tier.MOBILE, Tier.CLOUD]]).all()
+    assert (nearest_centroid(probe, only_edge) == Tier.EDGE).all()
 
 
 def test_centroid_routing_is_per_sample_and_deterministic():
@@ -87,7 +88,7 @@ def test_centroid_routing_is_per_sample_and_deterministic():
     policy = Policy("p", "centroid", M, E, L, {"alpha": 0.8}, {"centroids": centroids})
     batch = policy.route(z, probs)
     np.testing.assert_array_equal(batch, truth)
-    assert set(batch.tolist()) == {MOBILE, EDGE, CLOUD}
+    assert set(batch.tolist()) == {Tier.MOBILE, Tier.EDGE, Tier.CLOUD}
     alone = [int(policy.route(z[i:i + 1], probs[i:i + 1])[0]) for i in range(30)]
     assert alone == batch.tolist()
     np.testing.assert_array_equal(policy.route(z[::-1], probs[::-1]), batch[::-1])  # order does not matter
@@ -117,8 +118,8 @@ def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
     policy = Policy("e", "escalate", M, E, L, {"mobile": 1.01, "edge": 0.0, "escalate": 0.8}, params)
     np.testing.assert_array_equal(policy.escalate(out.probs(E)), cluster == 2)
     tiers, paths = assigned(policy, out)
-    np.testing.assert_array_equal(tiers, np.where(cluster == 2, CLOUD, EDGE))
-    np.testing.assert_array_equal(paths, np.where(cluster == 2, EDGE_CLOUD, EDGE))
+    np.testing.assert_array_equal(tiers, np.where(cluster == 2, Tier.CLOUD, Tier.EDGE))
+    np.testing.assert_array_equal(paths, np.where(cluster == 2, EDGE_CLOUD, Tier.EDGE))
     o = score(out, tiers, CostModel(), paths)
     assert o.accuracy == 1.0 and o.cost == pytest.approx((2 * 0.6 + 1 * 1.1) / 3) and o.losses == 0
     # per sample: one sample at a time routes as in the batch
@@ -172,7 +173,7 @@ def test_calibrate_gives_valid_policies_within_budget(data, cal):
 def test_calibrate_warns_when_one_tier_takes_everything(data):
     out, _ = data
     cal = calibrate(out, CostModel(mu=100.0), max_drop_pp=0.3, k=5, seed=0)
-    assert (routed(cal.policies["dimee"], out) == MOBILE).all()
+    assert (routed(cal.policies["dimee"], out) == Tier.MOBILE).all()
     assert any(w.startswith("dimee:") and "100%" in w and "mobile" in w and "mu=100.0" in w for w in cal.warnings)
     assert not any(w.startswith("dimee_constrained:") for w in cal.warnings)  # the budget keeps it balanced
 

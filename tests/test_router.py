@@ -13,6 +13,7 @@ from deployments.schemas import AppArgs, RouterConfig
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.policy import load_policies
+from dimee_models.tiers import Tier
 
 
 def settings(served_artifact, config: dict, policy: str | None = None):
@@ -94,7 +95,7 @@ def router_with(tier):
 
     router = object.__new__(Router.func_or_class)
     no_metric = type("Counter", (), {"inc": lambda self, tags: None})()
-    router.handles, router.hop_failures, router.shed = {"cloud": tier}, no_metric, no_metric
+    router.handles, router.hop_failures, router.shed = {Tier.CLOUD: tier}, no_metric, no_metric
     router.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}
     router.args = AppArgs(artifact="unused", retry_after_s=2)
     router.no_replica, router.no_replica_checked = set(), float("inf")  # no refresh from Serve here
@@ -105,12 +106,12 @@ def test_a_call_gets_at_most_what_is_left_of_the_deadline(served_artifact):
     s = settings(served_artifact, {"hop_timeout_s": 2.0, "request_timeout_s": 3.0})
     tier = SlowTier(5.0)
     began = time.monotonic()
-    assert asyncio.run(router_with(tier).call("cloud", None, s, deadline=began + 0.3)) is None
+    assert asyncio.run(router_with(tier).call(Tier.CLOUD, None, s, deadline=began + 0.3)) is None
     assert 0.25 < time.monotonic() - began < 1.0  # the deadline's 0.3 s, not the hop's 2 s
     past = SlowTier(0.0)
-    assert asyncio.run(router_with(past).call("cloud", None, s, deadline=time.monotonic() - 1)) is None
+    assert asyncio.run(router_with(past).call(Tier.CLOUD, None, s, deadline=time.monotonic() - 1)) is None
     assert past.calls == 0  # past the deadline the call is not even made
-    assert asyncio.run(router_with(SlowTier(0.01)).call("cloud", None, s, deadline=time.monotonic() + 3)) == "reply"
+    assert asyncio.run(router_with(SlowTier(0.01)).call(Tier.CLOUD, None, s, deadline=time.monotonic() + 3)) == "reply"
 
 
 def test_a_busy_tier_is_a_503_with_retry_after_not_a_fallback(served_artifact):
@@ -119,12 +120,12 @@ def test_a_busy_tier_is_a_503_with_retry_after_not_a_fallback(served_artifact):
     s = settings(served_artifact, {})
     router = router_with(BusyTier())
     with pytest.raises(HTTPException) as refused:
-        asyncio.run(router.call("cloud", None, s, deadline=time.monotonic() + 3))
+        asyncio.run(router.call(Tier.CLOUD, None, s, deadline=time.monotonic() + 3))
     assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "2"}  # AppArgs
     assert "cloud tier is at capacity" in refused.value.detail
     assert router.since_start["shed"] == {"cloud": 1} and not router.since_start["hop_failures"]
     router = router_with(SlowTier(5.0))
-    assert asyncio.run(router.call("cloud", None, s, deadline=time.monotonic() + 0.1)) is None
+    assert asyncio.run(router.call(Tier.CLOUD, None, s, deadline=time.monotonic() + 0.1)) is None
     assert router.since_start["hop_failures"] == {("cloud", "timeout"): 1} and not router.since_start["shed"]
 
 
@@ -133,9 +134,9 @@ def test_a_tier_serve_reports_without_replicas_is_not_called(served_artifact):
     s = settings(served_artifact, {})
     tier = SlowTier(5.0)
     router = router_with(tier)
-    router.no_replica = {"cloud"}
+    router.no_replica = {Tier.CLOUD}
     began = time.monotonic()
-    assert asyncio.run(router.call("cloud", None, s, deadline=began + 3)) is None
+    assert asyncio.run(router.call(Tier.CLOUD, None, s, deadline=began + 3)) is None
     assert tier.calls == 0 and time.monotonic() - began < 0.1
     assert router.since_start["hop_failures"] == {("cloud", "unavailable"): 1}
 

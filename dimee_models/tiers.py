@@ -1,0 +1,46 @@
+"""The three tiers, defined once: every name, id, Serve deployment and Ray resource of a tier
+comes from here."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Tier(IntEnum):
+    """A tier's id is its index in every per-tier array (routes, exits, fractions) and in the cost
+    model's paths: the path that ends on a tier without escalating carries the tier's id."""
+
+    MOBILE = 0
+    EDGE = 1
+    CLOUD = 2
+
+    @classmethod
+    def named(cls, name: str) -> Tier:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"unknown tier {name!r}; choose one of {', '.join(TIER_NAMES)}") from None
+
+    @classmethod
+    def of_deployment(cls, name: str) -> Tier | None:
+        """The tier a Serve deployment of the app serves, or None."""
+        return next((tier for tier in cls if tier.deployment == name), None)
+
+    @property
+    def label(self) -> str:
+        """As answers, manifests, metrics and the command line spell it: "mobile", "edge", "cloud"."""
+        return self.name.lower()
+
+    @property
+    def resource(self) -> str:
+        """The Ray custom resource that pins the tier's replicas to its kind of node."""
+        return f"tier_{self.label}"
+
+    @property
+    def deployment(self) -> str:
+        """Its Serve deployment: the mobile tier runs inside the ingress (`Router`); edge and cloud
+        are the `TierModel` deployment bound twice."""
+        return "Router" if self is Tier.MOBILE else f"{self.label.capitalize()}Tier"
+
+
+TIER_NAMES = tuple(tier.label for tier in Tier)
