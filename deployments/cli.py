@@ -51,6 +51,8 @@ def add_serve_flags(p) -> None:
                    help="longest wait for one tier call before falling back (default 2)")
     p.add_argument("--request-timeout", type=model_cli._positive_float, default=None, metavar="SECONDS",
                    help="a request's deadline, across all its tier calls (default 3)")
+    p.add_argument("--max-texts-in-flight", type=model_cli._positive_int, default=None, metavar="N",
+                   help="texts each ingress replica works on at once; a request past it gets 503 (default 64)")
 
 
 def add_commands(sub) -> None:
@@ -197,8 +199,8 @@ def cmd_serve(args) -> int:
         mobile={"num_replicas": args.mobile_replicas}, edge={"num_replicas": args.edge_replicas},
         cloud={"num_replicas": args.cloud_replicas},
         api_key=os.environ[args.api_key_env] if args.api_key_env else None,
-        router={k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout))
-                if v is not None},
+        router={k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout),
+                                  ("max_texts_in_flight", args.max_texts_in_flight)) if v is not None},
     )
     check_artifact(app_args)  # before any cluster work: a wrong path is refused in a second
     address = args.address or local_cluster.address()

@@ -170,12 +170,13 @@ def test_api_key_env_names_the_variable_not_the_key(monkeypatch):
     assert build_parser(serve_cli.add_commands).parse_args(["serve", "a"]).api_key_env is None
 
 
-def test_timeouts_are_refused_unless_positive_and_reach_the_routers_settings(capsys):
+def test_router_settings_are_refused_unless_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         serve_cli.main(["serve", "some/artifact", "--hop-timeout", "0"])
     assert exc.value.code == 2 and "argument --hop-timeout" in capsys.readouterr().err
-    args = build_parser(serve_cli.add_commands).parse_args(["up", "--hop-timeout", "30", "--request-timeout", "45"])
-    assert (args.hop_timeout, args.request_timeout) == (30.0, 45.0)
+    args = build_parser(serve_cli.add_commands).parse_args(["up", "--hop-timeout", "30", "--request-timeout", "45",
+                                                            "--max-texts-in-flight", "128"])
+    assert (args.hop_timeout, args.request_timeout, args.max_texts_in_flight) == (30.0, 45.0, 128)
 
 
 def test_node_down_and_up_need_a_tier(capsys):
