@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 import numpy as np
 import torch
@@ -74,8 +74,11 @@ class ExitOutputs:
 
 @dataclass(frozen=True)
 class Policy:
+    """A calibrated router, stored in the artifact; one subclass per kind (`POLICY_KINDS`)."""
+
+    kind: ClassVar[str]
+    escalates: ClassVar[bool] = False  # an edge answer may go on to cloud (edge's confidence decides)
     name: str
-    kind: str  # "centroid", "learned" or "escalate"
     mobile_exit: int
     edge_exit: int
     num_layers: int
@@ -84,20 +87,11 @@ class Policy:
 
     def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         """Tier id per sample, (N, H), (N, C) -> (N,); deterministic and vectorised."""
-        if self.kind == "centroid":
-            return nearest_centroid(z, self.tensors["centroids"])
-        scores = learned_scores(self.tensors, policy_features(self.kind, z, mobile_probs))
-        return threshold_route(scores, self.thresholds["mobile"], self.thresholds["edge"])
-
-    @property
-    def escalates(self) -> bool:
-        return "escalate" in self.thresholds
+        raise NotImplementedError
 
     def escalate(self, edge_probs: np.ndarray) -> np.ndarray:
         """(N,) bool: samples answered on edge whose edge exit is too unsure, so cloud answers."""
-        if not self.escalates:
-            return np.zeros(len(edge_probs), dtype=bool)
-        return edge_probs.max(-1) < self.thresholds["escalate"]
+        return np.zeros(len(edge_probs), dtype=bool)
 
     def plan(self, mode: Mode, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         """Where each sample goes once the mobile slice has run, in `mode`: the one decision the
@@ -121,6 +115,47 @@ class Policy:
             "exits": {"mobile": self.mobile_exit, "edge": self.edge_exit, "num_layers": self.num_layers},
             "thresholds": self.thresholds,
         }
+
+
+class CentroidPolicy(Policy):
+    """The paper's method as we reconstructed it: the nearest centroid of the mobile embedding z."""
+
+    kind = "centroid"
+
+    def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        return nearest_centroid(z, self.tensors["centroids"])
+
+
+class LearnedPolicy(Policy):
+    """Ours: thresholds on two regressions' estimates that the mobile and the edge exit agree
+    with the final exit, from z and the mobile exit's probabilities."""
+
+    kind = "learned"
+
+    @staticmethod
+    def features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        return router_features(z, mobile_probs)
+
+    def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        scores = learned_scores(self.tensors, self.features(z, mobile_probs))
+        return threshold_route(scores, self.thresholds["mobile"], self.thresholds["edge"])
+
+
+class EscalatePolicy(LearnedPolicy):
+    """Ours: the same regressions on the mobile exit's own view, and an unsure edge hands on to cloud."""
+
+    kind = "escalate"
+    escalates = True
+
+    @staticmethod
+    def features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        return exit_features(mobile_probs)
+
+    def escalate(self, edge_probs: np.ndarray) -> np.ndarray:
+        return edge_probs.max(-1) < self.thresholds["escalate"]
+
+
+POLICY_KINDS: dict[str, type[Policy]] = {cls.kind: cls for cls in (CentroidPolicy, LearnedPolicy, EscalatePolicy)}
 
 
 # routers -----------------------------------------------------------------------------------------
@@ -161,7 +196,7 @@ def exit_features(mobile_probs: np.ndarray) -> np.ndarray:
 
 
 def policy_features(kind: str, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
-    return exit_features(mobile_probs) if kind == "escalate" else router_features(z, mobile_probs)
+    return POLICY_KINDS[kind].features(z, mobile_probs)
 
 
 def fit_learned(x: np.ndarray, targets: np.ndarray, l2: float = 1e-2) -> dict[str, np.ndarray]:
@@ -266,7 +301,7 @@ def calibrate_centroid(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k:
 
     def make(name: str, i: int) -> Policy:
         centroids = centroids_of(out.z, pools(conf, ALPHA_GRID[i]))
-        return Policy(name, "centroid", out.mobile_exit, out.edge_exit, out.num_layers,
+        return CentroidPolicy(name, out.mobile_exit, out.edge_exit, out.num_layers,
                       {"alpha": float(ALPHA_GRID[i])}, {"centroids": centroids})
 
     return {"dimee": make("dimee", by_reward), "dimee_constrained": make("dimee_constrained", constrained)}, curve
@@ -292,14 +327,14 @@ def threshold_grid(scores: np.ndarray, points: int) -> np.ndarray:
 
 
 def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int,
-                      kind: str = "learned"):
-    """The `learned` router, or with kind="escalate" the `escalate` one (its own features, plus the
-    edge-confidence threshold below which edge hands on to cloud)."""
-    x = policy_features(kind, out.z, out.probs(out.mobile_exit))
+                      cls: type[LearnedPolicy] = LearnedPolicy):
+    """The `learned` router, or with cls=EscalatePolicy the `escalate` one (its own features, plus
+    the edge-confidence threshold below which edge hands on to cloud)."""
+    x = cls.features(out.z, out.probs(out.mobile_exit))
     targets = agreement_targets(out)
     scores = cross_fitted_scores(x, targets, k, seed)
     edge_conf = out.tier_confidences[:, 1]
-    if kind == "escalate":
+    if cls.escalates:
         combos = [(tm, te, b) for tm in threshold_grid(scores[:, 0], 41) for te in threshold_grid(scores[:, 1], 21)
                   for b in ESCALATE_GRID]
     else:
@@ -308,18 +343,18 @@ def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: 
     outcomes = []
     for combo in combos:
         tiers = threshold_route(scores, combo[0], combo[1])
-        up = (tiers == Tier.EDGE) & (edge_conf < combo[2]) if kind == "escalate" else np.zeros(len(tiers), dtype=bool)
+        up = (tiers == Tier.EDGE) & (edge_conf < combo[2]) if cls.escalates else np.zeros(len(tiers), dtype=bool)
         outcomes.append(score(out, np.where(up, Tier.CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
     ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    by_reward, constrained = choose(outcomes, ref, max_drop_pp, strict=kind == "escalate")
+    by_reward, constrained = choose(outcomes, ref, max_drop_pp, strict=cls.escalates)
     params = fit_learned(x, targets)
     keys = ("mobile", "edge", "escalate")
     frontier = _pareto(list(zip(combos, outcomes)))
     curve = [{**{key: float(v) for key, v in zip(keys, c)}, **_outcome_json(o)} for c, o in frontier]
-    prefix = f"dimee_{kind}"
+    prefix = f"dimee_{cls.kind}"
 
     def make(name: str, i: int) -> Policy:
-        return Policy(name, kind, out.mobile_exit, out.edge_exit, out.num_layers,
+        return cls(name, out.mobile_exit, out.edge_exit, out.num_layers,
                       {key: float(v) for key, v in zip(keys, combos[i])}, params)
 
     return {prefix: make(prefix, by_reward), f"{prefix}_constrained": make(f"{prefix}_constrained", constrained)}, curve
@@ -328,7 +363,7 @@ def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: 
 def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0) -> Calibration:
     policies, curves, warnings = {}, {}, []
     variants = (("dimee", calibrate_centroid), ("dimee_learned", calibrate_learned),
-                ("dimee_escalate", partial(calibrate_learned, kind="escalate")))
+                ("dimee_escalate", partial(calibrate_learned, cls=EscalatePolicy)))
     for variant, fn in variants:
         found, curve = fn(out, cost, max_drop_pp, k, seed)
         policies.update(found)
@@ -395,5 +430,5 @@ def load_policies(directory: str | Path) -> tuple[dict[str, Policy], dict]:
     for name, p in doc["policies"].items():
         own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
         ex = p["exits"]
-        policies[name] = Policy(name, p["kind"], ex["mobile"], ex["edge"], ex["num_layers"], p["thresholds"], own)
+        policies[name] = POLICY_KINDS[p["kind"]](name, ex["mobile"], ex["edge"], ex["num_layers"], p["thresholds"], own)
     return policies, doc

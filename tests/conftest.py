@@ -16,7 +16,7 @@ from deployments.local_cluster import ray_cli
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.evaluate import run_calibration
-from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, Policy, load_policies
+from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CentroidPolicy, Policy, load_policies
 from dimee_models.tiers import Tier
 from dimee_models.train import TrainConfig, train
 
@@ -58,7 +58,7 @@ def served_artifact(tmp_path_factory) -> Path:
         z = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["mobile"] - 1].pooled.numpy()
         enc = tokenizer(ESCALATE_TEXTS, padding=True, return_tensors="pt")
         edge = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["edge"] - 1].logits.softmax(-1)
-    add_policy(out, Policy("three_way", "centroid", 2, 4, 6, {"alpha": 0.0}, {"centroids": z.astype(np.float32)}))
+    add_policy(out, CentroidPolicy("three_way", 2, 4, 6, {"alpha": 0.0}, {"centroids": z.astype(np.float32)}))
     conf = np.sort(edge.max(-1).values.numpy())
     gap = int(np.diff(conf).argmax())  # the threshold sits in the widest gap between edge confidences
     assert conf[gap + 1] - conf[gap] > 1e-3, conf  # served confidences agree with these to 1e-4

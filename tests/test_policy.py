@@ -6,8 +6,9 @@ import pytest
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import (
-    ALPHA_GRID, EDGE_CLOUD, ExitOutputs, Outcome, Policy, calibrate, centroids_of, choose,
-    exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features, save_policies, score,
+    ALPHA_GRID, EDGE_CLOUD, CentroidPolicy, EscalatePolicy, ExitOutputs, LearnedPolicy, Outcome, Policy, calibrate,
+    centroids_of, choose, exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features,
+    save_policies, score,
 )
 from dimee_models.tiers import Tier
 
@@ -85,7 +86,7 @@ def test_centroid_routing_is_per_sample_and_deterministic():
     truth = rng.integers(0, 3, 30)
     z = (centroids[truth] + 0.5 * rng.standard_normal((30, H))).astype(np.float32)
     probs = np.full((30, 2), 0.5, dtype=np.float32)
-    policy = Policy("p", "centroid", M, E, L, {"alpha": 0.8}, {"centroids": centroids})
+    policy = CentroidPolicy("p", M, E, L, {"alpha": 0.8}, {"centroids": centroids})
     batch = policy.route(z, probs)
     np.testing.assert_array_equal(batch, truth)
     assert set(batch.tolist()) == {Tier.MOBILE, Tier.EDGE, Tier.CLOUD}
@@ -99,7 +100,7 @@ def test_learned_routing_is_per_sample(data):
     out, cluster = data
     probs = out.probs(M)
     targets = np.stack([cluster == 0, cluster <= 1], axis=1).astype(np.float64)
-    policy = Policy("l", "learned", M, E, L, {"mobile": 0.5, "edge": 0.5},
+    policy = LearnedPolicy("l", M, E, L, {"mobile": 0.5, "edge": 0.5},
                     fit_learned(router_features(out.z, probs), targets))
     batch = policy.route(out.z, probs)
     assert (batch == cluster).mean() > 0.95
@@ -115,7 +116,7 @@ def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
     params = fit_learned(exit_features(probs), targets)
     # nobody answers on mobile, everybody is sent to edge; edge is sure (0.92-0.98) on clusters 0
     # and 1 and unsure (0.55-0.65) on cluster 2, which therefore goes on to cloud
-    policy = Policy("e", "escalate", M, E, L, {"mobile": 1.01, "edge": 0.0, "escalate": 0.8}, params)
+    policy = EscalatePolicy("e", M, E, L, {"mobile": 1.01, "edge": 0.0, "escalate": 0.8}, params)
     np.testing.assert_array_equal(policy.escalate(out.probs(E)), cluster == 2)
     tiers, paths = assigned(policy, out)
     np.testing.assert_array_equal(tiers, np.where(cluster == 2, Tier.CLOUD, Tier.EDGE))
@@ -126,7 +127,7 @@ def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
     alone = [assigned(policy, ExitOutputs(out.logits[i:i + 1], out.z[i:i + 1], out.labels[i:i + 1], M, E))[1][0]
              for i in range(0, len(cluster), 11)]
     assert alone == paths[::11].tolist()
-    learned = Policy("l", "learned", M, E, L, {"mobile": 1.01, "edge": 0.0}, params)
+    learned = LearnedPolicy("l", M, E, L, {"mobile": 1.01, "edge": 0.0}, params)
     assert not learned.escalates and not learned.escalate(out.probs(E)).any()
 
 
