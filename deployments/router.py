@@ -119,7 +119,7 @@ class Router:
         self.tokenizer = artifact.load_tokenizer(args.artifact)
         self.exit_layers = dict(zip(TIER_NAMES, (self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"],
                                                  self.manifest["num_layers"])))
-        self.labels = self.manifest["labels"] or ["value"]
+        self.labels = self.manifest["labels"]
         self.model_name = public_model_name(self.manifest)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)

@@ -122,7 +122,7 @@ class TierRunner:
             state = self._state(inputs, start)
             state = self.model.run_layers(state, self.end)
             out = self.model.exit(state)
-        probs = out.logits.softmax(-1).numpy() if self.model.num_labels > 1 else out.logits.numpy()
+        probs = out.logits.softmax(-1).numpy()
         compute_ms = (time.perf_counter() - began) * 1000
         self.compute_ms.observe(compute_ms)
         replies, lo = [], 0

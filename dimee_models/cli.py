@@ -96,7 +96,7 @@ def cmd_info(args) -> int:
     print(f"artifact   {args.dir}")
     print(f"backbone   {m['backbone']} ({m['model_type']}, {m['num_layers']} layers, hidden {m['hidden_size']})")
     print(f"dataset    {m['dataset']['name']}: {m['split_sizes']} (train/calibration/test)")
-    print(f"labels     {m['labels'] or 'regression'}")
+    print(f"labels     {m['labels']}")
     print(f"exits      mobile after layer {m['exits']['mobile']}, edge after layer {m['exits']['edge']}")
     for tier, t in m["tiers"].items():
         print(f"tier {tier:6s} layers {t['layers'][0]}..{t['layers'][1]}, heads {t['exit_heads']}, "

@@ -27,20 +27,16 @@ class DatasetError(ValueError):
 class TextDataset:
     name: str
     texts: list[str]
-    labels: list  # int label ids, or floats for a regression task
-    label_names: list[str] | None  # None for regression
+    labels: list[int]  # label ids
+    label_names: list[str]
     text_pairs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     @property
-    def is_regression(self) -> bool:
-        return self.label_names is None
-
-    @property
     def num_labels(self) -> int:
-        return 1 if self.is_regression else len(self.label_names)
+        return len(self.label_names)
 
     def subset(self, indices: np.ndarray, name: str | None = None) -> TextDataset:
         pick = [int(i) for i in indices]
@@ -146,7 +142,6 @@ GLUE_TASKS = {
     "cola": ("sentence", None, "validation"),
     "mrpc": ("sentence1", "sentence2", "validation"),
     "rte": ("sentence1", "sentence2", "validation"),
-    "stsb": ("sentence1", "sentence2", "validation"),
     "qnli": ("question", "sentence", "validation"),
     "qqp": ("question1", "question2", "validation"),
     "mnli": ("premise", "hypothesis", "validation_matched"),
@@ -155,6 +150,9 @@ GLUE_TASKS = {
 
 def load_glue(task: str) -> TextDataset:
     """GLUE train + validation (the test labels are hidden); we split them ourselves."""
+    if task == "stsb":  # before any download
+        raise DatasetError("glue/stsb is a regression task (a similarity score, not a class): DIMEE decides by the "
+                           "exits' class confidences, so it needs a classification task")
     if task not in GLUE_TASKS:
         raise DatasetError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}")
     if importlib.util.find_spec("datasets") is None:
@@ -169,8 +167,6 @@ def load_glue(task: str) -> TextDataset:
     rows = [r for part in ("train", validation) for r in loaded[part]]
     pairs = [r[second] for r in rows] if second else None
     texts = [r[first] for r in rows]
-    if task == "stsb":
-        return TextDataset(f"glue/{task}", texts, [float(r["label"]) for r in rows], None, pairs)
     names = loaded["train"].features["label"].names
     return TextDataset(f"glue/{task}", texts, [int(r["label"]) for r in rows], list(names), pairs)
 

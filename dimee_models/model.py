@@ -34,7 +34,7 @@ class ExitOutput:
     """One exit head applied to a batch; every field is per sample."""
 
     logits: torch.Tensor  # (B, C)
-    confidence: torch.Tensor  # (B,) max softmax probability (regression: 1.0)
+    confidence: torch.Tensor  # (B,) max softmax probability
     prediction: torch.Tensor  # (B,) argmax label id
     pooled: torch.Tensor  # (B, H) masked mean of the layer's tokens; the DIMEE embedding z
     layer: int
@@ -192,11 +192,7 @@ class MultiExitEncoder(nn.Module):
         if key not in self.heads:
             raise RuntimeError(f"this module holds no exit head for layer {state.layer}")
         logits, pooled = self.heads[key](state.hidden, state.attention_mask)
-        if self.num_labels == 1:
-            confidence = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
-            prediction = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        else:
-            confidence, prediction = logits.softmax(-1).max(-1)
+        confidence, prediction = logits.softmax(-1).max(-1)
         return ExitOutput(logits, confidence, prediction, pooled, state.layer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> list[ExitOutput]:

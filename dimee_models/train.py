@@ -1,5 +1,5 @@
 """Joint fine-tuning of the backbone and every exit head with the weighted loss
-sum_i i * loss_i / sum_i i (cross-entropy; MSE for a regression label)."""
+sum_i i * loss_i / sum_i i (cross-entropy)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,7 @@ def batches(ds: TextDataset, tokenizer, batch_size: int, max_length: int, order:
         idx = order[lo : lo + batch_size]
         texts = [ds.texts[i] for i in idx]
         pairs = [ds.text_pairs[i] for i in idx] if ds.text_pairs is not None else None
-        dtype = torch.float32 if ds.is_regression else torch.long
-        yield encode(tokenizer, texts, pairs, max_length), torch.tensor([ds.labels[i] for i in idx], dtype=dtype)
+        yield encode(tokenizer, texts, pairs, max_length), torch.tensor([ds.labels[i] for i in idx], dtype=torch.long)
 
 
 def model_inputs(enc: dict) -> dict:
@@ -104,11 +103,7 @@ def weighted_exit_loss(outputs: list[ExitOutput], labels: torch.Tensor) -> torch
     """sum_i i * loss_i / sum_i i over exits i = 1..L: deeper exits weigh more."""
     total, weights = 0.0, 0
     for out in outputs:
-        if labels.dtype.is_floating_point:
-            loss = F.mse_loss(out.logits.squeeze(-1), labels)
-        else:
-            loss = F.cross_entropy(out.logits, labels)
-        total = total + out.layer * loss
+        total = total + out.layer * F.cross_entropy(out.logits, labels)
         weights += out.layer
     return total / weights
 
@@ -125,10 +120,8 @@ def predict_all(model: MultiExitEncoder, tokenizer, ds: TextDataset, batch_size:
 
 
 def exit_metrics(logits: torch.Tensor, ds: TextDataset) -> list[float]:
-    """Per-exit accuracy (classification) or negative MSE (regression), exits 1..L."""
+    """Per-exit accuracy, exits 1..L."""
     labels = torch.tensor(ds.labels)
-    if ds.is_regression:
-        return [-float(((logits[:, i, 0] - labels) ** 2).mean()) for i in range(logits.shape[1])]
     return [float((logits[:, i].argmax(-1) == labels).float().mean()) for i in range(logits.shape[1])]
 
 
@@ -152,17 +145,17 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     fit(model, tokenizer, parts.train, cfg)
     cal_logits = predict_all(model, tokenizer, parts.calibration, 64, cfg.max_length)
     metrics = exit_metrics(cal_logits, parts.calibration)
-    print_exit_metrics(metrics, parts.calibration, ds.is_regression)
+    print_exit_metrics(metrics, parts.calibration)
     manifest = {
         "backbone": BACKBONE_NAMES.get(cfg.backbone, cfg.backbone),
         "labels": ds.label_names,
-        "task": "regression" if ds.is_regression else "classification",
+        "task": "classification",
         "text_pair": ds.text_pairs is not None,
         "max_length": cfg.max_length,
         "exits": {"mobile": mobile_exit, "edge": edge_exit},
         "dataset": {"name": ds.name, "size": len(ds), "split_fractions": list(cfg.splits), "split_seed": cfg.seed},
         "training": {**asdict(cfg), "wall_seconds": round(time.time() - started, 1)},
-        "metrics": {"calibration_exit_" + ("neg_mse" if ds.is_regression else "accuracy"): metrics},
+        "metrics": {"calibration_exit_accuracy": metrics},
     }
     return artifact.save(out, model, tokenizer, parts, manifest)
 
@@ -193,11 +186,8 @@ def fit(model: MultiExitEncoder, tokenizer, train_ds: TextDataset, cfg: TrainCon
                 bar.update()
 
 
-def print_exit_metrics(metrics: list[float], ds: TextDataset, regression: bool) -> None:
-    name = "neg. MSE" if regression else "accuracy"
-    print(f"per-exit {name} on the held-out calibration split ({len(ds)} samples):")
+def print_exit_metrics(metrics: list[float], ds: TextDataset) -> None:
+    print(f"per-exit accuracy on the held-out calibration split ({len(ds)} samples):")
     for layer, value in enumerate(metrics, start=1):
         print(f"  exit {layer:2d}: {value:.4f}")
-    if not regression:
-        majority = max(np.bincount(ds.labels)) / len(ds)
-        print(f"  majority class: {majority:.4f}")
+    print(f"  majority class: {max(np.bincount(ds.labels)) / len(ds):.4f}")

@@ -19,7 +19,7 @@ from dimee_models.data import DatasetError, TextDataset, load_dataset, split
 def test_packaged_datasets(name, size, labels, counts):
     ds = load_dataset(name)
     assert ds.name == name and len(ds) == size == len(ds.labels)
-    assert ds.label_names == labels and ds.text_pairs is None and not ds.is_regression
+    assert ds.label_names == labels and ds.text_pairs is None
     found = Counter(ds.labels)
     assert set(found) == set(range(len(labels)))  # every class occurs
     if counts:
@@ -162,6 +162,12 @@ def test_glue_without_datasets_package_fails_fast(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", hide("datasets"))
     with pytest.raises(DatasetError, match=r"glue/sst2 needs the `datasets` package"):
         load_dataset("glue/sst2")
+
+
+def test_a_regression_task_is_refused_before_any_download(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: pytest.fail("looked for `datasets`"))
+    with pytest.raises(DatasetError, match="glue/stsb is a regression task"):
+        load_dataset("glue/stsb")
 
 
 def test_unknown_glue_task():

@@ -161,15 +161,6 @@ def test_exits_are_per_sample(family):
         assert torch.allclose(one.confidence[0], many.confidence[2], atol=ATOL)
 
 
-def test_regression_head_confidence_is_one():
-    model, _ = tiny_model("bert", num_labels=1)
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        out = model(ids, mask)[-1]
-    assert out.logits.shape == (3, 1)
-    assert torch.equal(out.confidence, torch.ones(3))
-
-
 GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=64, bos_token_id=0, eos_token_id=0)
 
 

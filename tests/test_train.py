@@ -35,13 +35,6 @@ def test_weighted_loss_only_over_given_exits():
     assert weighted_exit_loss(outputs, labels).item() == pytest.approx((2 * ce[0] + 4 * ce[1]) / 6, rel=1e-6)
 
 
-def test_regression_labels_use_mse():
-    labels = torch.tensor([0.5, -1.0, 2.0])
-    outputs = [fake_exit(torch.tensor([[0.0], [0.0], [1.0]]), 1), fake_exit(torch.tensor([[0.5], [-2.0], [2.0]]), 2)]
-    mse = [((0.25 + 1.0 + 1.0) / 3), (0.0 + 1.0 + 0.0) / 3]
-    assert weighted_exit_loss(outputs, labels).item() == pytest.approx((mse[0] + 2 * mse[1]) / 3, rel=1e-6)
-
-
 def test_distill_loss_is_zero_when_early_exits_match_the_final_one_and_positive_otherwise():
     final = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
     same = [fake_exit(final.clone(), 1), fake_exit(final.clone(), 2), fake_exit(final, 3)]
