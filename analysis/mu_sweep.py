@@ -7,7 +7,7 @@ thresholds, their tier fractions on calibration, and their test accuracy, accura
 exit and cost reduction vs cloud_only (o_2 + lambda_cloud * L). The test split only reports.
 
 Reproduce (from the repository root, venv active):
-    python scripts/mu_sweep.py artifacts/rt-polarity artifacts/trec6 \
+    python -m analysis.mu_sweep artifacts/rt-polarity artifacts/trec6 \
         --json docs/results/mu-sweep.json | tee docs/results/mu-sweep.txt
 """
 

@@ -7,7 +7,7 @@
    final right) an escalation threshold on the edge confidence sends on to cloud.
 
 Reproduce (from the repository root, venv active):
-    python scripts/policy_diagnostics.py artifacts/rt-polarity artifacts/trec6 | tee docs/results/policy-diagnostics.txt
+    python -m analysis.policy_diagnostics artifacts/rt-polarity artifacts/trec6 | tee docs/results/policy-diagnostics.txt
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The end-to-end time is also split per request along Serve's access logs (router 
 
 Reproduce (against a running deployment; --json appends this run to OUT's {"runs": [...]}):
     dimee cluster up && dimee serve artifacts/rt-polarity
-    python scripts/bench_latency.py --artifact artifacts/rt-polarity --requests 200 --json docs/results/latency.json
+    python -m load.bench_latency --artifact artifacts/rt-polarity --requests 200 --json docs/results/latency.json
     dimee cluster down
 """
 
@@ -168,7 +168,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help='append this run to OUT ({"runs": [...]})')
     args = ap.parse_args()
     manifest = artifact.read_manifest(args.artifact)
-    pool = [json.loads(line)["text"] for line in (args.artifact / "splits/test.jsonl").read_text().splitlines() if line]
+    pool = artifact.load_split(args.artifact, "test", manifest).texts
     sample = random.Random(0).sample(pool, args.requests + WARMUP)
     texts, warmup = sample[:args.requests], sample[args.requests:]
 

@@ -4,9 +4,9 @@ fallback, degraded; refused with 503 because the cluster was at capacity; failed
 wait, how long Serve took to bring each replica back, and for each lost node a timeline.
 
     dimee cluster up && dimee serve artifacts/rt-polarity
-    python load/fault_drill.py --users 4 --texts-per-request 4 --duration 60 \
+    python -m load.fault_drill --users 4 --texts-per-request 4 --duration 60 \
         --kill EdgeTier@20 --kill CloudTier@40 --out runs/drill
-    python load/fault_drill.py --users 4 --duration 120 --node-down edge@20 --node-up edge@50 --out runs/node
+    python -m load.fault_drill --users 4 --duration 120 --node-down edge@20 --node-up edge@50 --out runs/node
 
 Node loss works on the local cluster (`dimee cluster node-down|node-up`). Its timeline comes from a
 probe that sends one text every 0.25 s with the lost tier's single-tier policy (edge_only or
@@ -31,9 +31,7 @@ from ray.util.state import list_actors
 
 from deployments import local_cluster
 from dimee_models.tiers import Tier
-
-sys.path.insert(0, str(Path(__file__).parent))
-from run import run_locust  # noqa: E402  (a sibling script)
+from load.run import run_locust
 
 
 def alive_replicas(app: str, deployment: str) -> list:

@@ -2,7 +2,7 @@
 compute the tier replica reports (`TierReply.compute_ms`), at p50 and p99, one text at a time.
 
     dimee cluster up && dimee serve artifacts/rt-polarity
-    python load/hop_bench.py --artifact artifacts/rt-polarity --requests 200 --json runs/hops.json
+    python -m load.hop_bench --artifact artifacts/rt-polarity --requests 200 --json runs/hops.json
 
 The driver plays the ingress: it joins the cluster on the mobile node (`--node-ip`, the local
 cluster's mobile node by default), computes the mobile slice in-process with the ingress's own
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
 
+    manifest = artifact.read_manifest(args.artifact)
     tokenizer = artifact.load_tokenizer(args.artifact)
-    texts = artifact.load_split(args.artifact, "test").texts[: args.requests + WARMUP]
+    texts = artifact.load_split(args.artifact, "test", manifest).texts[: args.requests + WARMUP]
     os.environ.update(local_cluster.SERVE_ENV)  # this driver stores hidden states as the ingress does
     ray.init(address=args.address or local_cluster.address(), _node_ip_address=args.node_ip,
              logging_level=logging.WARNING, log_to_driver=False)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     session = requests.Session()
     samples = {hop: [] for hop in HOPS}
     for i, text in enumerate(texts):
-        ids = tokenizer(text, truncation=True, max_length=256)["input_ids"]
+        ids = tokenizer(text, truncation=True, max_length=manifest["max_length"])["input_ids"]
         hops = measure(handles, mobile, ids)
         began = time.perf_counter()
         session.get(f"{args.url}/healthz", timeout=60).raise_for_status()

@@ -4,7 +4,7 @@
         --policy dimee --texts-per-request 1 --dataset rt-polarity
     python load/locustfile.py --host http://127.0.0.1:8000      # one user, prints every request
 
-`load/run.py` runs this headless for `dimee` and `cloud_only` and writes the comparison report.
+`python -m load.run` runs this headless for `dimee` and `cloud_only` and writes the comparison report.
 The test split is the one `dimee train` holds out with its default split fractions and seed, so
 the load has the same mix of easy and hard samples as the offline evaluation.
 """

@@ -2,8 +2,8 @@
 spawn rate and duration for each, and write a report directory: report.json, report.md, report.png
 and runs.json (every run of every repeat).
 
-    python load/run.py --host http://127.0.0.1:8000 --users 16 --duration 60 --repeat 2 --out runs/load
-    python load/run.py --host ... --sweep 2,4,8,16,32 --p99-limit-ms 1000 --out runs/sweep
+    python -m load.run --host http://127.0.0.1:8000 --users 16 --duration 60 --repeat 2 --out runs/load
+    python -m load.run --host ... --sweep 2,4,8,16,32 --p99-limit-ms 1000 --out runs/sweep
 
 `rps_ratio` is dimee's requests per second over cloud_only's (median of the per-repeat ratios;
 the two policies alternate order between repeats so drift of the machine hits both alike), and

@@ -230,8 +230,8 @@ def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact
 
 
 def test_locust_load_test_runs_headless_and_reports(cluster, tmp_path):
-    """load/run.py drives real Locust against the cluster for both policies: no failures, full report."""
-    done = subprocess.run([sys.executable, "load/run.py", "--host", cluster, "--users", "2", "--duration", "4",
+    """`python -m load.run` drives real Locust against the cluster for both policies: no failures, full report."""
+    done = subprocess.run([sys.executable, "-m", "load.run", "--host", cluster, "--users", "2", "--duration", "4",
                            "--warmup", "0", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stdout + done.stderr

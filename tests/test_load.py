@@ -6,12 +6,11 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "load"))
-import run as load_run  # noqa: E402  (load/ is a folder of scripts, not a package)
+from load import run as load_run
+
 
 def entry(response_times: dict, failures: int, start: float, last: float) -> dict:
     """One endpoint's stats as Locust's --json-file writes them (the fields we read)."""

@@ -1,0 +1,1 @@
+"""Offline analyses of trained artifacts, no cluster needed (`python -m analysis.mu_sweep`, ...)."""
