@@ -24,24 +24,22 @@ def _fractions(value: str) -> tuple[float, float, float]:
     return parts
 
 
-def _positive_int(value: str) -> int:
+def _positive(value: str, cast: type, what: str):
     try:
-        number = int(value)
+        number = cast(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        number = 0
+    if not number > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _positive(value, int, "a positive integer")
 
 
 def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
+    return _positive(value, float, "a positive number")
 
 
 def add_train(sub) -> None:
