@@ -208,7 +208,7 @@ def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact
     texts = THREE_WAY_TEXTS + ["ok.", "a long, meandering and ultimately pointless film about nothing much at all",
                                "superb.", "the cast is fine but the script never finds its footing", "why?"]
     ids = load_tokenizer(served_artifact)(texts)["input_ids"]
-    handles = {t: tier_handle(t) for t in ("mobile", "edge")}
+    handles = {t: tier_handle(Tier.named(t)) for t in ("mobile", "edge")}
 
     def single(tier, requests_):
         return [handles[tier].remote(r).result(timeout_s=60) for r in requests_]
