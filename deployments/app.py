@@ -13,6 +13,7 @@ import ray
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from deployments.placement import check_placement
 from deployments.router import Router
 from deployments.schemas import AppArgs, TierOptions
 from deployments.tier import TierModel
@@ -49,17 +50,6 @@ def check_artifact(args: AppArgs) -> None:
     policies, doc = load_policies(args.artifact)
     if args.policy is not None and args.policy not in policies:
         raise ValueError(f"policy {args.policy!r} is not in {args.artifact}; it has {sorted(policies)}")
-
-
-def check_placement() -> None:
-    """A tier whose resource no node carries would wait forever for a node: refuse instead."""
-    available = ray.cluster_resources()
-    missing = [t.resource for t in Tier if available.get(t.resource, 0) <= 0]
-    if missing:
-        raise RuntimeError(
-            f"no node in this Ray cluster carries the resource(s) {missing}: start nodes with e.g. "
-            f"--resources='{{\"{missing[0]}\": 1}}' (see `dimee cluster up` and cluster.yaml)"
-        )
 
 
 def build_app(args: AppArgs) -> Application:

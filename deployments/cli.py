@@ -188,10 +188,23 @@ def check_http_port(host: str, port: int) -> None:
 
 def cmd_serve(args) -> int:
     import ray
-    from ray import serve
 
     from deployments import local_cluster
-    from deployments.app import build_app, check_artifact, check_placement
+    from deployments.placement import check_placement
+    from dimee_models import artifact
+
+    artifact.read_manifest(args.dir)  # before any cluster work: a wrong path is refused in a second
+    address = args.address or local_cluster.address()
+    if head_is_here(address):
+        check_http_port(args.host, args.port)
+    check_cluster_answers(address)
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    wait_for_tiers(args.wait_for_nodes)
+    check_placement()  # before Serve starts on a cluster it cannot use
+    # Only now the app, with torch and transformers: the checks above answer before those imports.
+    from ray import serve
+
+    from deployments.app import build_app, check_artifact
     from deployments.schemas import AppArgs
 
     app_args = AppArgs(
@@ -202,14 +215,7 @@ def cmd_serve(args) -> int:
         router={k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout),
                                   ("max_texts_in_flight", args.max_texts_in_flight)) if v is not None},
     )
-    check_artifact(app_args)  # before any cluster work: a wrong path is refused in a second
-    address = args.address or local_cluster.address()
-    if head_is_here(address):
-        check_http_port(args.host, args.port)
-    check_cluster_answers(address)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-    wait_for_tiers(args.wait_for_nodes)
-    check_placement()  # before Serve starts on a cluster it cannot use
+    check_artifact(app_args)
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
@@ -223,10 +229,10 @@ def cmd_serve(args) -> int:
 def wait_for_tiers(seconds: float) -> None:
     """Nodes of a freshly launched cluster join over minutes; deploy once every tier has one
     (then a missing one is refused, with the resource it lacks)."""
-    import ray
+    from deployments.placement import missing_tier_resources
 
     deadline = time.time() + seconds
-    while time.time() < deadline and any(ray.cluster_resources().get(t.resource, 0) <= 0 for t in Tier):
+    while time.time() < deadline and missing_tier_resources():
         time.sleep(5)
 
 

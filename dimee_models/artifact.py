@@ -17,13 +17,17 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from dimee_models.data import Splits, TextDataset
-from dimee_models.model import MultiExitEncoder
 from dimee_models.tiers import Tier
+
+# torch and transformers are imported where weights or a tokenizer are loaded, so that reading a
+# manifest (the first check of every command) costs no seconds of imports.
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from dimee_models.model import MultiExitEncoder
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -104,6 +108,8 @@ def save(
 
 def write_tiers(out: Path, full: MultiExitEncoder, mobile: int, edge: int) -> dict:
     """One safetensors file per tier, cut from the full model; returns their sizes for the manifest."""
+    from safetensors.torch import save_file
+
     info = {}
     for spec in tier_specs(full.num_layers, mobile, edge).values():
         part = full.tier(spec.start, spec.end, spec.embeddings, list(spec.head_layers))
@@ -154,6 +160,11 @@ def read_manifest(directory: str | Path, verify: bool = True) -> dict:
 
 def load_tier(directory: str | Path, tier: Tier, manifest: dict | None = None) -> MultiExitEncoder:
     """A module holding exactly one tier's weights, in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from dimee_models.model import MultiExitEncoder
+
     root = Path(directory)
     manifest = manifest or read_manifest(root)
     config = AutoConfig.from_pretrained(root)
@@ -170,6 +181,8 @@ def load_full(directory: str | Path, manifest: dict | None = None) -> MultiExitE
 
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(Path(directory) / "tokenizer")
 
 
