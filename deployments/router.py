@@ -261,12 +261,14 @@ class Router:
             try:
                 return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
             except BackPressureError:
-                raise self.refuse(tier.label, f"the {tier.label} tier is at capacity (its queue is full): retry later") from None
+                raise self.refuse(tier.label, f"the {tier.label} tier is at capacity (its queue is full): "
+                                              "retry later") from None
             except asyncio.TimeoutError:
                 reason = "timeout"
             except Exception as err:  # a dead replica, a deployment being replaced, an error in the tier: all fall back
                 reason = "error"
-                log.warning("%s tier call failed after %.0f ms: %r", tier.label, (time.perf_counter() - began) * 1000, err)
+                log.warning("%s tier call failed after %.0f ms: %r", tier.label,
+                            (time.perf_counter() - began) * 1000, err)
         self.hop_failures.inc(tags={"tier": tier.label, "reason": reason})
         self.since_start["hop_failures"][tier.label, reason] += 1
         return None

@@ -98,7 +98,8 @@ class TierRunner:
         stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
         for r in requests:
             if r.hidden is not None:
-                self.offloaded.inc(r.hidden.nbytes, tags={"hop": f"{self.source[r.hidden.layer].label}->{self.tier.label}"})
+                hop = f"{self.source[r.hidden.layer].label}->{self.tier.label}"
+                self.offloaded.inc(r.hidden.nbytes, tags={"hop": hop})
         self.batch_size.observe(len(requests))
         self.requests_served += len(requests)
         inputs, fetched = [], iter(stored)
