@@ -111,6 +111,12 @@ def cmd_down(args) -> int:
     return 0
 
 
+def _host_port(address: str) -> tuple[str, str]:
+    """HOST:PORT, also Ray's client address ray://HOST:PORT."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    return host, port
+
+
 def check_cluster_answers(address: str, timeout_s: float = 3.0) -> None:
     """Ray's client retries an address where nothing listens, or that refuses its token, for
     half a minute to minutes, with C++ warnings: refuse within seconds instead, saying what to do."""
@@ -118,7 +124,7 @@ def check_cluster_answers(address: str, timeout_s: float = 3.0) -> None:
 
     if address == "auto":
         return
-    host, _, port = address.split("://")[-1].rpartition(":")  # also ray://HOST:PORT, Ray's client address
+    host, port = _host_port(address)
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError):
@@ -158,9 +164,8 @@ def head_is_here(address: str) -> bool:
     """The local cluster's head, or `auto` on a head node: its HTTP proxy binds on this machine."""
     import ipaddress
 
-    host = address.split("://")[-1].rpartition(":")[0]
     try:
-        return address == "auto" or ipaddress.ip_address(host).is_loopback
+        return address == "auto" or ipaddress.ip_address(_host_port(address)[0]).is_loopback
     except ValueError:
         return False
 
@@ -240,15 +245,15 @@ def cmd_up(args) -> int:
     from deployments import local_cluster
     from dimee_models.artifact import read_manifest
 
-    if not (args.artifact / "manifest.json").is_file() and args.artifact.exists() and (
-            args.artifact.is_file() or any(args.artifact.iterdir())):
+    trained = (args.artifact / "manifest.json").is_file()
+    if not trained and args.artifact.exists() and (args.artifact.is_file() or any(args.artifact.iterdir())):
         raise ValueError(f"--artifact {args.artifact} is not a DIMEE artifact (no manifest.json) and not an empty "
                          "folder: pass an artifact, or a new folder to train the default model into")
     if not args.no_cluster:  # ports first: in seconds, not after training and a cluster start
         local_cluster.down()  # a stale cluster from an earlier run would hold them
         local_cluster.check_head_ports()
         check_http_port(args.host, args.port)
-    if not (args.artifact / "manifest.json").is_file():
+    if not trained:
         from dimee_models.train import TrainConfig, train
 
         print(f"no artifact at {args.artifact}: training a {args.epochs}-epoch {args.dataset} model (cached there)")

@@ -306,7 +306,7 @@ class Router:
         answers = self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"])
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (Tier.EDGE, Tier.CLOUD)]
-        escalate = mode == "dimee" and s.policy.escalates
+        escalate = s.policy.escalates_in(mode)
         calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, s, deadline, escalate))
                  for tier, rows in offloaded if rows]
         try:

@@ -11,9 +11,10 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import Mode
+from dimee_models.tiers import TIER_NAMES
 
 Transport = Literal["grpc", "actor"]
-TierName = Literal["mobile", "edge", "cloud"]
+TierName = Literal[TIER_NAMES]
 
 
 # HTTP ---------------------------------------------------------------------------------------------
@@ -134,8 +135,6 @@ class RouterConfig(BaseModel):
     max_texts_in_flight: int = Field(
         64, ge=1, description="texts this ingress replica works on at once; a request that would go past it gets "
                               "503 with Retry-After at once (one request is always admitted, whatever its size)")
-
-
 
 
 # between deployments -----------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict
 def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee", pairs: list[str] | None = None,
                   policy_name: str | None = None) -> list[dict]:
     """What the server answers for these texts in `mode`, computed offline from the full model
-    with the same plan (`Policy.plan`, then escalation in mode dimee):
+    with the same plan (`Policy.plan`, then `Policy.escalates_in`):
     [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
     from dimee_models.policy import load_policies
@@ -236,7 +236,7 @@ def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee",
     policies, doc = load_policies(directory)
     policy = policies[policy_name or doc["default"]]
     tiers = policy.plan(mode, outs[exits[Tier.MOBILE] - 1].pooled.numpy(), probs[Tier.MOBILE])
-    escalated = (tiers == Tier.EDGE) & (policy.escalate(probs[Tier.EDGE]) if mode == "dimee" else False)
+    escalated = (tiers == Tier.EDGE) & (policy.escalate(probs[Tier.EDGE]) if policy.escalates_in(mode) else False)
     tiers = np.where(escalated, Tier.CLOUD, tiers)
     return [{"tier": Tier(t).label, "label_id": int(probs[t][i].argmax()), "confidence": float(probs[t][i].max()),
              "exit_layer": exits[t], "escalated": bool(escalated[i])}

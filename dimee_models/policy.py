@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import ClassVar, Literal, get_args
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ from dimee_models.tiers import TIER_NAMES, Tier
 
 # A request's mode: route with the served `Policy`, or a baseline that sends every sample to one tier.
 Mode = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
-MODES = get_args(Mode)
 EDGE_CLOUD = PATHS.index("edge_cloud")  # tier ids double as the PATHS indices of their own paths
 ALPHA_GRID = np.round(np.concatenate([np.linspace(0.5, 0.9, 17), np.linspace(0.91, 1.0, 37)]), 4)
 ESCALATE_GRID = np.round(np.linspace(0.4, 1.0, 25), 3)
@@ -93,10 +92,14 @@ class Policy:
         """(N,) bool: samples answered on edge whose edge exit is too unsure, so cloud answers."""
         return np.zeros(len(edge_probs), dtype=bool)
 
+    def escalates_in(self, mode: Mode) -> bool:
+        """Whether edge's unsure samples go on to cloud in `mode`: only DIMEE's own routing does it."""
+        return mode == "dimee" and self.escalates
+
     def plan(self, mode: Mode, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         """Where each sample goes once the mobile slice has run, in `mode`: the one decision the
         serving ingress and offline prediction share (`cloud_only` sends the tokens to cloud instead,
-        so its samples never reach the mobile slice). Escalation follows, only in mode `dimee`."""
+        so its samples never reach the mobile slice). Escalation follows where `escalates_in(mode)`."""
         if mode == "dimee":
             return self.route(z, mobile_probs)
         return np.full(len(mobile_probs), {"mobile_only": Tier.MOBILE, "edge_only": Tier.EDGE,

@@ -65,7 +65,7 @@ def kill_spec(text: str) -> tuple[str, float]:
 
 def node_spec(text: str) -> tuple[str, float]:
     tier, _, at = text.partition("@")
-    if tier not in PROBE_POLICY:
+    if tier not in PROBE_MODE:
         raise argparse.ArgumentTypeError(f"a node event wants TIER@SECONDS with TIER edge or cloud, got {text!r}")
     try:
         return tier, float(at)
@@ -73,7 +73,7 @@ def node_spec(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"a node event wants TIER@SECONDS, e.g. edge@20, got {text!r}") from None
 
 
-PROBE_POLICY = {"edge": "edge_only", "cloud": "cloud_only"}  # every probe answer needs the lost tier
+PROBE_MODE = {"edge": "edge_only", "cloud": "cloud_only"}  # every probe answer needs the lost tier
 
 
 def probe(host: str, mode: str, text: str, stop: threading.Event, began: float, log: list) -> None:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     stop, probes, timelines = threading.Event(), {tier: [] for tier, _ in args.node_down}, []
     started = time.monotonic()
     killers = [threading.Thread(target=kill_at, args=kill) for kill in kills]
-    killers += [threading.Thread(target=probe, args=(args.host, PROBE_POLICY[tier], "a fine, honest film.", stop,
+    killers += [threading.Thread(target=probe, args=(args.host, PROBE_MODE[tier], "a fine, honest film.", stop,
                                                      started, probes[tier]), daemon=True) for tier in probes]
     nodes = [threading.Thread(target=lambda t=tier, at=at: timelines.append(
         node_timeline(args.host, t, at, ups[t], started, probes[t]))) for tier, at in args.node_down]
