@@ -12,6 +12,7 @@ import pydantic
 
 from dimee_models.artifact import ArtifactError
 from dimee_models.data import DEFAULT_SPLITS, DatasetError
+from dimee_models.risk import DEFAULT_DELTA
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
@@ -40,6 +41,16 @@ def _positive_int(value: str) -> int:
 
 def _positive_float(value: str) -> float:
     return _positive(value, float, "a positive number")
+
+
+def _delta(value: str) -> float | None:
+    """--delta: a probability in (0, 1), or `none` for the point estimate."""
+    if value.lower() == "none":
+        return None
+    number = _positive(value, float, "a number in (0, 1) or none")
+    if number >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or none, got {value!r}")
+    return number
 
 
 def add_train(sub) -> None:
@@ -141,9 +152,13 @@ def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit the DIMEE routing policies on the calibration split")
     p.add_argument("dir", type=Path)
     p.add_argument("--max-accuracy-drop", type=float, default=0.3, help="budget in percentage points (default 0.3)")
+    p.add_argument("--delta", type=_delta, default=DEFAULT_DELTA,
+                   help="risk control: the budget must hold on new data with probability >= 1 - delta (default "
+                        f"{DEFAULT_DELTA}); `none`: the point estimate on the calibration split, as in the paper")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-fitting folds on the calibration split")
     p.add_argument("--default-policy", default=None,
-                   help="policy the server uses by default (default: the cheapest *_constrained on calibration data)")
+                   help="policy the server uses by default (default: the cheapest *_constrained on calibration "
+                        "data among those whose budget is guaranteed)")
     _cost_flags(p)
 
 
@@ -152,11 +167,17 @@ def cmd_calibrate(args) -> int:
 
     if not 0 <= args.max_accuracy_drop <= 100:
         raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")
-    doc = run_calibration(args.dir, _cost_model(args), args.max_accuracy_drop, args.folds, default=args.default_policy)
+    doc = run_calibration(args.dir, _cost_model(args), args.max_accuracy_drop, args.folds, default=args.default_policy,
+                          delta=args.delta)
     print(f"cost model: {json.dumps(doc['cost_model'])}")
     print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
     for name, pol in doc["policies"].items():
         print(f"  {name:28s} {pol['kind']:8s} thresholds {pol['thresholds']}")
+        if "risk" in pol:
+            r = pol["risk"]
+            held = "guaranteed" if r["guaranteed"] else "NOT guaranteed (no setting passed; the safest is taken)"
+            print(f"  {'':28s} {r['losses']}/{r['n']} losses, loss rate <= {r['loss_ucb_pp']:.2f} pp with "
+                  f"probability {1 - r['delta']:.0%}: {held}")
     for name, threshold in doc["cascade_thresholds"].items():
         print(f"  {name:28s} cascade  threshold {threshold}")
     print(f"default serving policy: {doc['default']}")
@@ -170,6 +191,10 @@ def add_evaluate(sub) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write an accuracy-vs-cost PNG here")
+    p.add_argument("--resamples", type=_positive_int, default=None,
+                   help="also redraw the calibration/test partition K times, recalibrate on each and report the "
+                        "share of redraws within the budget (e.g. 50)")
+    p.add_argument("--resample-seed", type=int, default=0)
     _cost_flags(p)
 
 
@@ -181,6 +206,11 @@ def cmd_evaluate(args) -> int:
     labels = test_out.labels
     per_exit = [(test_out.logits[:, i].argmax(-1) == labels).mean() for i in range(test_out.num_layers)]
     print("per-exit test accuracy: " + " ".join(f"{i}:{a:.4f}" for i, a in enumerate(per_exit, start=1)))
+    if args.resamples:
+        from dimee_models.resample import add_resampled, format_resampled
+
+        result = add_resampled(result, args.dir, cal_out, test_out, args.resamples, args.resample_seed)
+        print(format_resampled(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:

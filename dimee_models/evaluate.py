@@ -12,7 +12,9 @@ from safetensors.numpy import load_file, save_file
 from dimee_models import artifact
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
-from dimee_models.policy import EDGE_CLOUD, ExitOutputs, Mode, Outcome, Policy, choose, score
+from dimee_models.policy import (EDGE_CLOUD, Calibration, Candidates, ExitOutputs, Mode, Outcome, Policy, calibrate, choose,
+                                 load_policies, save_policies, score)
+from dimee_models.risk import DEFAULT_DELTA
 from dimee_models.tiers import TIER_NAMES, Tier
 from dimee_models.train import batches, model_inputs
 
@@ -66,12 +68,13 @@ def _score_cascade(out: ExitOutputs, threshold: float, cost: CostModel) -> Outco
     return score(out, tiers, cost, paths)
 
 
-def calibrate_cascade(out: ExitOutputs, cost: CostModel, max_drop_pp: float) -> dict[str, float]:
+def calibrate_cascade(out: ExitOutputs, cost: CostModel, max_drop_pp: float,
+                      delta: float | None = None) -> dict[str, float]:
     outcomes = [_score_cascade(out, t, cost) for t in CASCADE_GRID]
     ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    by_reward, constrained = choose(outcomes, ref, max_drop_pp)
-    return {"confidence_cascade": float(CASCADE_GRID[by_reward]),
-            "confidence_cascade_constrained": float(CASCADE_GRID[constrained])}
+    choice = choose(outcomes, ref, max_drop_pp, delta=delta)
+    return {"confidence_cascade": float(CASCADE_GRID[choice.by_reward]),
+            "confidence_cascade_constrained": float(CASCADE_GRID[choice.constrained])}
 
 
 def oracle_tiers(out: ExitOutputs) -> np.ndarray:
@@ -178,25 +181,37 @@ def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, method
 # the two commands ------------------------------------------------------------------------------------
 
 
-def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
-                    default: str | None = None) -> dict:
-    """Calibrate every router on the calibration split and store the policies in the artifact."""
-    from dimee_models.policy import calibrate, save_policies
-
-    manifest = artifact.read_manifest(directory)
-    cal_out = split_outputs(directory, "calibration", manifest)
-    cal = calibrate(cal_out, cost, max_drop_pp, folds, seed)
-    cascade = calibrate_cascade(cal_out, cost, max_drop_pp)
-    if default is None:  # the cheapest constrained router on calibration data (never the test split)
-        def calibration_cost(name: str) -> float:
-            tiers, paths = cal.policies[name].assign(cal_out.z, cal_out.probs(cal_out.mobile_exit),
-                                                     cal_out.probs(cal_out.edge_exit))
-            return score(cal_out, tiers, cost, paths).cost
-
-        default = min((n for n in cal.policies if n.endswith("_constrained")), key=calibration_cost)
+def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
+                  seed: int = 0, default: str | None = None,
+                  candidates: list[Candidates] | None = None) -> tuple[Calibration, dict[str, float], str]:
+    """Every router and the cascade calibrated on `out`, and the policy to serve by default: the
+    cheapest constrained router on these outputs among those whose budget is guaranteed (all of
+    them with the point estimate; never chosen on the test split)."""
+    cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
+    cascade = calibrate_cascade(out, cost, max_drop_pp, delta)
+    if default is None:
+        constrained = [name for name in cal.policies if name.endswith("_constrained")]
+        guaranteed = [name for name in constrained if cal.policies[name].risk is None
+                      or cal.policies[name].risk.guaranteed]
+        default = min(guaranteed or constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
     elif default not in cal.policies:
         raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
-    doc = save_policies(directory, cal, cost, default, max_drop_pp, {"cascade_thresholds": cascade})
+    return cal, cascade, default
+
+
+def policy_outcome(out: ExitOutputs, policy: Policy, cost: CostModel) -> Outcome:
+    tiers, paths = policy.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))
+    return score(out, tiers, cost, paths)
+
+
+def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
+                    default: str | None = None, delta: float | None = DEFAULT_DELTA) -> dict:
+    """Calibrate every router on the calibration split and store the policies in the artifact."""
+    manifest = artifact.read_manifest(directory)
+    cal, cascade, default = calibrate_all(split_outputs(directory, "calibration", manifest), cost, max_drop_pp,
+                                          delta, folds, seed, default)
+    doc = save_policies(directory, cal, cost, default, max_drop_pp, {"delta": delta, "folds": folds,
+                                                                     "cascade_thresholds": cascade})
     manifest["policy"] = {"default": default, "file": "policy.json"}
     artifact.write_manifest(directory, manifest)
     return doc
@@ -205,8 +220,6 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
 def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict, ExitOutputs, ExitOutputs]:
     """The evaluation table on the test split with the stored policies (and the stored cost model
     unless another is given: thresholds were chosen for the stored one)."""
-    from dimee_models.policy import load_policies
-
     manifest = artifact.read_manifest(directory)
     policies, doc = load_policies(directory)
     cost = cost or CostModel(**doc["cost_model"])
@@ -223,8 +236,6 @@ def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee",
     with the same plan (`Policy.plan`, then `Policy.escalates_in`):
     [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
-    from dimee_models.policy import load_policies
-
     manifest = artifact.read_manifest(directory)
     exits = dict(zip(Tier, (manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"])))
     ds = TextDataset("texts", texts, [0] * len(texts), manifest["labels"], pairs)

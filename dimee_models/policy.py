@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
 from dimee_models.cost import PATHS, CostModel
+from dimee_models.risk import RiskBound, fixed_sequence
 from dimee_models.tiers import TIER_NAMES, Tier
 
 # A request's mode: route with the served `Policy`, or a baseline that sends every sample to one tier.
@@ -70,6 +71,13 @@ class ExitOutputs:
     def tier_exits(self) -> tuple[int, int, int]:
         return self.mobile_exit, self.edge_exit, self.num_layers
 
+    def take(self, rows: np.ndarray) -> ExitOutputs:
+        return ExitOutputs(self.logits[rows], self.z[rows], self.labels[rows], self.mobile_exit, self.edge_exit)
+
+    def concat(self, other: ExitOutputs) -> ExitOutputs:
+        return ExitOutputs(np.concatenate([self.logits, other.logits]), np.concatenate([self.z, other.z]),
+                           np.concatenate([self.labels, other.labels]), self.mobile_exit, self.edge_exit)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -83,6 +91,7 @@ class Policy:
     num_layers: int
     thresholds: dict[str, float]  # centroid: {"alpha"}; learned: {"mobile", "edge"}; escalate: + {"escalate"}
     tensors: dict[str, np.ndarray] = field(repr=False)
+    risk: RiskBound | None = None  # the constrained policies' guarantee, when calibrated with a delta
 
     def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         """Tier id per sample, (N, H), (N, C) -> (N,); deterministic and vectorised."""
@@ -117,6 +126,7 @@ class Policy:
             "kind": self.kind,
             "exits": {"mobile": self.mobile_exit, "edge": self.edge_exit, "num_layers": self.num_layers},
             "thresholds": self.thresholds,
+            **({"risk": self.risk.to_json()} if self.risk else {}),
         }
 
 
@@ -242,6 +252,11 @@ class Outcome:
     reward: float
     fractions: tuple[float, float, float]
     losses: float  # fraction of samples the final exit answers right and this assignment wrong
+    n: int  # samples scored
+
+    @property
+    def loss_count(self) -> int:
+        return round(self.losses * self.n)
 
 
 def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarray | None = None) -> Outcome:
@@ -254,23 +269,36 @@ def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarra
     fractions = tuple(float((tiers == t).mean()) for t in range(3))
     accuracy = float((preds == out.labels).mean())
     losses = float(((preds != out.labels) & (out.tier_predictions[:, 2] == out.labels)).mean())
-    return Outcome(accuracy, float(costs.mean()), float((conf - cost.mu * costs).mean()), fractions, losses)
+    return Outcome(accuracy, float(costs.mean()), float((conf - cost.mu * costs).mean()), fractions, losses, n)
 
 
-def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float,
-           strict: bool = False) -> tuple[int, int]:
-    """(index with the best reward, index of the cheapest outcome within the accuracy budget).
-    `strict` holds the losses alone to the budget, so that samples the final exit gets wrong and a
-    cheaper exit happens to get right cannot pay for errors. If nothing meets the budget, the most
-    accurate outcome is taken as the constrained one."""
+@dataclass(frozen=True)
+class Choice:
+    by_reward: int  # index of the outcome with the best reward
+    constrained: int  # index of the cheapest outcome within the accuracy budget
+    risk: RiskBound | None  # what the risk-controlled choice guarantees (None: point estimate)
+
+
+def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float, strict: bool = False,
+           delta: float | None = None) -> Choice:
+    """The outcome with the best reward, and the cheapest outcome within the accuracy budget.
+    With `delta`, "within" is risk-controlled (dimee_models/risk.py): the loss rate's upper
+    confidence bound at 1 - delta is within the budget. Without, it is the point estimate on the
+    calibration split: the accuracy drop, or with `strict` the losses alone, so that samples the
+    final exit gets wrong and a cheaper exit happens to get right cannot pay for errors; if nothing
+    meets the budget, the most accurate outcome is taken."""
     best_reward = int(np.argmax([o.reward for o in outcomes]))
+    if delta is not None:
+        constrained, bound = fixed_sequence([o.cost for o in outcomes], [o.loss_count for o in outcomes],
+                                            outcomes[0].n, max_drop_pp / 100, delta)
+        return Choice(best_reward, constrained, bound)
     drops = [o.losses if strict else reference_accuracy - o.accuracy for o in outcomes]
     feasible = [i for i, d in enumerate(drops) if d <= max_drop_pp / 100 + 1e-12]
     if feasible:
         constrained = min(feasible, key=lambda i: (outcomes[i].cost, -outcomes[i].accuracy))
     else:
         constrained = int(np.argmax([o.accuracy for o in outcomes]))
-    return best_reward, constrained
+    return Choice(best_reward, constrained, None)
 
 
 def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
@@ -290,7 +318,19 @@ class Calibration:
     warnings: list[str]
 
 
-def calibrate_centroid(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int):
+@dataclass(frozen=True)
+class Candidates:
+    """One router kind's threshold settings, scored on the calibration split: what `calibrate`
+    chooses from (once per budget and delta, without refitting)."""
+
+    variant: str  # the name of its policies: dimee, dimee_learned, dimee_escalate (+ _constrained)
+    outcomes: list[Outcome]
+    strict: bool  # the point-estimate budget holds the losses alone (see `choose`)
+    curve: list[dict]  # what policy.json stores of the outcomes
+    make: Callable[[str, int, RiskBound | None], Policy]  # (name, index of a setting, its bound) -> policy
+
+
+def centroid_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int) -> Candidates:
     conf = out.tier_confidences
     oof = np.zeros((len(ALPHA_GRID), len(out.labels)), dtype=np.int64)
     for held in folds(len(out.labels), k, seed):
@@ -298,16 +338,14 @@ def calibrate_centroid(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k:
         for a, alpha in enumerate(ALPHA_GRID):
             oof[a, held] = nearest_centroid(out.z[held], centroids_of(out.z[fit], pools(conf[fit], alpha)))
     outcomes = [score(out, oof[a], cost) for a in range(len(ALPHA_GRID))]
-    ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    by_reward, constrained = choose(outcomes, ref, max_drop_pp)
     curve = [{"alpha": float(al), **_outcome_json(o)} for al, o in zip(ALPHA_GRID, outcomes)]
 
-    def make(name: str, i: int) -> Policy:
+    def make(name: str, i: int, risk: RiskBound | None) -> Policy:
         centroids = centroids_of(out.z, pools(conf, ALPHA_GRID[i]))
         return CentroidPolicy(name, out.mobile_exit, out.edge_exit, out.num_layers,
-                      {"alpha": float(ALPHA_GRID[i])}, {"centroids": centroids})
+                              {"alpha": float(ALPHA_GRID[i])}, {"centroids": centroids}, risk)
 
-    return {"dimee": make("dimee", by_reward), "dimee_constrained": make("dimee_constrained", constrained)}, curve
+    return Candidates("dimee", outcomes, False, curve, make)
 
 
 def agreement_targets(out: ExitOutputs) -> np.ndarray:
@@ -329,48 +367,87 @@ def threshold_grid(scores: np.ndarray, points: int) -> np.ndarray:
     return np.append(np.unique(np.quantile(scores, np.linspace(0, 1, points))), 1.01)
 
 
-def calibrate_learned(out: ExitOutputs, cost: CostModel, max_drop_pp: float, k: int, seed: int,
-                      cls: type[LearnedPolicy] = LearnedPolicy):
+def learned_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int,
+                       cls: type[LearnedPolicy] = LearnedPolicy) -> Candidates:
     """The `learned` router, or with cls=EscalatePolicy the `escalate` one (its own features, plus
     the edge-confidence threshold below which edge hands on to cloud)."""
     x = cls.features(out.z, out.probs(out.mobile_exit))
     targets = agreement_targets(out)
     scores = cross_fitted_scores(x, targets, k, seed)
-    edge_conf = out.tier_confidences[:, 1]
     if cls.escalates:
-        combos = [(tm, te, b) for tm in threshold_grid(scores[:, 0], 41) for te in threshold_grid(scores[:, 1], 21)
-                  for b in ESCALATE_GRID]
+        grids = threshold_grid(scores[:, 0], 41), threshold_grid(scores[:, 1], 21), ESCALATE_GRID
     else:
         grid = threshold_grid(scores, 41)
-        combos = [(tm, te) for tm in grid for te in grid]
-    outcomes = []
-    for combo in combos:
-        tiers = threshold_route(scores, combo[0], combo[1])
-        up = (tiers == Tier.EDGE) & (edge_conf < combo[2]) if cls.escalates else np.zeros(len(tiers), dtype=bool)
-        outcomes.append(score(out, np.where(up, Tier.CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
-    ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    by_reward, constrained = choose(outcomes, ref, max_drop_pp, strict=cls.escalates)
+        grids = grid, grid, np.zeros(1)  # edge confidence is never below 0: no escalation
+    outcomes = grid_outcomes(out, cost, scores[:, 0] >= grids[0][:, None], scores[:, 1] >= grids[1][:, None],
+                             out.tier_confidences[:, 1] < grids[2][:, None])
+    combos = [(tm, te, b)[:3 if cls.escalates else 2] for tm in grids[0] for te in grids[1] for b in grids[2]]
     params = fit_learned(x, targets)
     keys = ("mobile", "edge", "escalate")
     frontier = _pareto(list(zip(combos, outcomes)))
     curve = [{**{key: float(v) for key, v in zip(keys, c)}, **_outcome_json(o)} for c, o in frontier]
-    prefix = f"dimee_{cls.kind}"
 
-    def make(name: str, i: int) -> Policy:
+    def make(name: str, i: int, risk: RiskBound | None) -> Policy:
         return cls(name, out.mobile_exit, out.edge_exit, out.num_layers,
-                      {key: float(v) for key, v in zip(keys, combos[i])}, params)
+                   {key: float(v) for key, v in zip(keys, combos[i])}, params, risk)
 
-    return {prefix: make(prefix, by_reward), f"{prefix}_constrained": make(f"{prefix}_constrained", constrained)}, curve
+    return Candidates(f"dimee_{cls.kind}", outcomes, cls.escalates, curve, make)
 
 
-def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0) -> Calibration:
+def grid_outcomes(out: ExitOutputs, cost: CostModel, mobile: np.ndarray, edge: np.ndarray,
+                  up: np.ndarray) -> list[Outcome]:
+    """The outcome of every threshold setting (a, c, b), in that (C) order, without routing each:
+    a sample answers on mobile if mobile[a], else on edge if edge[c], else on cloud; an edge
+    answer goes on to cloud if up[b]. mobile (A, N), edge (C, N), up (B, N) are bool. Sums over
+    samples are matrix products of these indicators with per-sample quantities."""
+    n = len(out.labels)
+    tier_of_path = (Tier.MOBILE, Tier.EDGE, Tier.CLOUD, Tier.CLOUD)  # mobile, edge, cloud, edge_cloud
+    correct = out.tier_predictions == out.labels[:, None]
+    per_sample = {  # (4 paths, N) each
+        "count": np.ones((4, n)),
+        "correct": correct[:, tier_of_path].T.astype(np.float64),
+        "conf": out.tier_confidences[:, tier_of_path].T.astype(np.float64),
+        "loss": (~correct[:, tier_of_path] & correct[:, 2:3]).T.astype(np.float64),
+    }
+    m, e, u = mobile.astype(np.float64), edge.astype(np.float64), up.astype(np.float64)
+    shape = (len(m), len(e), len(u))
+    not_mobile_edge = ((1 - m)[:, None, :] * e[None]).reshape(-1, n)  # (A*C, N)
+    sums = {}
+    for key, q in per_sample.items():  # per path, broadcast to (A, C, B)
+        sums[key] = np.stack(np.broadcast_arrays(
+            (m @ q[0])[:, None, None],
+            (not_mobile_edge @ ((1 - u) * q[1]).T).reshape(shape),
+            ((1 - m) @ ((1 - e) * q[2]).T)[:, :, None],
+            (not_mobile_edge @ (u * q[3]).T).reshape(shape),
+        )).reshape(4, -1)  # (4 paths, A*C*B)
+    path_cost = cost.path_costs(out.mobile_exit, out.edge_exit, out.num_layers)
+    costs = np.array([path_cost[p] for p in PATHS[:4]]) @ sums["count"] / n
+    accuracy, losses = sums["correct"].sum(0) / n, sums["loss"].sum(0) / n
+    reward = sums["conf"].sum(0) / n - cost.mu * costs
+    fractions = np.stack([sums["count"][0], sums["count"][1], sums["count"][2] + sums["count"][3]]) / n
+    return [Outcome(float(accuracy[i]), float(costs[i]), float(reward[i]), tuple(float(f) for f in fractions[:, i]),
+                    float(losses[i]), n) for i in range(len(costs))]
+
+
+def score_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int = 0) -> list[Candidates]:
+    """Every router kind's settings scored on `out`: the expensive part of calibration."""
+    return [centroid_candidates(out, cost, k, seed), learned_candidates(out, cost, k, seed),
+            learned_candidates(out, cost, k, seed, cls=EscalatePolicy)]
+
+
+def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0,
+              delta: float | None = None, candidates: list[Candidates] | None = None) -> Calibration:
+    """Every router kind's reward-best and constrained policy; `delta` makes the constrained
+    choice risk-controlled (None: the point estimate on the calibration split). `candidates`:
+    `score_candidates(out, cost, k, seed)` computed once for several budgets or deltas."""
+    candidates = candidates or score_candidates(out, cost, k, seed)
+    reference = float((out.tier_predictions[:, 2] == out.labels).mean())
     policies, curves, warnings = {}, {}, []
-    variants = (("dimee", calibrate_centroid), ("dimee_learned", calibrate_learned),
-                ("dimee_escalate", partial(calibrate_learned, cls=EscalatePolicy)))
-    for variant, fn in variants:
-        found, curve = fn(out, cost, max_drop_pp, k, seed)
-        policies.update(found)
-        curves[variant] = curve
+    for c in candidates:
+        choice = choose(c.outcomes, reference, max_drop_pp, c.strict, delta)
+        policies[c.variant] = c.make(c.variant, choice.by_reward, None)
+        policies[f"{c.variant}_constrained"] = c.make(f"{c.variant}_constrained", choice.constrained, choice.risk)
+        curves[c.variant] = c.curve
     for name, pol in policies.items():
         tiers, _ = pol.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))
         fractions = np.bincount(tiers, minlength=3) / len(out.labels)
@@ -379,7 +456,7 @@ def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: in
                 f"{name}: sends {fractions.max():.0%} of calibration samples to {Tier(int(fractions.argmax())).label}"
                 f" (mu={cost.mu}); the reward may be dominated by cost or by confidence"
             )
-    return Calibration(policies, curves, float((out.tier_predictions[:, 2] == out.labels).mean()), warnings)
+    return Calibration(policies, curves, reference, warnings)
 
 
 def _outcome_json(o: Outcome) -> dict:
@@ -433,5 +510,7 @@ def load_policies(directory: str | Path) -> tuple[dict[str, Policy], dict]:
     for name, p in doc["policies"].items():
         own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
         ex = p["exits"]
-        policies[name] = POLICY_KINDS[p["kind"]](name, ex["mobile"], ex["edge"], ex["num_layers"], p["thresholds"], own)
+        risk = RiskBound(**p["risk"]) if "risk" in p else None
+        policies[name] = POLICY_KINDS[p["kind"]](name, ex["mobile"], ex["edge"], ex["num_layers"], p["thresholds"],
+                                                 own, risk)
     return policies, doc

@@ -60,9 +60,10 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrated(base, tmp_path_factory):
-    """(directory, policy doc, files present right after calibration)."""
+    """(directory, policy doc, files present right after calibration). The point estimate: 40
+    calibration samples certify no saving at 0.3 pp, and the tests below need policies that route."""
     out = shutil.copytree(base, tmp_path_factory.mktemp("eval") / "cal")
-    doc = run_calibration(out, CostModel(), 0.3)
+    doc = run_calibration(out, CostModel(), 0.3, delta=None)
     return out, doc, {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 
 
@@ -113,7 +114,7 @@ def test_calibration_never_reads_the_test_split(base, calibrated, tmp_path):
     artifact.write_manifest(poisoned, artifact.read_manifest(poisoned, verify=False))
     poison = artifact.load_split(poisoned, "test")  # in place, and the manifest verifies it
     assert not set(poison.texts) & set(clean.texts) and all(a != b for a, b in zip(poison.labels, clean.labels))
-    run_calibration(poisoned, CostModel(), 0.3)
+    run_calibration(poisoned, CostModel(), 0.3, delta=None)
     for name in POLICY_FILES:
         assert (poisoned / name).read_bytes() == (calibrated[0] / name).read_bytes(), name
     assert not (poisoned / "outputs" / "test.safetensors").exists()
@@ -137,6 +138,37 @@ def test_cli_evaluate_writes_json_and_png(calibrated, tmp_path, capsys):
     assert "cloud_only" in capsys.readouterr().out
     check_shape(json.loads(table.read_text()))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_calibrate_delta(base, tmp_path, capsys):
+    out = shutil.copytree(base, tmp_path / "a")
+    assert main(["calibrate", str(out), "--delta", "none"]) == 0
+    _, doc = load_policies(out)
+    assert doc["delta"] is None and not any("risk" in p for p in doc["policies"].values())
+    assert main(["calibrate", str(out), "--delta", "0.2", "--max-accuracy-drop", "5"]) == 0
+    assert "losses, loss rate <=" in capsys.readouterr().out
+    policies, doc = load_policies(out)
+    assert doc["delta"] == 0.2 and doc["folds"] == 5
+    assert {p.risk.delta for name, p in policies.items() if name.endswith("_constrained")} == {0.2}
+    for bad in ("1.5", "0", "x"):
+        with pytest.raises(SystemExit):
+            main(["calibrate", str(out), "--delta", bad])
+        assert "--delta" in capsys.readouterr().err
+
+
+def test_cli_evaluate_resamples(calibrated, tmp_path, capsys):
+    table = tmp_path / "table.json"
+    assert main(["evaluate", str(calibrated[0]), "--resamples", "3", "--json", str(table)]) == 0
+    assert "over 3 redraws" in capsys.readouterr().out
+    result = json.loads(table.read_text())
+    assert result["resampled"]["k"] == 3 and result["resampled"]["budget_pp"] == 0.3
+    assert sum(result["resampled"]["default_choices"].values()) == 3
+    for name, row in result["methods"].items():
+        assert 0 <= row["resampled"]["within_budget_share"] <= 1, name
+        assert row["resampled"]["cost_reduction_p10"] <= row["resampled"]["cost_reduction_p90"], name
+    plain = {k: v for k, v in result.items() if k != "resampled"}  # otherwise the single-split table
+    plain["methods"] = {n: {k: v for k, v in r.items() if k != "resampled"} for n, r in result["methods"].items()}
+    check_shape(plain)
 
 
 def test_cli_errors(base, capsys):

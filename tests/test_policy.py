@@ -180,17 +180,36 @@ def test_calibrate_warns_when_one_tier_takes_everything(data):
 
 
 def test_choose_max_reward_and_cheapest_feasible():
-    o = [Outcome(0.80, 0.2, 0.70, (1, 0, 0), 0.10), Outcome(0.89, 0.5, 0.30, (0, 1, 0), 0.05),
-         Outcome(0.92, 0.5, 0.10, (0, 1, 0), 0.02), Outcome(0.95, 1.0, 0.20, (0, 0, 1), 0.0)]
+    o = [Outcome(0.80, 0.2, 0.70, (1, 0, 0), 0.10, 100), Outcome(0.89, 0.5, 0.30, (0, 1, 0), 0.05, 100),
+         Outcome(0.92, 0.5, 0.10, (0, 1, 0), 0.02, 100), Outcome(0.95, 1.0, 0.20, (0, 0, 1), 0.0, 100)]
+
+    def chosen(*args, **kwargs) -> tuple[int, int]:
+        choice = choose(*args, **kwargs)
+        assert choice.risk is None  # a point estimate guarantees nothing
+        return choice.by_reward, choice.constrained
+
     # budget 1 pp below 0.90: 1, 2 and 3 qualify (0.89 exactly on the edge); 1 and 2 tie on cost, 2 is more accurate
-    assert choose(o, 0.90, 1.0) == (0, 2)
-    assert choose(o, 0.90, 0.5) == (0, 2)
-    assert choose(o, 0.94, 0.5) == (0, 3)
-    assert choose(o, 0.99, 0.3) == (0, 3)  # nothing feasible: the most accurate outcome
-    assert choose(o[:3], 0.99, 0.3) == (0, 2)
+    assert chosen(o, 0.90, 1.0) == (0, 2)
+    assert chosen(o, 0.90, 0.5) == (0, 2)
+    assert chosen(o, 0.94, 0.5) == (0, 3)
+    assert chosen(o, 0.99, 0.3) == (0, 3)  # nothing feasible: the most accurate outcome
+    assert chosen(o[:3], 0.99, 0.3) == (0, 2)
     # strict: the losses alone count, however accurate the outcome is overall
-    assert choose(o, 0.80, 3.0, strict=True) == (0, 2)
-    assert choose(o, 0.80, 1.0, strict=True) == (0, 3)
+    assert chosen(o, 0.80, 3.0, strict=True) == (0, 2)
+    assert chosen(o, 0.80, 1.0, strict=True) == (0, 3)
+
+
+def test_choose_with_delta_takes_the_cheapest_setting_the_bound_certifies():
+    # 0 losses of 100 certify a loss rate <= 3 pp at delta 0.05 (1 - 0.97**100 = 0.95); 2 of 100 do not
+    o = [Outcome(0.9, 1.0, 0.0, (0, 0, 1), 0.0, 100), Outcome(0.9, 0.5, 0.0, (0, 1, 0), 0.0, 100),
+         Outcome(0.9, 0.2, 0.0, (1, 0, 0), 0.02, 100)]
+    choice = choose(o, 0.9, 3.0, delta=0.05)
+    assert choice.constrained == 1 and choice.risk.guaranteed and choice.risk.losses == 0 and choice.risk.n == 100
+    assert choice.risk.loss_ucb_pp == pytest.approx(100 * (1 - 0.05 ** (1 / 100)), rel=1e-6)
+    assert choose(o, 0.9, 3.0).constrained == 2  # the point estimate: 2 pp <= 3 pp
+    # nothing certified (100 samples cannot show 1 pp): the safest setting, marked not guaranteed
+    choice = choose(o, 0.9, 1.0, delta=0.05)
+    assert choice.constrained == 0 and not choice.risk.guaranteed
 
 
 def test_save_load_round_trip(data, cal, tmp_path):
@@ -210,3 +229,17 @@ def test_save_load_round_trip(data, cal, tmp_path):
         for key in pol.tensors:
             np.testing.assert_array_equal(back.tensors[key], pol.tensors[key])
         np.testing.assert_array_equal(assigned(back, out)[1], assigned(pol, out)[1])
+
+
+def test_risk_controlled_calibration_stores_each_constrained_policys_bound(data, tmp_path):
+    out, _ = data
+    cal = calibrate(out, CostModel(mu=0.1), max_drop_pp=5.0, k=5, seed=0, delta=0.1)
+    for name, pol in cal.policies.items():
+        assert (pol.risk is not None) == name.endswith("_constrained")
+        if pol.risk:
+            assert (pol.risk.delta, pol.risk.budget_pp, pol.risk.n) == (0.1, 5.0, len(out.labels))
+            assert pol.risk.losses <= pol.risk.loss_ucb_pp / 100 * pol.risk.n
+    save_policies(tmp_path, cal, CostModel(mu=0.1), "dimee_learned_constrained", 5.0)
+    policies, doc = load_policies(tmp_path)
+    assert {name: p.risk for name, p in policies.items()} == {name: p.risk for name, p in cal.policies.items()}
+    assert doc["policies"]["dimee_constrained"]["risk"]["guaranteed"] is cal.policies["dimee_constrained"].risk.guaranteed

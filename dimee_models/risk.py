@@ -1,0 +1,73 @@
+"""Risk control: choose thresholds whose loss rate on new data is within the budget, with
+probability at least 1 - delta over the calibration data.
+
+A sample's loss is 1 when the final exit answers it right and the policy's answer is wrong, so
+the loss rate bounds the accuracy drop against cloud-only from above. The choice is Learn then
+Test (Angelopoulos et al. 2021, as CALM and "Fast yet Safe" apply it to early exits) with
+fixed-sequence testing: the candidate settings are tested from the most expensive (the safest)
+to the cheapest; each test rejects "loss rate > budget" when the binomial tail
+P(Bin(n, budget) <= losses) is at most delta; testing stops at the first setting it cannot
+reject, and the cheapest setting rejected before it is chosen. The family-wise error is at most
+delta because each test is at level delta and none runs after a failure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+DEFAULT_DELTA = 0.1  # `dimee calibrate --delta`: the budget holds on new data with probability >= 90%
+
+
+@lru_cache(maxsize=4096)
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) <= k), summed in log space (n in the thousands underflows a direct product)."""
+    if p <= 0 or k >= n:
+        return 1.0
+    if p >= 1:
+        return 0.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
+             for j in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def loss_ucb(losses: int, n: int, delta: float) -> float:
+    """One-sided Clopper-Pearson upper bound on the loss rate at confidence 1 - delta: the p at
+    which P(Bin(n, p) <= losses) = delta, by bisection (the tail falls as p grows)."""
+    lo, hi = losses / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if binomial_cdf(losses, n, mid) > delta else (lo, mid)
+    return hi
+
+
+@dataclass(frozen=True)
+class RiskBound:
+    """What the risk-controlled choice guarantees for one chosen setting (stored in policy.json)."""
+
+    delta: float
+    budget_pp: float
+    n: int  # calibration samples
+    losses: int  # of them, answered right by the final exit and wrong by the chosen setting
+    loss_ucb_pp: float  # upper confidence bound on the loss rate, percentage points
+    guaranteed: bool  # False: no setting passed, the safest one was taken
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fixed_sequence(costs: list[float], losses: list[int], n: int, budget: float, delta: float) -> tuple[int, RiskBound]:
+    """Index of the cheapest setting that fixed-sequence testing certifies (budget as a fraction),
+    and its bound; if even the safest fails, the safest, marked not guaranteed."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], losses[i], i))  # safest first
+    chosen, passed = order[0], False
+    for i in order:
+        if binomial_cdf(losses[i], n, budget) > delta:
+            break
+        if not passed or costs[i] < costs[chosen]:
+            chosen, passed = i, True
+    bound = RiskBound(delta, budget * 100, n, losses[chosen], loss_ucb(losses[chosen], n, delta) * 100, passed)
+    return chosen, bound
