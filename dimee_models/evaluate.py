@@ -72,7 +72,7 @@ def calibrate_cascade(out: ExitOutputs, cost: CostModel, max_drop_pp: float,
                       delta: float | None = None) -> dict[str, float]:
     outcomes = [_score_cascade(out, t, cost) for t in CASCADE_GRID]
     ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    choice = choose(outcomes, ref, max_drop_pp, delta=delta)
+    choice = choose(outcomes, ref, max_drop_pp, delta=delta, path=list(range(len(CASCADE_GRID)))[::-1])
     return {"confidence_cascade": float(CASCADE_GRID[choice.by_reward]),
             "confidence_cascade_constrained": float(CASCADE_GRID[choice.constrained])}
 

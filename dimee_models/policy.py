@@ -30,7 +30,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dimee_models.cost import PATHS, CostModel
-from dimee_models.risk import RiskBound, fixed_sequence
+from dimee_models.risk import RISK_PATH, RiskBound, fixed_sequence
 from dimee_models.tiers import TIER_NAMES, Tier
 
 # A request's mode: route with the served `Policy`, or a baseline that sends every sample to one tier.
@@ -280,16 +280,17 @@ class Choice:
 
 
 def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float, strict: bool = False,
-           delta: float | None = None) -> Choice:
+           delta: float | None = None, path: list[int] | None = None) -> Choice:
     """The outcome with the best reward, and the cheapest outcome within the accuracy budget.
-    With `delta`, "within" is risk-controlled (dimee_models/risk.py): the loss rate's upper
-    confidence bound at 1 - delta is within the budget. Without, it is the point estimate on the
+    With `delta`, "within" is risk-controlled (dimee_models/risk.py): fixed-sequence testing
+    along `path` (indices of outcomes, safest first, fixed before the data are seen) certifies
+    the loss rate within the budget with probability >= 1 - delta. Without, it is the point estimate on the
     calibration split: the accuracy drop, or with `strict` the losses alone, so that samples the
     final exit gets wrong and a cheaper exit happens to get right cannot pay for errors; if nothing
     meets the budget, the most accurate outcome is taken."""
     best_reward = int(np.argmax([o.reward for o in outcomes]))
     if delta is not None:
-        constrained, bound = fixed_sequence([o.cost for o in outcomes], [o.loss_count for o in outcomes],
+        constrained, bound = fixed_sequence(path, [o.cost for o in outcomes], [o.loss_count for o in outcomes],
                                             outcomes[0].n, max_drop_pp / 100, delta)
         return Choice(best_reward, constrained, bound)
     drops = [o.losses if strict else reference_accuracy - o.accuracy for o in outcomes]
@@ -324,10 +325,12 @@ class Candidates:
     chooses from (once per budget and delta, without refitting)."""
 
     variant: str  # the name of its policies: dimee, dimee_learned, dimee_escalate (+ _constrained)
-    outcomes: list[Outcome]
+    outcomes: list[Outcome]  # the grid's settings, then any that only risk control's path has
+    grid: int  # how many of the outcomes are the grid's: the reward and the point estimate choose there
     strict: bool  # the point-estimate budget holds the losses alone (see `choose`)
-    curve: list[dict]  # what policy.json stores of the outcomes
+    curve: list[dict]  # what policy.json stores of the grid's outcomes
     make: Callable[[str, int, RiskBound | None], Policy]  # (name, index of a setting, its bound) -> policy
+    path: list[int]  # the settings risk control tests, in a fixed order from the safest (see `choose`)
 
 
 def centroid_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int) -> Candidates:
@@ -345,7 +348,8 @@ def centroid_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int) ->
         return CentroidPolicy(name, out.mobile_exit, out.edge_exit, out.num_layers,
                               {"alpha": float(ALPHA_GRID[i])}, {"centroids": centroids}, risk)
 
-    return Candidates("dimee", outcomes, False, curve, make)
+    return Candidates("dimee", outcomes, len(outcomes), False, curve, make,
+                      list(range(len(ALPHA_GRID)))[::-1])  # alpha from 1 down
 
 
 def agreement_targets(out: ExitOutputs) -> np.ndarray:
@@ -386,12 +390,23 @@ def learned_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int,
     keys = ("mobile", "edge", "escalate")
     frontier = _pareto(list(zip(combos, outcomes)))
     curve = [{**{key: float(v) for key, v in zip(keys, c)}, **_outcome_json(o)} for c, o in frontier]
+    n_grid = len(outcomes)
+    # Risk control's path: one threshold t for the gates, from 1.01 down. Escalating, every sample
+    # mobile does not keep goes to edge, which keeps those it is sure of (a cascade with a learned
+    # first gate): through edge, cloud costs what it costs from mobile under the default costs.
+    for t in RISK_PATH:
+        combo = (t, 0.0, t) if cls.escalates else (t, t)
+        tiers = threshold_route(scores, combo[0], combo[1])
+        up = (tiers == Tier.EDGE) & (out.tier_confidences[:, 1] < t) if cls.escalates else np.zeros(len(tiers), bool)
+        outcomes.append(score(out, np.where(up, Tier.CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
+        combos.append(combo)
 
     def make(name: str, i: int, risk: RiskBound | None) -> Policy:
         return cls(name, out.mobile_exit, out.edge_exit, out.num_layers,
                    {key: float(v) for key, v in zip(keys, combos[i])}, params, risk)
 
-    return Candidates(f"dimee_{cls.kind}", outcomes, cls.escalates, curve, make)
+    return Candidates(f"dimee_{cls.kind}", outcomes, n_grid, cls.escalates, curve, make,
+                      list(range(n_grid, len(outcomes))))
 
 
 def grid_outcomes(out: ExitOutputs, cost: CostModel, mobile: np.ndarray, edge: np.ndarray,
@@ -444,9 +459,13 @@ def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: in
     reference = float((out.tier_predictions[:, 2] == out.labels).mean())
     policies, curves, warnings = {}, {}, []
     for c in candidates:
-        choice = choose(c.outcomes, reference, max_drop_pp, c.strict, delta)
-        policies[c.variant] = c.make(c.variant, choice.by_reward, None)
-        policies[f"{c.variant}_constrained"] = c.make(f"{c.variant}_constrained", choice.constrained, choice.risk)
+        point = choose(c.outcomes[:c.grid], reference, max_drop_pp, c.strict)
+        constrained, risk = point.constrained, None
+        if delta is not None:
+            controlled = choose(c.outcomes, reference, max_drop_pp, delta=delta, path=c.path)
+            constrained, risk = controlled.constrained, controlled.risk
+        policies[c.variant] = c.make(c.variant, point.by_reward, None)
+        policies[f"{c.variant}_constrained"] = c.make(f"{c.variant}_constrained", constrained, risk)
         curves[c.variant] = c.curve
     for name, pol in policies.items():
         tiers, _ = pol.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))

@@ -4,11 +4,11 @@ probability at least 1 - delta over the calibration data.
 A sample's loss is 1 when the final exit answers it right and the policy's answer is wrong, so
 the loss rate bounds the accuracy drop against cloud-only from above. The choice is Learn then
 Test (Angelopoulos et al. 2021, as CALM and "Fast yet Safe" apply it to early exits) with
-fixed-sequence testing: the candidate settings are tested from the most expensive (the safest)
-to the cheapest; each test rejects "loss rate > budget" when the binomial tail
-P(Bin(n, budget) <= losses) is at most delta; testing stops at the first setting it cannot
-reject, and the cheapest setting rejected before it is chosen. The family-wise error is at most
-delta because each test is at level delta and none runs after a failure.
+fixed-sequence testing: settings are tested along a path fixed in advance, from the safest on;
+each test rejects "loss rate > budget" when the binomial tail P(Bin(n, budget) <= losses) is at
+most delta; testing stops at the first setting it cannot reject, and the cheapest setting
+rejected before it is chosen. The family-wise error is at most delta because each test is at
+level delta and none runs after a failure.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+import numpy as np
+
 DEFAULT_DELTA = 0.1  # `dimee calibrate --delta`: the budget holds on new data with probability >= 90%
+# The path of a threshold applied alike to every gate of a router, from "nobody passes" down;
+# dense near 1, where a tight budget stops.
+RISK_PATH = np.round(np.concatenate([[1.01], np.linspace(1.0, 0.9, 41), np.linspace(0.89, 0.0, 90)]), 4)
 
 
 @lru_cache(maxsize=4096)
@@ -59,10 +64,11 @@ class RiskBound:
         return asdict(self)
 
 
-def fixed_sequence(costs: list[float], losses: list[int], n: int, budget: float, delta: float) -> tuple[int, RiskBound]:
-    """Index of the cheapest setting that fixed-sequence testing certifies (budget as a fraction),
-    and its bound; if even the safest fails, the safest, marked not guaranteed."""
-    order = sorted(range(len(costs)), key=lambda i: (-costs[i], losses[i], i))  # safest first
+def fixed_sequence(order: list[int], costs: list[float], losses: list[int], n: int, budget: float,
+                   delta: float) -> tuple[int, RiskBound]:
+    """Index of the cheapest setting that fixed-sequence testing along `order` (safest first, fixed
+    before the losses are seen) certifies for the budget (a fraction), and its bound; if even the
+    first fails, the first, marked not guaranteed."""
     chosen, passed = order[0], False
     for i in order:
         if binomial_cdf(losses[i], n, budget) > delta:

@@ -203,12 +203,12 @@ def test_choose_with_delta_takes_the_cheapest_setting_the_bound_certifies():
     # 0 losses of 100 certify a loss rate <= 3 pp at delta 0.05 (1 - 0.97**100 = 0.95); 2 of 100 do not
     o = [Outcome(0.9, 1.0, 0.0, (0, 0, 1), 0.0, 100), Outcome(0.9, 0.5, 0.0, (0, 1, 0), 0.0, 100),
          Outcome(0.9, 0.2, 0.0, (1, 0, 0), 0.02, 100)]
-    choice = choose(o, 0.9, 3.0, delta=0.05)
+    choice = choose(o, 0.9, 3.0, delta=0.05, path=[0, 1, 2])
     assert choice.constrained == 1 and choice.risk.guaranteed and choice.risk.losses == 0 and choice.risk.n == 100
     assert choice.risk.loss_ucb_pp == pytest.approx(100 * (1 - 0.05 ** (1 / 100)), rel=1e-6)
     assert choose(o, 0.9, 3.0).constrained == 2  # the point estimate: 2 pp <= 3 pp
     # nothing certified (100 samples cannot show 1 pp): the safest setting, marked not guaranteed
-    choice = choose(o, 0.9, 1.0, delta=0.05)
+    choice = choose(o, 0.9, 1.0, delta=0.05, path=[0, 1, 2])
     assert choice.constrained == 0 and not choice.risk.guaranteed
 
 

@@ -24,11 +24,13 @@ def test_loss_ucb_is_the_clopper_pearson_bound():
 
 
 def test_fixed_sequence_stops_at_the_first_setting_it_cannot_certify():
-    # cost order 0 (safest) .. 3; setting 2 fails, so 3 is never tested although its losses would pass
+    # path 0 (safest) .. 3; setting 2 fails, so 3 is never tested although its losses would pass
     costs, losses = [1.0, 0.8, 0.6, 0.4], [0, 0, 9, 0]
-    chosen, bound = fixed_sequence(costs, losses, 1000, 0.01, 0.1)
+    chosen, bound = fixed_sequence([0, 1, 2, 3], costs, losses, 1000, 0.01, 0.1)
     assert chosen == 1 and bound.guaranteed and bound.losses == 0
-    chosen, bound = fixed_sequence([0.5, 1.0], [20, 30], 1000, 0.01, 0.1)  # the safest fails: taken, not guaranteed
+    chosen, _ = fixed_sequence([3, 2, 1, 0], costs, losses, 1000, 0.01, 0.1)  # the path, not the cost, decides
+    assert chosen == 3
+    chosen, bound = fixed_sequence([1, 0], [0.5, 1.0], [20, 30], 1000, 0.01, 0.1)  # the first fails: not guaranteed
     assert chosen == 1 and not bound.guaranteed
 
 
@@ -48,7 +50,7 @@ def test_the_bound_holds_on_new_data_where_the_point_estimate_does_not():
         losses = [(u < r).mean() for r in rates]
         outcomes = [Outcome(0.9, c, 0.0, (0, 0, 1), loss, n) for c, loss in zip(costs, losses)]
         point = choose(outcomes, 0.9, budget * 100, strict=True).constrained
-        bound = choose(outcomes, 0.9, budget * 100, delta=delta)
+        bound = choose(outcomes, 0.9, budget * 100, delta=delta, path=list(range(30)))
         over_point += rates[point] > budget
         over_bound += rates[bound.constrained] > budget
         chosen_bound.append(bound.constrained)
