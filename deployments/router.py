@@ -38,8 +38,9 @@ from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Pre
 from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
+from dimee_models.manifest import Manifest
 from dimee_models.policy import LearnedPolicy, Mode, Policy, load_policies
-from dimee_models.tiers import TIER_NAMES, Tier
+from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="DIMEE-Serve", description="Early-exit text classification across mobile, edge and cloud tiers")
@@ -66,12 +67,12 @@ class Settings:
     max_texts_in_flight: int
 
 
-def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Settings:
+def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> Settings:
     """Settings from a validated config, checked against the served artifact; ValueError says what is wrong."""
     source = config.policy_artifact or args.artifact
     if config.policy_artifact:
         other = artifact.read_manifest(config.policy_artifact)  # verifies its checksums
-        if any(other["files"].get(f) != manifest["files"][f] for f in TIER_WEIGHTS):
+        if any(other.files.get(f) != manifest.files[f] for f in TIER_WEIGHTS):
             raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
                              "only a recalibrated copy of the same model can be switched to live")
     policies, doc = load_policies(source)
@@ -86,19 +87,18 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
             raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")
         policy = dataclasses.replace(policy, thresholds=dict(config.thresholds))
     cost = config.cost_model or CostModel(**doc["cost_model"])
-    exits = manifest["exits"]
-    return Settings(policy, cost, cost.path_costs(exits["mobile"], exits["edge"], manifest["num_layers"]),
+    return Settings(policy, cost, cost.path_costs(manifest.exits.mobile, manifest.exits.edge, manifest.num_layers),
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
 
 
-def public_model_name(manifest: dict) -> str:
+def public_model_name(backbone: str, dataset: str) -> str:
     """What answers call the model: backbone and dataset by name, never a path on the server (a
     local backbone folder or a user's CSV); a hub id such as org/name stays as it is."""
-    backbone = manifest["backbone"]
     if Path(backbone).is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1:
         backbone = Path(backbone).name
-    kind, sep, source = manifest["dataset"]["name"].partition(":")
-    dataset = f"{kind}:{Path(source).name}" if sep and kind in ("csv", "jsonl") else manifest["dataset"]["name"]
+    kind, sep, source = dataset.partition(":")
+    if sep and kind in ("csv", "jsonl"):
+        dataset = f"{kind}:{Path(source).name}"
     return f"{backbone}@{dataset}"
 
 
@@ -117,10 +117,9 @@ class Router:
         self.api_key = args.api_key.get_secret_value() if args.api_key else None
         self.manifest = artifact.read_manifest(args.artifact)
         self.tokenizer = artifact.load_tokenizer(args.artifact)
-        self.exit_layers = dict(zip(TIER_NAMES, (self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"],
-                                                 self.manifest["num_layers"])))
-        self.labels = self.manifest["labels"]
-        self.model_name = public_model_name(self.manifest)
+        self.exit_layers = {tier.label: layer for tier, layer in self.manifest.tier_exits.items()}
+        self.labels = self.manifest.labels
+        self.model_name = public_model_name(self.manifest.backbone, self.manifest.dataset.name)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
         self.requests = metrics.Counter("dimee_requests", "classify requests, by mode", tag_keys=("mode",))
@@ -211,9 +210,9 @@ class Router:
         body = parse_classify(await request.body(), request.headers.get("content-type"), self.args.max_body_bytes)
         if len(body.texts) > self.args.max_texts:
             raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {self.args.max_texts}")
-        if body.text_pairs is not None and not self.manifest["text_pair"]:
+        if body.text_pairs is not None and not self.manifest.text_pair:
             raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
-        if body.text_pairs is None and self.manifest["text_pair"]:
+        if body.text_pairs is None and self.manifest.text_pair:
             raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
         s = self.settings
         deadline = time.monotonic() + s.request_timeout_s
@@ -232,7 +231,7 @@ class Router:
 
     async def classify_admitted(self, body: ClassifyRequest, s: Settings, deadline: float) -> list[Prediction]:
         self.requests.inc(tags={"mode": body.mode})
-        max_length = self.manifest["max_length"]
+        max_length = self.manifest.max_length
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
         answers = await self.run_mode(body.mode, enc["input_ids"], enc.get("token_type_ids"), s, deadline)

@@ -11,10 +11,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import Mode
-from dimee_models.tiers import TIER_NAMES
+from dimee_models.tiers import TierName
 
 Transport = Literal["grpc", "actor"]
-TierName = Literal[TIER_NAMES]
 
 
 # HTTP ---------------------------------------------------------------------------------------------

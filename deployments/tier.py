@@ -54,9 +54,8 @@ class TierRunner:
         manifest = artifact.read_manifest(artifact_dir)
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
-        exits = manifest["exits"]
-        self.end = artifact.tier_specs(manifest["num_layers"], exits["mobile"], exits["edge"])[tier].end
-        self.source = {exits["mobile"]: Tier.MOBILE, exits["edge"]: Tier.EDGE}  # which tier stored a hidden state
+        self.end = manifest.tier_exits[tier]
+        self.source = {manifest.exits.mobile: Tier.MOBILE, manifest.exits.edge: Tier.EDGE}  # who stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)

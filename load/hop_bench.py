@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     session = requests.Session()
     samples = {hop: [] for hop in HOPS}
     for i, text in enumerate(texts):
-        ids = tokenizer(text, truncation=True, max_length=manifest["max_length"])["input_ids"]
+        ids = tokenizer(text, truncation=True, max_length=manifest.max_length)["input_ids"]
         hops = measure(handles, mobile, ids)
         began = time.perf_counter()
         session.get(f"{args.url}/healthz", timeout=60).raise_for_status()

@@ -149,4 +149,4 @@ def test_a_tier_serve_reports_without_replicas_is_not_called(served_artifact):
 def test_answers_name_the_model_without_server_paths(backbone, dataset, name):
     from deployments.router import public_model_name
 
-    assert public_model_name({"backbone": backbone, "dataset": {"name": dataset}}) == name
+    assert public_model_name(backbone, dataset) == name
