@@ -34,7 +34,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
-                                 TierRequest)
+                                 TierRequest, Tokens)
 from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
@@ -234,7 +234,7 @@ class Router:
         max_length = self.manifest.max_length
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_mode(body.mode, enc["input_ids"], enc.get("token_type_ids"), s, deadline)
+        answers = await self.run_mode(body.mode, Tokens(enc["input_ids"], enc.get("token_type_ids")), s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
@@ -287,17 +287,14 @@ class Router:
                 log.warning("could not read the replicas per tier from Serve: %r", err)
         asyncio.get_running_loop().create_task(refresh())
 
-    async def run_mode(self, mode: Mode, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
-                       s: Settings, deadline: float) -> list[Prediction]:
+    async def run_mode(self, mode: Mode, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
         if mode == "cloud_only":  # the tokens go to cloud: no sample runs the mobile slice
-            tokens = TierRequest(input_ids=input_ids, token_type_ids=token_type_ids)
-            cloud = await self.call(Tier.CLOUD, tokens, s, deadline)
+            cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
                 return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
-            mobile = await self.mobile_batch(tokens)
+            mobile = await self.mobile_batch(TierRequest(tokens))
             return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True)
-        mobile = await self.mobile_batch(TierRequest(input_ids=input_ids, token_type_ids=token_type_ids,
-                                                     keep_hidden=mode != "mobile_only"))
+        mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=mode != "mobile_only"))
         tiers = s.policy.plan(mode, mobile.z, mobile.probs)
         if mode == "dimee":
             for tier, count in zip(*np.unique(tiers, return_counts=True)):
@@ -326,13 +323,13 @@ class Router:
         into the object store, for whichever tier reads it."""
         stored = self.mobile.store(mobile.hidden, rows)
         if tier is Tier.EDGE:
-            request = (TierRequest(hidden=stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
-                       if escalate else TierRequest(hidden=stored))
+            request = (TierRequest(stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
+                       if escalate else TierRequest(stored))
             reply = await self.call(Tier.EDGE, request, s, deadline)
             if reply is not None:
                 answers = self.answer(reply, Tier.EDGE, s.path_cost["edge"])
                 return rows, await self.escalate(reply, answers, s, deadline) if escalate else answers
-        reply = await self.call(Tier.CLOUD, TierRequest(hidden=stored), s, deadline)
+        reply = await self.call(Tier.CLOUD, TierRequest(stored), s, deadline)
         if reply is not None:
             return rows, self.answer(reply, Tier.CLOUD, s.path_cost["cloud"], fallback=tier is Tier.EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
@@ -345,7 +342,7 @@ class Router:
         unsure = np.flatnonzero(s.policy.escalate(edge.probs)).tolist()
         if not unsure:
             return answers
-        reply = await self.call(Tier.CLOUD, TierRequest(hidden=edge.hidden), s, deadline)
+        reply = await self.call(Tier.CLOUD, TierRequest(edge.hidden), s, deadline)
         cloud = (self.answer(reply, Tier.CLOUD, s.path_cost["edge_cloud"], escalated=True) if reply is not None
                  else [answers[row].model_copy(update={"degraded": True}) for row in unsure])
         for row, prediction in zip(unsure, cloud):
