@@ -258,7 +258,7 @@ def cmd_up(args) -> int:
 
         print(f"no artifact at {args.artifact}: training a {args.epochs}-epoch {args.dataset} model (cached there)")
         train(TrainConfig(dataset=args.dataset, epochs=args.epochs), args.artifact)
-    if "policy" not in read_manifest(args.artifact):
+    if read_manifest(args.artifact).policy is None:
         from dimee_models.cost import CostModel
         from dimee_models.evaluate import run_calibration
 

@@ -34,12 +34,13 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
-                                 TierRequest)
+                                 TierRequest, Tokens)
 from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
+from dimee_models.manifest import Manifest
 from dimee_models.policy import LearnedPolicy, Mode, Policy, load_policies
-from dimee_models.tiers import TIER_NAMES, Tier
+from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="DIMEE-Serve", description="Early-exit text classification across mobile, edge and cloud tiers")
@@ -66,12 +67,12 @@ class Settings:
     max_texts_in_flight: int
 
 
-def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Settings:
+def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> Settings:
     """Settings from a validated config, checked against the served artifact; ValueError says what is wrong."""
     source = config.policy_artifact or args.artifact
     if config.policy_artifact:
         other = artifact.read_manifest(config.policy_artifact)  # verifies its checksums
-        if any(other["files"].get(f) != manifest["files"][f] for f in TIER_WEIGHTS):
+        if any(other.files.get(f) != manifest.files[f] for f in TIER_WEIGHTS):
             raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
                              "only a recalibrated copy of the same model can be switched to live")
     policies, doc = load_policies(source)
@@ -84,21 +85,21 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: dict) -> Setti
             raise ValueError(f"policy {name!r} routes by nearest centroid and has no thresholds to set")
         if set(config.thresholds) != set(policy.thresholds):
             raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")
-        policy = dataclasses.replace(policy, thresholds=dict(config.thresholds))
+        # the stored guarantee was for the calibrated thresholds, not these
+        policy = dataclasses.replace(policy, thresholds=dict(config.thresholds), risk=None)
     cost = config.cost_model or CostModel(**doc["cost_model"])
-    exits = manifest["exits"]
-    return Settings(policy, cost, cost.path_costs(exits["mobile"], exits["edge"], manifest["num_layers"]),
+    return Settings(policy, cost, cost.path_costs(manifest.exits.mobile, manifest.exits.edge, manifest.num_layers),
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
 
 
-def public_model_name(manifest: dict) -> str:
+def public_model_name(backbone: str, dataset: str) -> str:
     """What answers call the model: backbone and dataset by name, never a path on the server (a
     local backbone folder or a user's CSV); a hub id such as org/name stays as it is."""
-    backbone = manifest["backbone"]
     if Path(backbone).is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1:
         backbone = Path(backbone).name
-    kind, sep, source = manifest["dataset"]["name"].partition(":")
-    dataset = f"{kind}:{Path(source).name}" if sep and kind in ("csv", "jsonl") else manifest["dataset"]["name"]
+    kind, sep, source = dataset.partition(":")
+    if sep and kind in ("csv", "jsonl"):
+        dataset = f"{kind}:{Path(source).name}"
     return f"{backbone}@{dataset}"
 
 
@@ -117,10 +118,9 @@ class Router:
         self.api_key = args.api_key.get_secret_value() if args.api_key else None
         self.manifest = artifact.read_manifest(args.artifact)
         self.tokenizer = artifact.load_tokenizer(args.artifact)
-        self.exit_layers = dict(zip(TIER_NAMES, (self.manifest["exits"]["mobile"], self.manifest["exits"]["edge"],
-                                                 self.manifest["num_layers"])))
-        self.labels = self.manifest["labels"]
-        self.model_name = public_model_name(self.manifest)
+        self.exit_layers = {tier.label: layer for tier, layer in self.manifest.tier_exits.items()}
+        self.labels = self.manifest.labels
+        self.model_name = public_model_name(self.manifest.backbone, self.manifest.dataset.name)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
         self.requests = metrics.Counter("dimee_requests", "classify requests, by mode", tag_keys=("mode",))
@@ -185,7 +185,8 @@ class Router:
             "model": self.model_name,
             "labels": self.labels,
             "exit_layers": self.exit_layers,
-            "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds},
+            "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds,
+                       "risk": s.policy.risk.to_json() if s.policy.risk else None},
             "cost_model": s.cost.model_dump(),
             "hop_timeout_s": s.hop_timeout_s,
             "request_timeout_s": s.request_timeout_s,
@@ -211,9 +212,9 @@ class Router:
         body = parse_classify(await request.body(), request.headers.get("content-type"), self.args.max_body_bytes)
         if len(body.texts) > self.args.max_texts:
             raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {self.args.max_texts}")
-        if body.text_pairs is not None and not self.manifest["text_pair"]:
+        if body.text_pairs is not None and not self.manifest.text_pair:
             raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
-        if body.text_pairs is None and self.manifest["text_pair"]:
+        if body.text_pairs is None and self.manifest.text_pair:
             raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
         s = self.settings
         deadline = time.monotonic() + s.request_timeout_s
@@ -232,10 +233,10 @@ class Router:
 
     async def classify_admitted(self, body: ClassifyRequest, s: Settings, deadline: float) -> list[Prediction]:
         self.requests.inc(tags={"mode": body.mode})
-        max_length = self.manifest["max_length"]
+        max_length = self.manifest.max_length
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_mode(body.mode, enc["input_ids"], enc.get("token_type_ids"), s, deadline)
+        answers = await self.run_mode(body.mode, Tokens(enc["input_ids"], enc.get("token_type_ids")), s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
@@ -288,17 +289,14 @@ class Router:
                 log.warning("could not read the replicas per tier from Serve: %r", err)
         asyncio.get_running_loop().create_task(refresh())
 
-    async def run_mode(self, mode: Mode, input_ids: list[list[int]], token_type_ids: list[list[int]] | None,
-                       s: Settings, deadline: float) -> list[Prediction]:
+    async def run_mode(self, mode: Mode, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
         if mode == "cloud_only":  # the tokens go to cloud: no sample runs the mobile slice
-            tokens = TierRequest(input_ids=input_ids, token_type_ids=token_type_ids)
-            cloud = await self.call(Tier.CLOUD, tokens, s, deadline)
+            cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
                 return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
-            mobile = await self.mobile_batch(tokens)
+            mobile = await self.mobile_batch(TierRequest(tokens))
             return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True)
-        mobile = await self.mobile_batch(TierRequest(input_ids=input_ids, token_type_ids=token_type_ids,
-                                                     keep_hidden=mode != "mobile_only"))
+        mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=mode != "mobile_only"))
         tiers = s.policy.plan(mode, mobile.z, mobile.probs)
         if mode == "dimee":
             for tier, count in zip(*np.unique(tiers, return_counts=True)):
@@ -327,13 +325,13 @@ class Router:
         into the object store, for whichever tier reads it."""
         stored = self.mobile.store(mobile.hidden, rows)
         if tier is Tier.EDGE:
-            request = (TierRequest(hidden=stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
-                       if escalate else TierRequest(hidden=stored))
+            request = (TierRequest(stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
+                       if escalate else TierRequest(stored))
             reply = await self.call(Tier.EDGE, request, s, deadline)
             if reply is not None:
                 answers = self.answer(reply, Tier.EDGE, s.path_cost["edge"])
                 return rows, await self.escalate(reply, answers, s, deadline) if escalate else answers
-        reply = await self.call(Tier.CLOUD, TierRequest(hidden=stored), s, deadline)
+        reply = await self.call(Tier.CLOUD, TierRequest(stored), s, deadline)
         if reply is not None:
             return rows, self.answer(reply, Tier.CLOUD, s.path_cost["cloud"], fallback=tier is Tier.EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
@@ -346,7 +344,7 @@ class Router:
         unsure = np.flatnonzero(s.policy.escalate(edge.probs)).tolist()
         if not unsure:
             return answers
-        reply = await self.call(Tier.CLOUD, TierRequest(hidden=edge.hidden), s, deadline)
+        reply = await self.call(Tier.CLOUD, TierRequest(edge.hidden), s, deadline)
         cloud = (self.answer(reply, Tier.CLOUD, s.path_cost["edge_cloud"], escalated=True) if reply is not None
                  else [answers[row].model_copy(update={"degraded": True}) for row in unsure])
         for row, prediction in zip(unsure, cloud):

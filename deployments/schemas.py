@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import ray
@@ -11,10 +11,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import Mode
-from dimee_models.tiers import TIER_NAMES
+from dimee_models.tiers import TierName
 
 Transport = Literal["grpc", "actor"]
-TierName = Literal[TIER_NAMES]
 
 
 # HTTP ---------------------------------------------------------------------------------------------
@@ -161,13 +160,21 @@ class HiddenArrays:
     layer: int
 
 
-@dataclass
-class TierRequest:
-    """Either raw token ids (mobile; cloud for cloud-only) or a stored hidden state."""
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of a batch of texts: what mobile (and cloud, for cloud-only) starts from."""
 
-    input_ids: list[list[int]] | None = None
+    input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None = None
-    hidden: HiddenRef | None = None
+    # the layer whose output a tier starts from, as in HiddenRef and HiddenArrays: tokens go into layer 1
+    layer: ClassVar[int] = 0
+
+
+@dataclass(frozen=True)
+class TierRequest:
+    """What a tier starts from: token ids, or a hidden state in the object store."""
+
+    input: Tokens | HiddenRef
     keep_hidden: bool = False  # keep this tier's hidden state for a later tier
     # ... only of the rows whose exit confidence is below this (escalation: what cloud will need)
     keep_below: float | None = None

@@ -10,6 +10,7 @@ result.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from deployments.schemas import HiddenArrays, HiddenRef, TierReply, TierRequest
+from deployments.schemas import HiddenArrays, HiddenRef, TierReply, TierRequest, Tokens
 from dimee_models import artifact
 from dimee_models.model import HiddenState
 from dimee_models.tiers import Tier
@@ -54,9 +55,8 @@ class TierRunner:
         manifest = artifact.read_manifest(artifact_dir)
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
-        exits = manifest["exits"]
-        self.end = artifact.tier_specs(manifest["num_layers"], exits["mobile"], exits["edge"])[tier].end
-        self.source = {exits["mobile"]: Tier.MOBILE, exits["edge"]: Tier.EDGE}  # which tier stored a hidden state
+        self.end = manifest.tier_exits[tier]
+        self.source = {manifest.exits.mobile: Tier.MOBILE, manifest.exits.edge: Tier.EDGE}  # who stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id()
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
@@ -95,29 +95,24 @@ class TierRunner:
                 "requests_served": self.requests_served}
 
     async def forward(self, requests: list[TierRequest]) -> list[TierReply]:
-        stored = await asyncio.gather(*(r.hidden.ref for r in requests if r.hidden is not None))
-        for r in requests:
-            if r.hidden is not None:
-                hop = f"{self.source[r.hidden.layer].label}->{self.tier.label}"
-                self.offloaded.inc(r.hidden.nbytes, tags={"hop": hop})
+        refs = [r.input for r in requests if isinstance(r.input, HiddenRef)]
+        fetched = iter(await asyncio.gather(*(h.ref for h in refs)))
+        for h in refs:
+            self.offloaded.inc(h.nbytes, tags={"hop": f"{self.source[h.layer].label}->{self.tier.label}"})
         self.batch_size.observe(len(requests))
         self.requests_served += len(requests)
-        inputs, fetched = [], iter(stored)
-        for r in requests:
-            if r.hidden is None:
-                inputs.append((0, r.input_ids, r.token_type_ids))
-            else:
-                hidden, mask = next(fetched)
-                inputs.append((r.hidden.layer, hidden, mask))
+        inputs = [r.input if isinstance(r.input, Tokens) else HiddenArrays(*next(fetched), r.input.layer)
+                  for r in requests]
         replies: list[TierReply | None] = [None] * len(requests)
-        for start in sorted({i[0] for i in inputs}):  # one forward per starting layer
-            members = [k for k, i in enumerate(inputs) if i[0] == start]
+        for start in sorted({i.layer for i in inputs}):  # one forward per starting layer
+            members = [k for k, i in enumerate(inputs) if i.layer == start]
             for k, reply in zip(members, await asyncio.to_thread(self._forward, [requests[k] for k in members],
                                                                  [inputs[k] for k in members], start, len(requests))):
                 replies[k] = reply
         return replies
 
-    def _forward(self, requests: list[TierRequest], inputs: list[tuple], start: int, batch: int) -> list[TierReply]:
+    def _forward(self, requests: list[TierRequest], inputs: list[Tokens] | list[HiddenArrays], start: int,
+                 batch: int) -> list[TierReply]:
         began = time.perf_counter()
         with torch.inference_mode():
             state = self._state(inputs, start)
@@ -127,8 +122,8 @@ class TierRunner:
         compute_ms = (time.perf_counter() - began) * 1000
         self.compute_ms.observe(compute_ms)
         replies, lo = [], 0
-        for r, (_, first, _) in zip(requests, inputs):
-            rows = slice(lo, lo + len(first))
+        for r, i in zip(requests, inputs):
+            rows = slice(lo, lo + len(i.input_ids if isinstance(i, Tokens) else i.hidden))
             lo = rows.stop
             hidden = None
             if r.keep_hidden:
@@ -154,18 +149,18 @@ class TierRunner:
         self.held.append((now + HIDDEN_TTL_S, ref))
         return ref
 
-    def _state(self, inputs: list[tuple], start: int) -> HiddenState:
+    def _state(self, inputs: list[Tokens] | list[HiddenArrays], start: int) -> HiddenState:
         if start == 0:
-            length = max(len(row) for _, ids, _ in inputs for row in ids)
-            ids = np.concatenate([_pad_rows(ids, length, self.pad_id) for _, ids, _ in inputs])
-            mask = np.concatenate([_pad_rows([[1] * len(row) for row in ids_], length, 0) for _, ids_, _ in inputs])
+            length = max(len(row) for t in inputs for row in t.input_ids)
+            ids = np.concatenate([_pad_rows(t.input_ids, length, self.pad_id) for t in inputs])
+            mask = np.concatenate([_pad_rows([[1] * len(row) for row in t.input_ids], length, 0) for t in inputs])
             types = None
-            if all(t is not None for _, _, t in inputs):
-                types = torch.as_tensor(np.concatenate([_pad_rows(t, length, 0) for _, _, t in inputs]))
+            if all(t.token_type_ids is not None for t in inputs):
+                types = torch.as_tensor(np.concatenate([_pad_rows(t.token_type_ids, length, 0) for t in inputs]))
             return self.model.embed(torch.as_tensor(ids), torch.as_tensor(mask), types)
-        length = max(h.shape[1] for _, h, _ in inputs)
-        hidden = pad_stack([h for _, h, _ in inputs], length)
-        mask = pad_stack([m for _, _, m in inputs], length)
+        length = max(h.hidden.shape[1] for h in inputs)
+        hidden = pad_stack([h.hidden for h in inputs], length)
+        mask = pad_stack([h.mask for h in inputs], length)
         return HiddenState(torch.from_numpy(hidden), torch.from_numpy(mask), start)
 
 
@@ -198,12 +193,15 @@ class TierModel:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def forward_batch(self, requests: list[TierRequest]) -> list[TierReply]:
         replies = await self.runner.forward(requests)
-        for request, reply in zip(requests, replies):
-            if reply.hidden is not None:  # escalation: store the rows cloud will need, if any
-                rows = None if request.keep_below is None else np.flatnonzero(
-                    reply.probs.max(-1) < request.keep_below).tolist()
-                reply.hidden = self.runner.store(reply.hidden, rows) if rows != [] else None
-        return replies
+        return [self.store_kept(request, reply) for request, reply in zip(requests, replies)]
+
+    def store_kept(self, request: TierRequest, reply: TierReply) -> TierReply:
+        """The reply with the hidden state it kept stored for cloud (escalation), only the rows
+        below `keep_below` if set; without a hidden state if no row is."""
+        if reply.hidden is None:
+            return reply
+        rows = None if request.keep_below is None else np.flatnonzero(reply.probs.max(-1) < request.keep_below).tolist()
+        return dataclasses.replace(reply, hidden=self.runner.store(reply.hidden, rows) if rows != [] else None)
 
 
 def _pad_rows(rows, length: int, value: int) -> np.ndarray:

@@ -85,7 +85,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--out {args.out} exists and is not empty; choose a new directory")
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "out", "func")}
     manifest = train(TrainConfig(**fields), args.out)
-    print(f"wrote {args.out} ({manifest['training']['wall_seconds']:.0f} s)")
+    print(f"wrote {args.out} ({manifest.training['wall_seconds']:.0f} s)")
     return 0
 
 
@@ -100,21 +100,21 @@ def cmd_info(args) -> int:
 
     m = read_manifest(args.dir)
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(m.to_json())
         return 0
     print(f"artifact   {args.dir}")
-    print(f"backbone   {m['backbone']} ({m['model_type']}, {m['num_layers']} layers, hidden {m['hidden_size']})")
-    print(f"dataset    {m['dataset']['name']}: {m['split_sizes']} (train/calibration/test)")
-    print(f"labels     {m['labels']}")
-    print(f"exits      mobile after layer {m['exits']['mobile']}, edge after layer {m['exits']['edge']}")
-    for tier, t in m["tiers"].items():
-        print(f"tier {tier:6s} layers {t['layers'][0]}..{t['layers'][1]}, heads {t['exit_heads']}, "
-              f"{t['parameters'] / 1e6:.2f} M params, {t['parameter_bytes'] / 2**20:.1f} MiB")
-    for name, values in m.get("metrics", {}).items():
+    print(f"backbone   {m.backbone} ({m.model_type}, {m.num_layers} layers, hidden {m.hidden_size})")
+    print(f"dataset    {m.dataset.name}: {m.split_sizes.model_dump()} (train/calibration/test)")
+    print(f"labels     {m.labels}")
+    print(f"exits      mobile after layer {m.exits.mobile}, edge after layer {m.exits.edge}")
+    for tier, t in m.tiers.items():
+        print(f"tier {tier:6s} layers {t.layers[0]}..{t.layers[1]}, heads {t.exit_heads}, "
+              f"{t.parameters / 1e6:.2f} M params, {t.parameter_bytes / 2**20:.1f} MiB")
+    for name, values in m.metrics.items():
         print(f"{name}: " + " ".join(f"{i}:{v:.4f}" for i, v in enumerate(values, start=1)))
-    if "policy" in m:
-        print(f"policy     {json.dumps(m['policy'])}")
-    print(f"files      {len(m['files'])} verified by sha256")
+    if m.policy is not None:
+        print(f"policy     {json.dumps(m.policy.model_dump())}")
+    print(f"files      {len(m.files)} verified by sha256")
     return 0
 
 

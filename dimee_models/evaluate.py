@@ -11,6 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 from dimee_models import artifact
 from dimee_models.cost import PATHS, CostModel
+from dimee_models.manifest import Manifest, PolicyRef
 from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
 from dimee_models.policy import (EDGE_CLOUD, Calibration, Candidates, ExitOutputs, Mode, Outcome, Policy, calibrate, choose,
                                  load_policies, save_policies, score)
@@ -19,14 +20,14 @@ from dimee_models.tiers import TIER_NAMES, Tier
 from dimee_models.train import batches, model_inputs
 
 
-def split_outputs(directory: str | Path, part: str, manifest: dict | None = None) -> ExitOutputs:
+def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = None) -> ExitOutputs:
     """Every exit's logits and the mobile embedding on a split, computed once and cached in the
     artifact (`outputs/<part>.safetensors`, listed in the manifest)."""
     if part not in ("calibration", "test"):
         raise ValueError(f"outputs are only computed for the calibration and test splits, not {part!r}")
     root = Path(directory)
     manifest = manifest or artifact.read_manifest(root)
-    m, e = manifest["exits"]["mobile"], manifest["exits"]["edge"]
+    m, e = manifest.exits.mobile, manifest.exits.edge
     cache = root / "outputs" / f"{part}.safetensors"
     if cache.is_file():
         arrays = load_file(cache)
@@ -36,7 +37,7 @@ def split_outputs(directory: str | Path, part: str, manifest: dict | None = None
     model, tokenizer = artifact.load_full(root, manifest), artifact.load_tokenizer(root)
     logits, z = [], []
     with torch.inference_mode():
-        for enc, _ in batches(ds, tokenizer, 64, manifest["max_length"]):
+        for enc, _ in batches(ds, tokenizer, 64, manifest.max_length):
             outs = model(**model_inputs(enc))
             logits.append(torch.stack([o.logits for o in outs], dim=1))  # (B, L, C)
             z.append(outs[m - 1].pooled)  # (B, H)
@@ -212,8 +213,8 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
                                           delta, folds, seed, default)
     doc = save_policies(directory, cal, cost, default, max_drop_pp, {"delta": delta, "folds": folds,
                                                                      "cascade_thresholds": cascade})
-    manifest["policy"] = {"default": default, "file": "policy.json"}
-    artifact.write_manifest(directory, manifest)
+    policy = PolicyRef(default=default, file="policy.json")
+    artifact.write_manifest(directory, manifest.model_copy(update={"policy": policy}))
     return doc
 
 
@@ -225,7 +226,7 @@ def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict
     cost = cost or CostModel(**doc["cost_model"])
     test_out = split_outputs(directory, "test", manifest)
     methods = evaluate(test_out, policies, doc["cascade_thresholds"], cost)
-    result = {"dataset": manifest["dataset"]["name"], "split": "test", "n": int(len(test_out.labels)),
+    result = {"dataset": manifest.dataset.name, "split": "test", "n": int(len(test_out.labels)),
               "cost_model": cost.model_dump(), "methods": methods}
     return result, split_outputs(directory, "calibration", manifest), test_out
 
@@ -237,11 +238,11 @@ def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee",
     [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
     manifest = artifact.read_manifest(directory)
-    exits = dict(zip(Tier, (manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"])))
-    ds = TextDataset("texts", texts, [0] * len(texts), manifest["labels"], pairs)
+    exits = manifest.tier_exits
+    ds = TextDataset("texts", texts, [0] * len(texts), manifest.labels, pairs)
     model, tokenizer = artifact.load_full(directory, manifest), artifact.load_tokenizer(directory)
     with torch.inference_mode():
-        (enc, _), = batches(ds, tokenizer, len(texts), manifest["max_length"])
+        (enc, _), = batches(ds, tokenizer, len(texts), manifest.max_length)
         outs = model(**model_inputs(enc))
     probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in exits.items()}
     policies, doc = load_policies(directory)

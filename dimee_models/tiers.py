@@ -4,6 +4,7 @@ comes from here."""
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Literal
 
 
 class Tier(IntEnum):
@@ -44,3 +45,4 @@ class Tier(IntEnum):
 
 
 TIER_NAMES = tuple(tier.label for tier in Tier)
+TierName = Literal[TIER_NAMES]  # a tier's label as a type, for pydantic fields

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_sche
 
 from dimee_models import artifact, backbones
 from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, Splits, TextDataset, load_dataset, split
+from dimee_models.manifest import Manifest, check_exits, default_exits
 from dimee_models.model import ExitOutput, MultiExitEncoder
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def exit_metrics(logits: torch.Tensor, ds: TextDataset) -> list[float]:
     return [float((logits[:, i].argmax(-1) == labels).float().mean()) for i in range(logits.shape[1])]
 
 
-def train(cfg: TrainConfig, out: Path) -> dict:
+def train(cfg: TrainConfig, out: Path) -> Manifest:
     """Load data, fine-tune, save the artifact; returns the manifest."""
     torch.manual_seed(cfg.seed)
     started = time.time()
@@ -139,14 +140,14 @@ def train(cfg: TrainConfig, out: Path) -> dict:
     model = MultiExitEncoder.from_pretrained(backbone, ds.num_labels, cfg.dropout)
     mobile_exit, edge_exit = cfg.mobile_exit, cfg.edge_exit
     if mobile_exit is None or edge_exit is None:
-        mobile_exit, edge_exit = artifact.default_exits(model.num_layers)
-    artifact.check_exits(model.num_layers, mobile_exit, edge_exit)
+        mobile_exit, edge_exit = default_exits(model.num_layers)
+    check_exits(model.num_layers, mobile_exit, edge_exit)
 
     fit(model, tokenizer, parts.train, cfg)
     cal_logits = predict_all(model, tokenizer, parts.calibration, 64, cfg.max_length)
     metrics = exit_metrics(cal_logits, parts.calibration)
     print_exit_metrics(metrics, parts.calibration)
-    manifest = {
+    facts = {
         "backbone": BACKBONE_NAMES.get(cfg.backbone, cfg.backbone),
         "labels": ds.label_names,
         "task": "classification",
@@ -157,7 +158,7 @@ def train(cfg: TrainConfig, out: Path) -> dict:
         "training": {**asdict(cfg), "wall_seconds": round(time.time() - started, 1)},
         "metrics": {"calibration_exit_accuracy": metrics},
     }
-    return artifact.save(out, model, tokenizer, parts, manifest)
+    return artifact.save(out, model, tokenizer, parts, facts)
 
 
 def fit(model: MultiExitEncoder, tokenizer, train_ds: TextDataset, cfg: TrainConfig) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from deployments import local_cluster
 from dimee_models import artifact
+from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState
 from dimee_models.tiers import TIER_NAMES, Tier
 
@@ -54,12 +55,12 @@ def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, l
     return groups
 
 
-def layer_compute(directory: Path, manifest: dict, texts: list[str]) -> dict[str, np.ndarray]:
+def layer_compute(directory: Path, manifest: Manifest, texts: list[str]) -> dict[str, np.ndarray]:
     """Per text (median of REPS), ms of PARTS: the router's tokenizer call, then each tier's forward as
     TierModel._forward runs it (tensors in, run_layers, exit, softmax to numpy)."""
     torch.set_num_threads(1)
     tok, mods = artifact.load_tokenizer(directory), {t.label: artifact.load_tier(directory, t, manifest) for t in Tier}
-    m, e, n = manifest["exits"]["mobile"], manifest["exits"]["edge"], manifest["num_layers"]
+    m, e, n = manifest.tier_exits.values()
 
     def tier(name: str, end: int, ids=None, hidden=None, start: int = m) -> HiddenState:
         state = (mods[name].embed(torch.as_tensor(ids), torch.ones(ids.shape, dtype=torch.long)) if hidden is None
@@ -70,7 +71,7 @@ def layer_compute(directory: Path, manifest: dict, texts: list[str]) -> dict[str
 
     def once(text: str) -> list[float]:
         t = [time.perf_counter()]
-        ids = np.asarray(tok([text], None, truncation=True, max_length=manifest["max_length"])["input_ids"])
+        ids = np.asarray(tok([text], None, truncation=True, max_length=manifest.max_length)["input_ids"])
         t.append(time.perf_counter())
         state = tier("mobile", m, ids=ids)
         hidden = (state.hidden.numpy(), state.attention_mask.numpy())
@@ -175,7 +176,7 @@ def main() -> None:
     groups = http_latency(args.url.rstrip("/"), texts, warmup)
     compute = layer_compute(args.artifact, manifest, texts)
     memory = replica_memory()  # also gives the access logs time to be flushed
-    params = {t: manifest["tiers"][t]["parameter_bytes"] for t in TIER_NAMES}
+    params = {t: manifest.tiers[t].parameter_bytes for t in TIER_NAMES}
     run = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": args.url, "artifact": str(args.artifact),
            "requests_per_policy": args.requests, "warmup_per_policy": WARMUP, "cpus": psutil.cpu_count(),
            "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS)),

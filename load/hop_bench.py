@@ -36,7 +36,7 @@ import torch
 from ray import serve
 
 from deployments import local_cluster
-from deployments.schemas import TierRequest
+from deployments.schemas import TierRequest, Tokens
 from deployments.tier import TierRunner
 from dimee_models import artifact
 from dimee_models.tiers import Tier
@@ -58,13 +58,13 @@ def measure(handles: dict, mobile: TierRunner, ids: list[int]) -> dict[str, tupl
     began = time.perf_counter()
     handles["edge"].describe.remote().result(timeout_s=60)
     out["noop"] = ((time.perf_counter() - began) * 1000, 0.0)
-    [local] = asyncio.run(mobile.forward([TierRequest(input_ids=[ids], keep_hidden=True)]))
+    [local] = asyncio.run(mobile.forward([TierRequest(Tokens([ids]), keep_hidden=True)]))
     out["mobile_compute"] = (local.compute_ms, local.compute_ms)
     stored = mobile.store(local.hidden)
-    edge = call("edge_hidden", "edge", TierRequest(hidden=stored, keep_hidden=True, keep_below=1.01))
-    call("cloud_hidden", "cloud", TierRequest(hidden=stored))
-    call("cloud_tokens", "cloud", TierRequest(input_ids=[ids]))
-    call("edge_cloud", "cloud", TierRequest(hidden=edge.hidden))
+    edge = call("edge_hidden", "edge", TierRequest(stored, keep_hidden=True, keep_below=1.01))
+    call("cloud_hidden", "cloud", TierRequest(stored))
+    call("cloud_tokens", "cloud", TierRequest(Tokens([ids])))
+    call("edge_cloud", "cloud", TierRequest(edge.hidden))
     return out
 
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     session = requests.Session()
     samples = {hop: [] for hop in HOPS}
     for i, text in enumerate(texts):
-        ids = tokenizer(text, truncation=True, max_length=manifest["max_length"])["input_ids"]
+        ids = tokenizer(text, truncation=True, max_length=manifest.max_length)["input_ids"]
         hops = measure(handles, mobile, ids)
         began = time.perf_counter()
         session.get(f"{args.url}/healthz", timeout=60).raise_for_status()

@@ -32,6 +32,15 @@ PORT = 8011
 DASHBOARD = "http://127.0.0.2:8265"
 
 
+def tiny_facts(dataset: str, labels: list[str], exits: dict[str, int], **more) -> dict:
+    """What `artifact.save` takes from its caller for a tiny test model (the dataset's size and
+    fractions are not checked)."""
+    return {"backbone": "tiny", "labels": labels, "task": "classification", "text_pair": False, "max_length": 16,
+            "exits": exits, "dataset": {"name": dataset, "size": 0, "split_fractions": [0.6, 0.2, 0.2],
+                                        "split_seed": 0},
+            "training": {}, "metrics": {}, **more}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models gain nothing from threads, and lose much when the 2 cores are busy."""
@@ -55,9 +64,9 @@ def served_artifact(tmp_path_factory) -> Path:
     model, tokenizer = artifact.load_full(out, manifest), artifact.load_tokenizer(out)
     with torch.inference_mode():
         enc = tokenizer(THREE_WAY_TEXTS, padding=True, return_tensors="pt")
-        z = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["mobile"] - 1].pooled.numpy()
+        z = model(enc["input_ids"], enc["attention_mask"])[manifest.exits.mobile - 1].pooled.numpy()
         enc = tokenizer(ESCALATE_TEXTS, padding=True, return_tensors="pt")
-        edge = model(enc["input_ids"], enc["attention_mask"])[manifest["exits"]["edge"] - 1].logits.softmax(-1)
+        edge = model(enc["input_ids"], enc["attention_mask"])[manifest.exits.edge - 1].logits.softmax(-1)
     add_policy(out, CentroidPolicy("three_way", 2, 4, 6, {"alpha": 0.0}, {"centroids": z.astype(np.float32)}))
     conf = np.sort(edge.max(-1).values.numpy())
     gap = int(np.diff(conf).argmax())  # the threshold sits in the widest gap between edge confidences

@@ -11,9 +11,10 @@ from transformers import AutoModel, AutoTokenizer, BertConfig
 from dimee_models import artifact
 from dimee_models.artifact import ArtifactError
 from dimee_models.data import TextDataset, split
+from dimee_models.manifest import FORMAT_VERSION, default_exits, tier_specs
 from dimee_models.model import MultiExitEncoder
 from dimee_models.tiers import TIER_NAMES, Tier
-from tests.conftest import HOSTILE_TEXTS
+from tests.conftest import HOSTILE_TEXTS, tiny_facts
 from dimee_models.train import resolve_backbone
 
 EXITS = {"mobile": 1, "edge": 3}
@@ -38,9 +39,7 @@ def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("artifact")
     model, splits = tiny_model(), tiny_splits()
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("default"))
-    extra = {"backbone": "tiny", "labels": ["a", "b", "c"], "task": "classification", "text_pair": False,
-             "max_length": 16, "exits": dict(EXITS), "dataset": {"name": "x"}}
-    artifact.save(out, model, tokenizer, splits, extra)
+    artifact.save(out, model, tokenizer, splits, tiny_facts("x", ["a", "b", "c"], dict(EXITS)))
     return out, model, splits
 
 
@@ -60,15 +59,16 @@ def batch():
 def test_manifest_verifies_and_describes_the_model(saved):
     out, model, splits = saved
     m = artifact.read_manifest(out)
-    assert m["format_version"] == artifact.FORMAT_VERSION
-    assert (m["model_type"], m["num_layers"], m["hidden_size"], m["num_labels"]) == ("bert", 4, 32, 3)
-    assert m["exits"] == EXITS and m["backbone"] == "tiny"
-    assert m["split_sizes"] == {"train": 12, "calibration": 4, "test": 4}
+    assert m.format_version == FORMAT_VERSION
+    assert (m.model_type, m.num_layers, m.hidden_size, m.num_labels) == ("bert", 4, 32, 3)
+    assert m.exits.model_dump() == EXITS and m.backbone == "tiny"
+    assert m.split_sizes.model_dump() == {"train": 12, "calibration": 4, "test": 4}
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert set(m["files"]) == on_disk  # every file is checksummed
-    assert m["tiers"]["mobile"]["layers"] == [1, 1] and m["tiers"]["edge"]["layers"] == [2, 3]
-    assert m["tiers"]["cloud"]["exit_heads"] == [1, 2, 3, 4]
-    assert m["tiers"]["cloud"]["parameters"] == model.parameter_bytes()[0]
+    assert set(m.files) == on_disk  # every file is checksummed
+    assert m.tiers["mobile"].layers == [1, 1] and m.tiers["edge"].layers == [2, 3]
+    assert m.tiers["cloud"].exit_heads == [1, 2, 3, 4]
+    assert m.tiers["cloud"].parameters == model.parameter_bytes()[0]
+    assert m.specs() == tier_specs(4, 1, 3)
 
 
 @torch.no_grad()
@@ -87,7 +87,7 @@ def test_loaded_tiers_reproduce_the_model(saved):
         assert torch.allclose(a.logits, b.logits, atol=ATOL)
     manifest = artifact.read_manifest(out)
     for name, tier in zip(TIER_NAMES, (mobile, edge, cloud)):
-        assert tier.parameter_bytes() == (manifest["tiers"][name]["parameters"], manifest["tiers"][name]["parameter_bytes"])
+        assert tier.parameter_bytes() == (manifest.tiers[name].parameters, manifest.tiers[name].parameter_bytes)
 
 
 def test_tokenizer_and_splits_round_trip(saved):
@@ -97,13 +97,13 @@ def test_tokenizer_and_splits_round_trip(saved):
     assert (test.texts, test.labels, test.label_names) == (splits.test.texts, splits.test.labels, ["a", "b", "c"])
 
 
-def test_a_split_of_hostile_texts_round_trips(tmp_path):
+def test_a_split_of_hostile_texts_round_trips(saved, tmp_path):
     """Texts with line and paragraph separators (which str.splitlines() would split at), CR, NUL,
     a BOM, emoji, RTL, very long and duplicate ones come back from the split file unchanged."""
     texts = HOSTILE_TEXTS + ["cr\rlf\r\n", " "]
     (tmp_path / "splits").mkdir()
     artifact.write_jsonl(tmp_path / "splits" / "test.jsonl", [{"text": t, "label": i % 2} for i, t in enumerate(texts)])
-    back = artifact.load_split(tmp_path, "test", {"dataset": {"name": "hostile"}, "labels": ["a", "b"]})
+    back = artifact.load_split(tmp_path, "test", artifact.read_manifest(saved[0]))
     assert back.texts == texts and back.labels == [i % 2 for i in range(len(texts))]
 
 
@@ -128,7 +128,7 @@ def test_modified_file_is_named(copy, name):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match=f"modified.*{name}"):
         artifact.read_manifest(copy)
-    assert artifact.read_manifest(copy, verify=False)["exits"] == EXITS
+    assert artifact.read_manifest(copy, verify=False).exits.model_dump() == EXITS
 
 
 def test_deleted_file_is_named(copy):
@@ -151,17 +151,35 @@ def test_bad_manifest(tmp_path, text, match):
         artifact.read_manifest(tmp_path)
 
 
+@pytest.mark.parametrize("change, field, message", [
+    (lambda m: m["exits"].pop("edge"), "exits.edge", "Field required"),
+    (lambda m: m.update(num_layers="six"), "num_layers", "Input should be a valid integer"),
+    (lambda m: m["tiers"]["cloud"].update(layers="1..4"), "tiers.cloud.layers", "Input should be a valid list"),
+    (lambda m: m.update(policy={"default": "dimee"}), "policy.file", "Field required"),
+    (lambda m: m.update(extra=1), "extra", "Extra inputs are not permitted"),
+])
+def test_an_invalid_field_is_named_in_one_line(copy, change, field, message):
+    doc = json.loads((copy / "manifest.json").read_text())
+    change(doc)
+    (copy / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError) as err:
+        artifact.read_manifest(copy)
+    assert str(err.value).startswith(f"{copy / 'manifest.json'}: invalid field {field}: {message}")
+    assert "\n" not in str(err.value)
+
+
 def test_tier_specs_and_exits():
-    specs = artifact.tier_specs(6, 2, 4)
+    specs = tier_specs(6, 2, 4)
     assert (specs[Tier.MOBILE].start, specs[Tier.MOBILE].end, specs[Tier.MOBILE].embeddings) == (0, 2, True)
     assert (specs[Tier.EDGE].start, specs[Tier.EDGE].end, specs[Tier.EDGE].head_layers) == (2, 4, (4,))
     assert specs[Tier.CLOUD].head_layers == (1, 2, 3, 4, 5, 6)
-    assert artifact.default_exits(6) == (2, 4) and artifact.default_exits(12) == (4, 8)
+    assert default_exits(6) == (2, 4) and default_exits(12) == (4, 8)
     for m, e in [(0, 2), (2, 2), (3, 2), (2, 6), (2, 7)]:
         with pytest.raises(ValueError, match="exits must satisfy"):
-            artifact.tier_specs(6, m, e)
+            tier_specs(6, m, e)
 
 
 def test_manifest_is_plain_json(saved):
     # the manifest is meant to be read by humans and other tools too
-    assert json.loads((saved[0] / "manifest.json").read_text())["dataset"] == {"name": "x"}
+    doc = json.loads((saved[0] / "manifest.json").read_text())
+    assert doc["dataset"]["name"] == "x" and "policy" not in doc  # not null: absent until calibration

@@ -16,7 +16,7 @@ import ray
 import requests
 from ray.util.state import list_actors
 
-from deployments.schemas import HiddenRef, RouterConfig, TierRequest
+from deployments.schemas import HiddenRef, RouterConfig, TierRequest, Tokens
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
 from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
@@ -120,21 +120,21 @@ def test_hidden_state_travels_through_the_object_store(cluster, served_artifact)
     ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS * 8)["input_ids"]
     edge, cloud = tier_handle(Tier.EDGE), tier_handle(Tier.CLOUD)
     mobile = TierRunner(str(served_artifact), Tier.MOBILE)  # the ingress's own code, in this process
-    [reply] = asyncio.run(mobile.forward([TierRequest(input_ids=ids, keep_hidden=True)]))
+    [reply] = asyncio.run(mobile.forward([TierRequest(Tokens(ids), keep_hidden=True)]))
     stored = mobile.store(reply.hidden, rows=[0, 5])
     assert isinstance(stored, HiddenRef) and isinstance(stored.ref, ray.ObjectRef)
     assert stored.nbytes <= reply.hidden.hidden.nbytes * 2 / len(ids)  # the 2 rows only, of 24
-    request = TierRequest(hidden=stored, keep_hidden=True, keep_below=1.01)  # keep both rows
+    request = TierRequest(stored, keep_hidden=True, keep_below=1.01)  # keep both rows
     assert len(pickle.dumps(request)) < stored.nbytes / 4  # the request is small; the hidden state is not
     edge_reply = edge.remote(request).result(timeout_s=60)
     assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
     assert isinstance(edge_reply.hidden.ref, ray.ObjectRef) and edge_reply.hidden.layer == 4  # escalation's hop
-    cloud_reply = cloud.remote(TierRequest(hidden=edge_reply.hidden)).result(timeout_s=60)
+    cloud_reply = cloud.remote(TierRequest(edge_reply.hidden)).result(timeout_s=60)
     assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6 and cloud_reply.probs.shape[0] == 2
     unsure = float(edge_reply.probs.max(-1).min()) + 1e-6  # edge keeps only the rows below this: one
-    kept = edge.remote(TierRequest(hidden=stored, keep_hidden=True, keep_below=unsure)).result(timeout_s=60)
-    assert cloud.remote(TierRequest(hidden=kept.hidden)).result(timeout_s=60).probs.shape[0] == 1
-    sure = edge.remote(TierRequest(hidden=stored, keep_hidden=True, keep_below=0.0)).result(timeout_s=60)
+    kept = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=unsure)).result(timeout_s=60)
+    assert cloud.remote(TierRequest(kept.hidden)).result(timeout_s=60).probs.shape[0] == 1
+    sure = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=0.0)).result(timeout_s=60)
     assert sure.hidden is None  # nothing to escalate, nothing stored
 
 
@@ -142,6 +142,7 @@ def test_info_health_and_docs(cluster):
     info = requests.get(f"{cluster}/v1/info", timeout=30).json()
     assert info["exit_layers"] == {"mobile": 2, "edge": 4, "cloud": 6}
     assert info["labels"] == ["negative", "positive"] and info["policy"]["name"] == "three_way"
+    assert info["policy"]["risk"] is None  # a hand-made policy: no guarantee
     assert info["replicas"] == {"mobile": 1, "edge": 1, "cloud": 1}
     assert requests.get(f"{cluster}/healthz", timeout=30).json() == {"status": "ok", "no_live_replica": []}
     assert requests.get(f"{cluster}/docs", timeout=30).status_code == 200
@@ -216,10 +217,10 @@ def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact
     def together(tier, requests_):
         return [response.result(timeout_s=60) for response in [handles[tier].remote(r) for r in requests_]]
 
-    mobile_requests = [TierRequest(input_ids=[row], keep_hidden=True) for row in ids]
+    mobile_requests = [TierRequest(Tokens([row]), keep_hidden=True) for row in ids]
     alone, batched = single("mobile", mobile_requests), together("mobile", mobile_requests)
-    edge_requests = [TierRequest(hidden=HiddenRef(ray.put((r.hidden.hidden, r.hidden.mask)), r.hidden.layer,
-                                                  r.hidden.hidden.nbytes)) for r in alone]
+    edge_requests = [TierRequest(HiddenRef(ray.put((r.hidden.hidden, r.hidden.mask)), r.hidden.layer,
+                                           r.hidden.hidden.nbytes)) for r in alone]
     edge_alone, edge_batched = single("edge", edge_requests), together("edge", edge_requests)
     assert {r.batch_size for r in alone + edge_alone} == {1}
     assert max(r.batch_size for r in batched) > 1 and max(r.batch_size for r in edge_batched) > 1
@@ -294,7 +295,7 @@ def test_live_reconfiguration_changes_policy_and_costs_without_restarts_or_lost_
         time.sleep(2)
         info = requests.get(f"{cluster}/v1/info", timeout=30).json()
         assert info["policy"] == {"name": "dimee_learned_constrained", "kind": "learned",
-                                  "thresholds": {"mobile": 0.0, "edge": 0.0}}
+                                  "thresholds": {"mobile": 0.0, "edge": 0.0}, "risk": None}  # not the calibrated ones
         assert info["cost_model"]["lambda_mobile"] == 0.2 and info["config_error"] is None
         served = classify(cluster, THREE_WAY_TEXTS)
         assert [p["tier"] for p in served] == ["mobile"] * 3 and {p["cost"] for p in served} == {0.4}

@@ -13,9 +13,11 @@ from dimee_models.cli import main
 from dimee_models.cost import CostModel
 from dimee_models.data import Splits, TextDataset
 from dimee_models.evaluate import predict_texts, run_calibration, run_evaluation, split_outputs
+from dimee_models.manifest import PolicyRef
 from dimee_models.model import MultiExitEncoder
 from dimee_models.policy import EDGE_CLOUD, load_policies
 from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
+from tests.conftest import tiny_facts
 
 VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
          ["engine", "wheel", "brake", "piston", "gear", "clutch", "motor", "tire"])
@@ -52,9 +54,7 @@ def base(tmp_path_factory):
         weighted_exit_loss(model(**model_inputs(enc)), labels).backward()
         opt.step()
     out = tmp_path_factory.mktemp("eval") / "base"
-    artifact.save(out, model.eval(), tokenizer, splits,
-                  {"backbone": "tiny", "labels": ["fruit", "car"], "task": "classification", "text_pair": False,
-                   "max_length": 16, "exits": {"mobile": 2, "edge": 4}, "dataset": {"name": "toy"}})
+    artifact.save(out, model.eval(), tokenizer, splits, tiny_facts("toy", ["fruit", "car"], {"mobile": 2, "edge": 4}))
     return out
 
 
@@ -92,9 +92,10 @@ def test_calibration_writes_policy_and_caches_outputs(calibrated, monkeypatch):
     out, doc, files = calibrated
     manifest = artifact.read_manifest(out)  # checksums still verify
     for name in (*POLICY_FILES, "outputs/calibration.safetensors"):
-        assert name in files and manifest["files"][name] == artifact.sha256(out / name)
+        assert name in files and manifest.files[name] == artifact.sha256(out / name)
     assert "outputs/test.safetensors" not in files  # calibration computed nothing on the test split
-    assert manifest["policy"] == {"default": doc["default"], "file": "policy.json"}
+    assert manifest.policy == PolicyRef(default=doc["default"], file="policy.json")
+    assert list(json.loads((out / "manifest.json").read_text()))[-2:] == ["files", "policy"]
     policies, stored = load_policies(out)
     assert doc["default"] in policies and doc["default"].endswith("_constrained")
     assert set(stored["cascade_thresholds"]) == {"confidence_cascade", "confidence_cascade_constrained"}

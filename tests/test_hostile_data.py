@@ -11,7 +11,7 @@ from tests.conftest import HOSTILE_TEXTS
 
 def test_hostile_texts_train_calibrate_and_evaluate(hostile_artifact):
     manifest = artifact.read_manifest(hostile_artifact)
-    assert manifest["labels"] == ["neg", "pos"] and "policy" in manifest
+    assert manifest.labels == ["neg", "pos"] and manifest.policy is not None
     stored = [t for part in ("train", "calibration", "test")
               for t in artifact.load_split(hostile_artifact, part, manifest).texts]
     assert len(stored) == 3 * len(HOSTILE_TEXTS) + 15  # the empty CSV row was skipped, no text was split

@@ -29,6 +29,13 @@ def test_an_empty_config_serves_the_artifact_as_calibrated(served_artifact):
     assert s.path_cost["cloud_only"] == pytest.approx(s.cost.o_2 + 6 * s.cost.lambda_cloud)
 
 
+def test_the_calibrated_guarantee_is_served_and_dropped_with_other_thresholds(served_artifact):
+    s = settings(served_artifact, {"policy": "dimee_learned_constrained"})
+    assert s.policy.risk is not None and s.policy.risk.delta == 0.1 and s.policy.risk.budget_pp == 0.3
+    assert settings(served_artifact, {"policy": "dimee_learned_constrained",
+                                      "thresholds": {"mobile": 0.5, "edge": 0.5}}).policy.risk is None
+
+
 def test_thresholds_cost_model_and_timeout_change_live(served_artifact):
     s = settings(served_artifact, {"policy": "dimee_learned", "thresholds": {"mobile": 0.2, "edge": 0.4},
                                    "cost_model": {"o_2": 0.9}, "hop_timeout_s": 0.5, "request_timeout_s": 1.5})
@@ -149,4 +156,4 @@ def test_a_tier_serve_reports_without_replicas_is_not_called(served_artifact):
 def test_answers_name_the_model_without_server_paths(backbone, dataset, name):
     from deployments.router import public_model_name
 
-    assert public_model_name({"backbone": backbone, "dataset": {"name": dataset}}) == name
+    assert public_model_name(backbone, dataset) == name

@@ -1,10 +1,18 @@
 """What the ingress puts into the object store for a later tier: only the rows it sends, only the
-padding they need (no cluster)."""
+padding they need; and how a tier batches token ids and hidden states (no cluster)."""
+
+import asyncio
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
+import ray
 
-from deployments.schemas import HiddenArrays
-from deployments.tier import select_rows
+from deployments.schemas import HiddenArrays, HiddenRef, TierRequest, Tokens
+from deployments.tier import TierRunner, select_rows
+from dimee_models.artifact import load_tokenizer
+from dimee_models.tiers import Tier
+from tests.conftest import THREE_WAY_TEXTS
 
 
 def arrays(lengths: list[int], width: int = 7, hidden: int = 3) -> HiddenArrays:
@@ -26,3 +34,37 @@ def test_all_rows_trimmed_to_the_longest():
     hidden, mask = select_rows(state, None)
     assert hidden.shape == (2, 5, 3) and mask.shape == (2, 5)
     np.testing.assert_array_equal(hidden, state.hidden[:, :5])
+
+
+@pytest.fixture
+def runners(served_artifact, monkeypatch):
+    """Mobile and cloud runners in this process: Ray is asked only for the node id."""
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "test-node"))
+    return TierRunner(str(served_artifact), Tier.MOBILE), TierRunner(str(served_artifact), Tier.CLOUD)
+
+
+def test_a_batch_of_tokens_and_hidden_states_answers_each_as_alone(served_artifact, runners):
+    """Cloud gets token ids (cloud-only) and mobile's hidden states of texts of different lengths in
+    one batch: one forward per starting layer, and every request gets what it gets alone."""
+    mobile, cloud = runners
+    ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS + ["ok."])["input_ids"]
+    [from_mobile] = asyncio.run(mobile.forward([TierRequest(Tokens(ids), keep_hidden=True)]))
+    assert from_mobile.hidden.layer == 2 and from_mobile.received == "tokens"
+
+    def requests() -> list[TierRequest]:
+        """Each text as tokens, then as mobile's hidden state; a coroutine stands in for the object
+        store (each is awaited once, so every call builds new ones)."""
+        def stored(row: int) -> HiddenRef:
+            hidden, mask = select_rows(from_mobile.hidden, [row])
+            return HiddenRef(asyncio.sleep(0, result=(hidden, mask)), from_mobile.hidden.layer, hidden.nbytes)
+        return [r for row, row_ids in enumerate(ids) for r in (TierRequest(Tokens([row_ids])),
+                                                               TierRequest(stored(row)))]
+
+    alone = [asyncio.run(cloud.forward([r]))[0] for r in requests()]
+    together = asyncio.run(cloud.forward(requests()))
+    assert [r.received for r in together] == ["tokens", "object_store"] * len(ids)
+    assert {r.batch_size for r in together} == {2 * len(ids)} and {r.exit_layer for r in together} == {6}
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+    for tokens, hidden in zip(together[::2], together[1::2]):  # layers 1..6 here, 3..6 after mobile's 1..2
+        np.testing.assert_allclose(tokens.probs, hidden.probs, atol=1e-4)

@@ -10,6 +10,7 @@ from transformers import AutoModel, BertConfig
 
 from dimee_models import artifact
 from dimee_models.model import ExitOutput, MultiExitEncoder
+from dimee_models.tiers import Tier
 from dimee_models.train import TrainConfig, distill_loss, train, weighted_exit_loss
 
 
@@ -82,23 +83,27 @@ def test_train_writes_a_verified_artifact(tmp_path, capsys):
     out = tmp_path / "artifact"
     manifest = train(cfg, out)
 
-    assert manifest["exits"] == {"mobile": 2, "edge": 4}
-    assert manifest["labels"] == ["neg", "pos"]
-    assert manifest["task"] == "classification" and manifest["text_pair"] is False
-    assert manifest["num_layers"] == 6 and manifest["hidden_size"] == 384 and manifest["num_labels"] == 2
-    assert manifest["dataset"]["size"] == 40
+    assert (manifest.exits.mobile, manifest.exits.edge) == (2, 4)
+    assert manifest.tier_exits == {Tier.MOBILE: 2, Tier.EDGE: 4, Tier.CLOUD: 6}
+    assert manifest.labels == ["neg", "pos"]
+    assert manifest.task == "classification" and manifest.text_pair is False
+    assert manifest.num_layers == 6 and manifest.hidden_size == 384 and manifest.num_labels == 2
+    assert manifest.dataset.size == 40
     # default 65/20/15 split of 40 rows is 26/8/6; the train part is then cut to max_train_samples
-    assert manifest["split_sizes"] == {"train": 16, "calibration": 8, "test": 6}
+    assert manifest.split_sizes.model_dump() == {"train": 16, "calibration": 8, "test": 6}
     assert sum(1 for _ in (out / "splits" / "test.jsonl").open()) == 6
-    tiers = manifest["tiers"]
+    tiers = manifest.tiers
     assert set(tiers) == {"mobile", "edge", "cloud"}
-    assert tiers["mobile"]["layers"] == [1, 2] and tiers["edge"]["layers"] == [3, 4] and tiers["cloud"]["layers"] == [1, 6]
-    assert 0 < tiers["edge"]["parameters"] < tiers["mobile"]["parameters"] < tiers["cloud"]["parameters"]
-    assert len(manifest["metrics"]["calibration_exit_accuracy"]) == 6
-    files = manifest["files"]
+    assert tiers["mobile"].layers == [1, 2] and tiers["edge"].layers == [3, 4] and tiers["cloud"].layers == [1, 6]
+    assert 0 < tiers["edge"].parameters < tiers["mobile"].parameters < tiers["cloud"].parameters
+    assert len(manifest.metrics["calibration_exit_accuracy"]) == 6
+    files = manifest.files
     assert {"config.json", "mobile.safetensors", "edge.safetensors", "cloud.safetensors",
             "splits/train.jsonl", "splits/calibration.jsonl", "splits/test.jsonl"} <= set(files)
     assert any(name.startswith("tokenizer/") for name in files)
     assert all(len(digest) == 64 for digest in files.values())
-    assert artifact.read_manifest(out) == json.loads(json.dumps(manifest))  # tuples come back as lists
+    assert artifact.read_manifest(out) == manifest
+    assert list(json.loads((out / "manifest.json").read_text())) == [  # no policy before calibration
+        "format_version", "model_type", "num_layers", "hidden_size", "num_labels", "split_sizes", "backbone", "labels",
+        "task", "text_pair", "max_length", "exits", "dataset", "training", "metrics", "tiers", "files"]
     assert "exit  6" in capsys.readouterr().out
