@@ -50,6 +50,8 @@ def default_exits(num_layers: int) -> tuple[int, int]:
 
 
 class Frozen(BaseModel):
+    """A manifest part: immutable (an update is a copy), and a field it does not know is an error."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -92,6 +94,8 @@ class PolicyRef(Frozen):
 
 
 class Manifest(Frozen):
+    """manifest.json: `read_manifest` validates it, `write_manifest` checksums the files and writes it."""
+
     format_version: int = FORMAT_VERSION
     model_type: str
     num_layers: int
@@ -105,8 +109,8 @@ class Manifest(Frozen):
     max_length: int
     exits: Exits
     dataset: DatasetInfo
-    training: dict
-    metrics: dict
+    training: dict  # the training run's settings (TrainConfig) and wall_seconds
+    metrics: dict  # e.g. calibration_exit_accuracy, one value per exit
     tiers: dict[TierName, TierFile]
     files: dict[str, str]  # path in the artifact -> sha256, of every file but the manifest
     policy: PolicyRef | None = None
