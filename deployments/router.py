@@ -39,7 +39,7 @@ from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest
-from dimee_models.policy import LearnedPolicy, Mode, Policy, load_policies
+from dimee_models.policy import CentroidPolicy, Mode, Policy, load_policies
 from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
@@ -81,7 +81,7 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> S
         raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")
     policy = policies[name]
     if config.thresholds is not None:
-        if not isinstance(policy, LearnedPolicy):
+        if isinstance(policy, CentroidPolicy):
             raise ValueError(f"policy {name!r} routes by nearest centroid and has no thresholds to set")
         if set(config.thresholds) != set(policy.thresholds):
             raise ValueError(f"thresholds must set exactly {sorted(policy.thresholds)}, got {sorted(config.thresholds)}")

@@ -122,8 +122,8 @@ class RouterConfig(BaseModel):
 
     policy: str | None = Field(None, description="stored policy to route with")
     thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] | None = Field(
-        None, description="a learned or escalate policy's thresholds, {mobile: p, edge: p} (escalate: and "
-                           "escalate: p), each in [0, 1]")
+        None, description="a learned, escalate or cascade policy's thresholds, {mobile: p, edge: p} (escalate: and "
+                           "escalate: p; cascade: {mobile: p, escalate: p}), each in [0, 1]")
     cost_model: CostModel | None = Field(None, description="cost model of the reported per-sample costs")
     policy_artifact: str | None = Field(
         None, description="take the policies and cost model from this recalibrated copy of the served artifact")

@@ -1,6 +1,6 @@
 """DIMEE routing policies: decide per sample, from what the mobile tier computed, where to answer.
 
-Three routers share one interface, used by offline evaluation and by the serving router alike:
+Four routers share one interface, used by offline evaluation and by the serving router alike:
 `Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge, 2 cloud) decides on mobile, and
 `Policy.escalate(edge_probs)` says which samples answered on edge go on to cloud after all.
 
@@ -12,6 +12,9 @@ Three routers share one interface, used by offline evaluation and by the serving
 - `escalate` (our variant): the same regressions on the mobile exit's probabilities alone (z made
   them worse: docs/RESULTS.md), and an edge that is unsure (edge confidence below a threshold)
   hands its layer-e hidden state on to cloud.
+- `cascade`: the confidence cascade served: the mobile exit keeps what it is sure of, edge the
+  rest, and edge hands on to cloud what it is unsure of (the escalate policy's path, with the
+  exits' own confidences as gates).
 
 Thresholds are chosen on the calibration split with K-fold cross-fitting: every calibration
 sample is routed by a router fitted without it, so the choice is not tuned on its own fit.
@@ -89,7 +92,8 @@ class Policy:
     mobile_exit: int
     edge_exit: int
     num_layers: int
-    thresholds: dict[str, float]  # centroid: {"alpha"}; learned: {"mobile", "edge"}; escalate: + {"escalate"}
+    thresholds: dict[str, float]  # centroid: {"alpha"}; learned: {"mobile", "edge"}; escalate: + {"escalate"};
+    # cascade: {"mobile", "escalate"}
     tensors: dict[str, np.ndarray] = field(repr=False)
     risk: RiskBound | None = None  # the constrained policies' guarantee, when calibrated with a delta
 
@@ -99,7 +103,9 @@ class Policy:
 
     def escalate(self, edge_probs: np.ndarray) -> np.ndarray:
         """(N,) bool: samples answered on edge whose edge exit is too unsure, so cloud answers."""
-        return np.zeros(len(edge_probs), dtype=bool)
+        if not self.escalates:
+            return np.zeros(len(edge_probs), dtype=bool)
+        return edge_probs.max(-1) < self.thresholds["escalate"]
 
     def escalates_in(self, mode: Mode) -> bool:
         """Whether edge's unsure samples go on to cloud in `mode`: only DIMEE's own routing does it."""
@@ -164,11 +170,21 @@ class EscalatePolicy(LearnedPolicy):
     def features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         return exit_features(mobile_probs)
 
-    def escalate(self, edge_probs: np.ndarray) -> np.ndarray:
-        return edge_probs.max(-1) < self.thresholds["escalate"]
+
+class CascadePolicy(Policy):
+    """The confidence cascade as a served policy: mobile keeps a sample its exit is sure of, edge
+    every other, and edge hands on to cloud what it is unsure of. No model of its own: under risk
+    control its first gate, the exit's own confidence, saves more than the regressions' estimate."""
+
+    kind = "cascade"
+    escalates = True
+
+    def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        return np.where(mobile_probs.max(-1) >= self.thresholds["mobile"], Tier.MOBILE, Tier.EDGE)
 
 
-POLICY_KINDS: dict[str, type[Policy]] = {cls.kind: cls for cls in (CentroidPolicy, LearnedPolicy, EscalatePolicy)}
+POLICY_KINDS: dict[str, type[Policy]] = {cls.kind: cls for cls in (CentroidPolicy, LearnedPolicy, EscalatePolicy,
+                                                                   CascadePolicy)}
 
 
 # routers -----------------------------------------------------------------------------------------
@@ -444,10 +460,29 @@ def grid_outcomes(out: ExitOutputs, cost: CostModel, mobile: np.ndarray, edge: n
                     float(losses[i]), n) for i in range(len(costs))]
 
 
+def cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
+    """Every (mobile, escalate) pair of confidence thresholds from RISK_PATH; risk control walks
+    the diagonal, one threshold for both (the offline `confidence_cascade` of dimee_models/evaluate.py)."""
+    conf = out.tier_confidences
+    grid = RISK_PATH[::-1]  # ascending: from "mobile keeps everything" to "mobile keeps nothing"
+    outcomes = grid_outcomes(out, cost, conf[:, 0] >= grid[:, None], np.ones((1, len(conf)), bool),
+                             conf[:, 1] < grid[:, None])
+    combos = [(tm, b) for tm in grid for b in grid]
+    curve = [{"mobile": float(c[0]), "escalate": float(c[1]), **_outcome_json(o)}
+             for c, o in _pareto(list(zip(combos, outcomes)))]
+
+    def make(name: str, i: int, risk: RiskBound | None) -> Policy:
+        return CascadePolicy(name, out.mobile_exit, out.edge_exit, out.num_layers,
+                             {"mobile": float(combos[i][0]), "escalate": float(combos[i][1])}, {}, risk)
+
+    diagonal = [i * len(grid) + i for i in range(len(grid))][::-1]  # from 1.01 down
+    return Candidates("dimee_cascade", outcomes, len(outcomes), True, curve, make, diagonal)
+
+
 def score_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int = 0) -> list[Candidates]:
     """Every router kind's settings scored on `out`: the expensive part of calibration."""
     return [centroid_candidates(out, cost, k, seed), learned_candidates(out, cost, k, seed),
-            learned_candidates(out, cost, k, seed, cls=EscalatePolicy)]
+            learned_candidates(out, cost, k, seed, cls=EscalatePolicy), cascade_candidates(out, cost)]
 
 
 def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0,

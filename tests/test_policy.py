@@ -6,7 +6,7 @@ import pytest
 
 from dimee_models.cost import CostModel
 from dimee_models.policy import (
-    ALPHA_GRID, EDGE_CLOUD, CentroidPolicy, EscalatePolicy, ExitOutputs, LearnedPolicy, Outcome, Policy, calibrate,
+    ALPHA_GRID, EDGE_CLOUD, CascadePolicy, CentroidPolicy, EscalatePolicy, ExitOutputs, LearnedPolicy, Outcome, Policy, calibrate,
     centroids_of, choose, exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features,
     save_policies, score,
 )
@@ -14,7 +14,7 @@ from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
 NAMES = {"dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained", "dimee_escalate",
-         "dimee_escalate_constrained"}
+         "dimee_escalate_constrained", "dimee_cascade", "dimee_cascade_constrained"}
 
 
 def synthetic(n_per: int = 60, seed: int = 0) -> tuple[ExitOutputs, np.ndarray]:
@@ -131,6 +131,20 @@ def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
     assert not learned.escalates and not learned.escalate(out.probs(E)).any()
 
 
+def test_the_cascade_policy_serves_the_offline_confidence_cascade(data):
+    from dimee_models.evaluate import cascade_paths
+
+    out, _ = data
+    for t in (0.5, 0.9, 0.95, 1.01):
+        policy = CascadePolicy("c", M, E, L, {"mobile": t, "escalate": t}, {})
+        tiers, paths = assigned(policy, out)
+        expected_tiers, expected_paths = cascade_paths(out.tier_confidences, t)
+        np.testing.assert_array_equal(tiers, expected_tiers)
+        np.testing.assert_array_equal(paths, expected_paths)
+    policy = CascadePolicy("c", M, E, L, {"mobile": 0.9, "escalate": 0.0}, {})  # edge keeps all it gets
+    assert set(assigned(policy, out)[0].tolist()) == {Tier.MOBILE, Tier.EDGE}
+
+
 def test_score_by_hand(data):
     out, cluster = data
     cost = CostModel(mu=0.5)
@@ -146,7 +160,8 @@ def test_score_by_hand(data):
 def test_calibrate_gives_valid_policies_within_budget(data, cal):
     out, cluster = data
     assert set(cal.policies) == NAMES and cal.reference_accuracy == 1.0
-    assert set(cal.curves) == {"dimee", "dimee_learned", "dimee_escalate"} and len(cal.curves["dimee"]) == len(ALPHA_GRID)
+    assert set(cal.curves) == {"dimee", "dimee_learned", "dimee_escalate", "dimee_cascade"}
+    assert len(cal.curves["dimee"]) == len(ALPHA_GRID)
     for name, pol in cal.policies.items():
         assert pol.name == name and (pol.mobile_exit, pol.edge_exit, pol.num_layers) == (M, E, L)
         tiers = routed(pol, out)
@@ -156,11 +171,14 @@ def test_calibrate_gives_valid_policies_within_budget(data, cal):
         elif pol.kind == "learned":
             assert set(pol.thresholds) == {"mobile", "edge"}
             assert pol.tensors["weight"].shape == (H + 2 + 2, 2)  # z, probs, confidence, entropy
-        else:
-            assert pol.kind == "escalate" and set(pol.thresholds) == {"mobile", "edge", "escalate"}
+        elif pol.kind == "escalate":
+            assert set(pol.thresholds) == {"mobile", "edge", "escalate"}
             assert pol.tensors["weight"].shape == (2 + 3, 2)  # probs, confidence, margin, entropy
+        else:
+            assert pol.kind == "cascade" and set(pol.thresholds) == {"mobile", "escalate"} and pol.tensors == {}
     cost = CostModel(mu=0.1)
-    for name in ("dimee_constrained", "dimee_learned_constrained", "dimee_escalate_constrained"):
+    for name in ("dimee_constrained", "dimee_learned_constrained", "dimee_escalate_constrained",
+                 "dimee_cascade_constrained"):
         tiers, paths = assigned(cal.policies[name], out)
         o = score(out, tiers, cost, paths)
         assert o.accuracy >= cal.reference_accuracy - 0.003, name
