@@ -157,8 +157,8 @@ def add_calibrate(sub) -> None:
                         f"{DEFAULT_DELTA}); `none`: the point estimate on the calibration split, as in the paper")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-fitting folds on the calibration split")
     p.add_argument("--default-policy", default=None,
-                   help="policy the server uses by default (default: the cheapest *_constrained on calibration "
-                        "data among those whose budget is guaranteed)")
+                   help="policy the server uses by default (default: the first guaranteed of the cascade, "
+                        "escalate, learned, centroid *_constrained; with --delta none the cheapest on calibration)")
     _cost_flags(p)
 
 

@@ -182,19 +182,27 @@ def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, method
 # the two commands ------------------------------------------------------------------------------------
 
 
+# With a guarantee, the served default is the first guaranteed policy in this order, fixed in
+# advance: taking the cheapest of several guaranteed ones would take the one its calibration data
+# flattered most, and it held the budget on fewer redraws than each kind alone (docs/RESULTS.md §8).
+GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_escalate_constrained", "dimee_learned_constrained",
+                         "dimee_constrained")
+
+
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
                   seed: int = 0, default: str | None = None,
                   candidates: list[Candidates] | None = None) -> tuple[Calibration, dict[str, float], str]:
-    """Every router and the cascade calibrated on `out`, and the policy to serve by default: the
-    cheapest constrained router on these outputs among those whose budget is guaranteed (all of
-    them with the point estimate; never chosen on the test split)."""
+    """Every router and the cascade calibrated on `out`, and the policy to serve by default: with
+    the point estimate, the cheapest constrained router on these outputs (never the test split);
+    with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first)."""
     cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
     cascade = calibrate_cascade(out, cost, max_drop_pp, delta)
-    if default is None:
+    if default is None and delta is None:
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
-        guaranteed = [name for name in constrained if cal.policies[name].risk is None
-                      or cal.policies[name].risk.guaranteed]
-        default = min(guaranteed or constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
+        default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
+    elif default is None:
+        default = next((name for name in GUARANTEED_PREFERENCE if cal.policies[name].risk.guaranteed),
+                       GUARANTEED_PREFERENCE[0])
     elif default not in cal.policies:
         raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
     return cal, cascade, default

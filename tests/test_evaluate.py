@@ -1,5 +1,6 @@
 """Calibration, evaluation table, CLI and offline prediction on a tiny real artifact."""
 
+import dataclasses
 import json
 import shutil
 
@@ -155,6 +156,23 @@ def test_cli_calibrate_delta(base, tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["calibrate", str(out), "--delta", bad])
         assert "--delta" in capsys.readouterr().err
+
+
+def test_the_guaranteed_default_is_the_first_guaranteed_in_a_fixed_order(calibrated, monkeypatch):
+    out = split_outputs(calibrated[0], "calibration")
+    real = evaluate.calibrate(out, CostModel(), 50.0, delta=0.1)  # a budget so wide every kind is certified
+    assert all(p.risk.guaranteed for name, p in real.policies.items() if name.endswith("_constrained"))
+    assert evaluate.calibrate_all(out, CostModel(), 50.0, 0.1)[2] == "dimee_cascade_constrained"
+
+    def with_guaranteed(*names):
+        policies = {name: dataclasses.replace(p, risk=dataclasses.replace(p.risk, guaranteed=name in names))
+                    if p.risk else p for name, p in real.policies.items()}
+        monkeypatch.setattr(evaluate, "calibrate", lambda *a, **k: dataclasses.replace(real, policies=policies))
+        return evaluate.calibrate_all(out, CostModel(), 50.0, 0.1)[2]
+
+    assert with_guaranteed("dimee_learned_constrained", "dimee_constrained") == "dimee_learned_constrained"
+    assert with_guaranteed("dimee_constrained") == "dimee_constrained"
+    assert with_guaranteed() == "dimee_cascade_constrained"  # none: the first, marked not guaranteed
 
 
 def test_cli_evaluate_resamples(calibrated, tmp_path, capsys):
