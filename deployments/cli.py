@@ -1,5 +1,5 @@
 """The `dimee` command: the model commands of `dimee_models.cli` plus the serving commands
-(`up`, `down`, `cluster up|down`, `serve`), which need Ray and so live here."""
+(`up`, `down`, `cluster up|down`, `serve`, `profile`), which need Ray and so live here."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def add_serve_flags(p) -> None:
                    help="a request's deadline, across all its tier calls (default 3)")
     p.add_argument("--max-texts-in-flight", type=model_cli._positive_int, default=None, metavar="N",
                    help="texts each ingress replica works on at once; a request past it gets 503 (default 64)")
+    p.add_argument("--cost-profile", type=Path, default=None, metavar="FILE",
+                   help="report each answer's cost in ms from this cluster profile (`dimee profile`) instead of the "
+                        "policy's cost model; the metric dimee_answer_cost and /v1/info's served_cost show the mean")
 
 
 def add_commands(sub) -> None:
@@ -79,6 +82,20 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("down", help="stop the local cluster and everything it serves")
     p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("profile", help="measure a running deployment (per-tier layer compute, hop costs, the fixed "
+                                       "per-request cost) and write its cost profile for --cost-profile")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's HTTP address")
+    p.add_argument("--app", default="dimee", help="Serve application name")
+    p.add_argument("--texts", type=model_cli._positive_int, default=100,
+                   help="texts of the served artifact's test split to measure, one at a time (default 100)")
+    p.add_argument("--batch", type=model_cli._positive_int, default=16,
+                   help="texts per call in the batched compute measurement (default 16)")
+    p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
+                   help="the environment variable holding the API key, if the deployment requires one")
+    p.add_argument("--out", type=Path, default=Path("profile.json"), help="where to write it (default profile.json)")
+    p.set_defaults(func=cmd_profile)
 
 
 def cmd_cluster(args) -> int:
@@ -199,6 +216,12 @@ def cmd_serve(args) -> int:
     from dimee_models import artifact
 
     artifact.read_manifest(args.dir)  # before any cluster work: a wrong path is refused in a second
+    router = {k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout),
+                                ("max_texts_in_flight", args.max_texts_in_flight)) if v is not None}
+    if args.cost_profile is not None:
+        from dimee_models.profile import latency_cost_model, read_profile
+
+        router["cost_model"] = latency_cost_model(read_profile(args.cost_profile)).model_dump()
     address = args.address or local_cluster.address()
     if head_is_here(address):
         check_http_port(args.host, args.port)
@@ -217,8 +240,7 @@ def cmd_serve(args) -> int:
         mobile={"num_replicas": args.mobile_replicas}, edge={"num_replicas": args.edge_replicas},
         cloud={"num_replicas": args.cloud_replicas},
         api_key=os.environ[args.api_key_env] if args.api_key_env else None,
-        router={k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout),
-                                  ("max_texts_in_flight", args.max_texts_in_flight)) if v is not None},
+        router=router,
     )
     check_artifact(app_args)
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
@@ -267,6 +289,27 @@ def cmd_up(args) -> int:
         local_cluster.up()
     args.dir = args.artifact
     return cmd_serve(args)
+
+
+def cmd_profile(args) -> int:
+    import ray
+
+    from deployments import local_cluster
+    from deployments.profile import format_profile, run_profile
+    from dimee_models.profile import write_profile
+
+    address = args.address or local_cluster.address()
+    check_cluster_answers(address)
+    headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        profile = run_profile(args.url.rstrip("/"), args.app, args.texts, args.batch, headers)
+    finally:
+        ray.shutdown()
+    print(format_profile(profile))
+    write_profile(args.out, profile)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,13 @@ class Router:
         self.shed = metrics.Counter("dimee_shed_requests", "requests refused with 503: the ingress's texts in "
                                     "flight (tier=ingress) or an edge or cloud queue was full",
                                     tag_keys=("tier",))
-        self.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}  # for /v1/info
+        self.answer_cost = metrics.Histogram(
+            "dimee_answer_cost", "each answer's cost under the active cost model (unit: abstract, or ms per text "
+            "at one text per request from a cluster profile): mean = sum / count, to compare with the prediction",
+            boundaries=[0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=("mode", "unit"))
+        # for /v1/info, since this replica started: shed and failed calls; answers and summed cost by (mode, unit)
+        self.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter(),
+                            "answers": collections.Counter(), "cost": collections.Counter()}
         self.texts_in_flight = 0
         # Tiers Serve's controller reports with no running replica (a lost node, a replica being
         # replaced) are not called: a call there waits out its timeout; refreshed in the background.
@@ -198,6 +204,8 @@ class Router:
             # this replica's counts since it started: busy tiers (503) apart from failed ones (fallback)
             "shed": dict(self.since_start["shed"]),
             "hop_failures": {f"{tier}/{reason}": n for (tier, reason), n in self.since_start["hop_failures"].items()},
+            "served_cost": {f"{mode}/{unit}": {"answers": n, "mean": self.since_start["cost"][mode, unit] / n}
+                            for (mode, unit), n in self.since_start["answers"].items()},
         }
 
     # The body is parsed by hand (deployments/http.py) for one-sentence errors; the schema is declared
@@ -242,6 +250,9 @@ class Router:
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
                        else "escalated" if answer.escalated else "normal")
             self.answers.inc(tags={"mode": body.mode, "tier": answer.tier, "outcome": outcome})
+            self.answer_cost.observe(answer.cost, tags={"mode": body.mode, "unit": s.cost.unit})
+            self.since_start["answers"][body.mode, s.cost.unit] += 1
+            self.since_start["cost"][body.mode, s.cost.unit] += answer.cost
         return answers
 
     def refuse(self, where: str, detail: str) -> HTTPException:
@@ -290,7 +301,9 @@ class Router:
         asyncio.get_running_loop().create_task(refresh())
 
     async def run_mode(self, mode: Mode, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
-        if mode == "cloud_only":  # the tokens go to cloud: no sample runs the mobile slice
+        if s.policy.skips_mobile(mode):  # the tokens go to cloud: no sample runs the mobile slice
+            if mode == "dimee":
+                self.decisions.inc(len(tokens.input_ids), tags={"tier": Tier.CLOUD.label})
             cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
                 return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])

@@ -53,6 +53,7 @@ class TierRunner:
 
     def __init__(self, artifact_dir: str, tier: Tier):
         manifest = artifact.read_manifest(artifact_dir)
+        self.artifact_dir = artifact_dir
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
         self.end = manifest.tier_exits[tier]
@@ -89,7 +90,8 @@ class TierRunner:
 
     def describe(self) -> dict:
         params, nbytes = self.model.parameter_bytes()
-        return {"tier": self.tier.label, "node_id": self.node_id, "parameters": params, "parameter_bytes": nbytes,
+        return {"tier": self.tier.label, "artifact": self.artifact_dir, "node_id": self.node_id,
+                "parameters": params, "parameter_bytes": nbytes,
                 "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
                 "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads),
                 "requests_served": self.requests_served}

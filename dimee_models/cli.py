@@ -118,8 +118,9 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _cost_flags(p) -> None:
+def _cost_flags(p, profile_help: str) -> None:
     g = p.add_argument_group("cost model (defaults, then --cost-config JSON, then these flags)")
+    g.add_argument("--cost-profile", type=Path, default=None, metavar="FILE", help=profile_help)
     g.add_argument("--cost-config", type=Path, default=None, help="JSON file with any CostModel fields")
     for name, help_text in (
         ("lambda-mobile", "cost of one layer on mobile (default 0.1)"),
@@ -148,6 +149,15 @@ def _cost_model(args, fallback_to_defaults: bool = True):
         raise ValueError(f"invalid cost model: {err}") from None
 
 
+def _latency_model(args):
+    """The cost model in ms from --cost-profile (its reward weight scaled from --mu), or None."""
+    if args.cost_profile is None:
+        return None
+    from dimee_models.profile import latency_cost_model, read_profile
+
+    return latency_cost_model(read_profile(args.cost_profile), 1.0 if args.mu is None else args.mu)
+
+
 def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit the DIMEE routing policies on the calibration split")
     p.add_argument("dir", type=Path)
@@ -159,7 +169,8 @@ def add_calibrate(sub) -> None:
     p.add_argument("--default-policy", default=None,
                    help="policy the server uses by default (default: the first guaranteed of the cascade, "
                         "escalate, learned, centroid *_constrained; with --delta none the cheapest on calibration)")
-    _cost_flags(p)
+    _cost_flags(p, "a cost profile of the cluster (`dimee profile`): calibrate for its latency in ms instead "
+                   "of the paper's abstract costs (only --mu may be added)")
 
 
 def cmd_calibrate(args) -> int:
@@ -167,7 +178,13 @@ def cmd_calibrate(args) -> int:
 
     if not 0 <= args.max_accuracy_drop <= 100:
         raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")
-    doc = run_calibration(args.dir, _cost_model(args), args.max_accuracy_drop, args.folds, default=args.default_policy,
+    if args.cost_profile is not None and (args.cost_config is not None or any(
+            getattr(args, k) is not None for k in ("lambda_mobile", "lambda_edge", "lambda_cloud", "o_1", "o_2",
+                                                   "o_edge_cloud"))):
+        raise ValueError("--cost-profile sets every cost from the measured profile: drop --cost-config and the "
+                         "per-cost flags (only --mu may be added)")
+    doc = run_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
+                          default=args.default_policy,
                           delta=args.delta)
     print(f"cost model: {json.dumps(doc['cost_model'])}")
     print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
@@ -195,13 +212,15 @@ def add_evaluate(sub) -> None:
                    help="also redraw the calibration/test partition K times, recalibrate on each and report the "
                         "share of redraws within the budget (e.g. 50)")
     p.add_argument("--resample-seed", type=int, default=0)
-    _cost_flags(p)
+    _cost_flags(p, "a cost profile of the cluster (`dimee profile`): also report each method's expected latency "
+                   "per one-text request in ms (mean and p50)")
 
 
 def cmd_evaluate(args) -> int:
     from dimee_models.evaluate import format_table, plot, run_evaluation
 
-    result, cal_out, test_out = run_evaluation(args.dir, _cost_model(args, fallback_to_defaults=False))
+    result, cal_out, test_out = run_evaluation(args.dir, _cost_model(args, fallback_to_defaults=False),
+                                               _latency_model(args))
     print(format_table(result))
     labels = test_out.labels
     per_exit = [(test_out.logits[:, i].argmax(-1) == labels).mean() for i in range(test_out.num_layers)]

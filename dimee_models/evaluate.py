@@ -13,9 +13,9 @@ from dimee_models import artifact
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.manifest import Manifest, PolicyRef
 from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
-from dimee_models.policy import (EDGE_CLOUD, Calibration, Candidates, ExitOutputs, Mode, Outcome, Policy, calibrate, choose,
-                                 load_policies, save_policies, score)
-from dimee_models.risk import DEFAULT_DELTA
+from dimee_models.policy import (EDGE_CLOUD, Calibration, Candidates, CloudOnlyPolicy, ExitOutputs, Mode, Outcome,
+                                 Policy, calibrate, choose, load_policies, save_policies, score)
+from dimee_models.risk import DEFAULT_DELTA, RiskBound
 from dimee_models.tiers import TIER_NAMES, Tier
 from dimee_models.train import batches, model_inputs
 
@@ -112,10 +112,14 @@ def bootstrap_drop_ci(correct: np.ndarray, reference: np.ndarray, rounds: int = 
     return [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))]
 
 
-def evaluate(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], cost: CostModel) -> dict:
+def evaluate(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], cost: CostModel,
+             latency: CostModel | None = None) -> dict:
+    """Per method: accuracy, its drop against the final exit, the mean cost under `cost`; with a
+    cost model in ms (`latency`), also the expected latency of a one-text request, mean and p50."""
     rows = method_assignments(out, policies, cascade)
     n = len(out.labels)
-    base_cost = cost.path_costs(out.mobile_exit, out.edge_exit, out.num_layers)["cloud_only"]
+    exits = out.mobile_exit, out.edge_exit, out.num_layers
+    base_cost = cost.path_costs(*exits)["cloud_only"]
     reference = out.tier_predictions[:, 2] == out.labels
     methods = {}
     for name, (tiers, paths) in rows.items():
@@ -129,22 +133,32 @@ def evaluate(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, f
             "cost_reduction": 1 - o.cost / base_cost,
             "tier_fraction": dict(zip(TIER_NAMES, o.fractions)),
         }
+        if latency is not None:
+            ms = latency.costs_of(tiers if paths is None else paths, *exits)
+            methods[name]["latency_ms"] = {"mean": float(ms.mean()), "p50": float(np.median(ms)),
+                                           "saved": 1 - float(ms.mean()) / latency.path_costs(*exits)["cloud_only"]}
     return methods
 
 
 def format_table(doc: dict) -> str:
+    latency = "latency_model" in doc
     lines = [
         f"{doc['dataset']} / {doc['split']} (n={doc['n']}); cost model {json.dumps(doc['cost_model'])}",
         "baseline cloud_only = raw input shipped to the cloud, full model there (o_2 + lambda_cloud * L)",
+        *([f"latency (ms, one text per request) from the profile's cost model {json.dumps(doc['latency_model'])}"]
+          if latency else []),
         f"{'method':34s} {'acc':>7s} {'drop pp':>8s} {'95% CI':>15s} {'cost':>7s} {'saved':>7s}"
-        f" {'mobile':>7s} {'edge':>7s} {'cloud':>7s}",
+        f" {'mobile':>7s} {'edge':>7s} {'cloud':>7s}" + (f" {'ms mean':>8s} {'ms p50':>7s} {'ms saved':>8s}"
+                                                           if latency else ""),
     ]
     for name, r in doc["methods"].items():
         lo, hi = r["accuracy_drop_pp_ci95"]
         f = r["tier_fraction"]
+        ms = r.get("latency_ms")
         lines.append(
             f"{name:34s} {r['accuracy']:7.4f} {r['accuracy_drop_pp']:8.2f} {f'[{lo:.2f}, {hi:.2f}]':>15s}"
             f" {r['cost']:7.3f} {r['cost_reduction']:7.1%} {f['mobile']:7.1%} {f['edge']:7.1%} {f['cloud']:7.1%}"
+            + (f" {ms['mean']:8.1f} {ms['p50']:7.1f} {ms['saved']:8.1%}" if ms else "")
         )
     return "\n".join(lines)
 
@@ -199,13 +213,35 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
     cascade = calibrate_cascade(out, cost, max_drop_pp, delta)
     if default is None and delta is None:
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
-        default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
+        default = no_split_if_cheaper(out, cal, cost, min(
+            constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost), None, max_drop_pp)
     elif default is None:
-        default = next((name for name in GUARANTEED_PREFERENCE if cal.policies[name].risk.guaranteed),
-                       GUARANTEED_PREFERENCE[0])
+        default = no_split_if_cheaper(out, cal, cost, next(
+            (name for name in GUARANTEED_PREFERENCE if cal.policies[name].risk.guaranteed), GUARANTEED_PREFERENCE[0]),
+            delta, max_drop_pp)
     elif default not in cal.policies:
         raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
     return cal, cascade, default
+
+
+NO_SPLIT = "dimee_cloud_only"
+
+
+def no_split_if_cheaper(out: ExitOutputs, cal: Calibration, cost: CostModel, default: str, delta: float | None,
+                        max_drop_pp: float) -> str:
+    """`default`, unless on the calibration split it costs no less than cloud-only: then a policy
+    that sends every text to cloud (added to `cal` as NO_SPLIT) is served instead."""
+    chosen = policy_outcome(out, cal.policies[default], cost).cost
+    baseline = cost.path_costs(*out.tier_exits())["cloud_only"]
+    if chosen < baseline:
+        return default
+    # It answers every sample with the final exit, so it loses none: the bound is 0, not estimated.
+    risk = None if delta is None else RiskBound(delta, max_drop_pp, len(out.labels), 0, 0.0, True)
+    cal.policies[NO_SPLIT] = CloudOnlyPolicy(NO_SPLIT, out.mobile_exit, out.edge_exit, out.num_layers, {}, {}, risk)
+    cal.warnings.append(f"no DIMEE policy costs less than cloud-only under this cost model: {default} costs "
+                        f"{chosen:.4g} against {baseline:.4g} ({cost.unit}) per sample on the calibration split, so "
+                        f"{NO_SPLIT} (every text to cloud) is served by default")
+    return NO_SPLIT
 
 
 def policy_outcome(out: ExitOutputs, policy: Policy, cost: CostModel) -> Outcome:
@@ -226,16 +262,25 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
     return doc
 
 
-def run_evaluation(directory: Path, cost: CostModel | None = None) -> tuple[dict, ExitOutputs, ExitOutputs]:
-    """The evaluation table on the test split with the stored policies (and the stored cost model
-    unless another is given: thresholds were chosen for the stored one)."""
+def run_evaluation(directory: Path, cost: CostModel | None = None,
+                   latency: CostModel | None = None) -> tuple[dict, ExitOutputs, ExitOutputs]:
+    """The evaluation table on the test split with the stored policies. Costs are in the paper's
+    abstract model: `cost`, else the stored one (thresholds were chosen for it), else, for policies
+    calibrated in ms, the default. Latency is reported with `latency` (a cost model in ms), else
+    with the stored model if it is in ms."""
     manifest = artifact.read_manifest(directory)
     policies, doc = load_policies(directory)
-    cost = cost or CostModel(**doc["cost_model"])
+    stored = CostModel(**doc["cost_model"])
+    cost = cost or (stored if stored.unit == "abstract" else CostModel())
+    latency = latency or (stored if stored.unit == "ms" else None)
+    if cost.unit != "abstract" or (latency is not None and latency.unit != "ms"):
+        raise ValueError("the evaluation's cost model must be in abstract units and its latency model in ms")
     test_out = split_outputs(directory, "test", manifest)
-    methods = evaluate(test_out, policies, doc["cascade_thresholds"], cost)
+    methods = evaluate(test_out, policies, doc["cascade_thresholds"], cost, latency)
     result = {"dataset": manifest.dataset.name, "split": "test", "n": int(len(test_out.labels)),
               "cost_model": cost.model_dump(), "methods": methods}
+    if latency is not None:
+        result["latency_model"] = latency.model_dump()
     return result, split_outputs(directory, "calibration", manifest), test_out
 
 

@@ -88,6 +88,7 @@ class Policy:
 
     kind: ClassVar[str]
     escalates: ClassVar[bool] = False  # an edge answer may go on to cloud (edge's confidence decides)
+    from_tokens: ClassVar[bool] = False  # DIMEE's routing sends the token ids to cloud: no mobile slice runs
     name: str
     mobile_exit: int
     edge_exit: int
@@ -110,6 +111,10 @@ class Policy:
     def escalates_in(self, mode: Mode) -> bool:
         """Whether edge's unsure samples go on to cloud in `mode`: only DIMEE's own routing does it."""
         return mode == "dimee" and self.escalates
+
+    def skips_mobile(self, mode: Mode) -> bool:
+        """Whether a request in `mode` goes to cloud as token ids, without the mobile slice."""
+        return mode == "cloud_only" or (mode == "dimee" and self.from_tokens)
 
     def plan(self, mode: Mode, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         """Where each sample goes once the mobile slice has run, in `mode`: the one decision the
@@ -183,8 +188,23 @@ class CascadePolicy(Policy):
         return np.where(mobile_probs.max(-1) >= self.thresholds["mobile"], Tier.MOBILE, Tier.EDGE)
 
 
+class CloudOnlyPolicy(Policy):
+    """No split: every text goes to cloud as token ids, as cloud-only serving does. Calibration
+    serves it by default where no DIMEE policy costs less than cloud-only under its cost model
+    (measured latency on a cluster whose hops cost more than the layers they save, say)."""
+
+    kind = "cloud_only"
+    from_tokens = True
+
+    def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        return np.full(len(mobile_probs), Tier.CLOUD)
+
+    def assign(self, z: np.ndarray, mobile_probs: np.ndarray, edge_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.route(z, mobile_probs), np.full(len(mobile_probs), PATHS.index("cloud_only"))
+
+
 POLICY_KINDS: dict[str, type[Policy]] = {cls.kind: cls for cls in (CentroidPolicy, LearnedPolicy, EscalatePolicy,
-                                                                   CascadePolicy)}
+                                                                   CascadePolicy, CloudOnlyPolicy)}
 
 
 # routers -----------------------------------------------------------------------------------------

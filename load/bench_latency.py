@@ -151,6 +151,8 @@ def table(run: dict) -> str:
         out.append(f"{r['policy']:<12}{r['tier']:<7}{r['n']:>4}" + "".join(f"{r[k]:>7.1f}" for k in PCTS)
                    + f"{r['compute_p50_ms']:>8.1f}{r['overhead_ms']:>7.1f}{r['hops']:>5}{r['per_hop_ms']:>6.1f}  | "
                    + (f"{s['outside_router']:>14.1f}{s['router_and_tier_hops']:>13.1f}  {calls}" if s else "no logs"))
+    out.append("mean per policy (ms, every answer): "
+               + ", ".join(f"{p} {v:.1f}" for p, v in run["policy_mean_ms"].items()))
     out.append("compute p50 (ms, 1 thread, all texts): " + ", ".join(f"{p} {v:.2f}" for p, v in run["compute_p50_ms"].items()))
     out.append(f"{'actor':<16}{'node':<11}{'RSS MiB':>9}{'USS MiB':>9}{'params MiB':>11}")
     for r in run["memory"]:
@@ -180,6 +182,8 @@ def main() -> None:
     run = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": args.url, "artifact": str(args.artifact),
            "requests_per_policy": args.requests, "warmup_per_policy": WARMUP, "cpus": psutil.cpu_count(),
            "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS)),
+           "policy_mean_ms": {p: float(np.mean([ms for (q, _), rows in groups.items() if q == p
+                                                for _, ms, _ in rows])) for p in POLICIES},
            "compute_p50_ms": {p: float(np.median(v)) for p, v in compute.items()}, "memory": memory,
            "parameter_bytes": params, "mobile_share_of_full": params["mobile"] / params["cloud"]}
     print(table(run))

@@ -16,7 +16,7 @@ from deployments.local_cluster import ray_cli
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.evaluate import run_calibration
-from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CentroidPolicy, Policy, load_policies
+from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CentroidPolicy, CloudOnlyPolicy, Policy, load_policies
 from dimee_models.tiers import Tier
 from dimee_models.train import TrainConfig, train
 
@@ -55,7 +55,8 @@ def served_artifact(tmp_path_factory) -> Path:
     """The default backbone briefly fine-tuned on rt-polarity, calibrated for real, plus a policy
     `three_way` whose centroids are the embeddings of THREE_WAY_TEXTS (mobile, edge, cloud), so a
     request with those texts is guaranteed to split across all three tiers, and a policy
-    `escalating` that sends every sample to edge and escalates the less sure of ESCALATE_TEXTS."""
+    `escalating` that sends every sample to edge and escalates the less sure of ESCALATE_TEXTS; and
+    `no_split`, which sends every text to cloud."""
     out = tmp_path_factory.mktemp("artifact") / "rt"
     train(TrainConfig(dataset="rt-polarity", epochs=1, max_train_samples=32, batch_size=16, max_length=32,
                       splits=(0.9, 0.05, 0.05)), out)
@@ -74,6 +75,7 @@ def served_artifact(tmp_path_factory) -> Path:
     escalate = load_policies(out)[0]["dimee_escalate"]
     add_policy(out, dataclasses.replace(escalate, name="escalating", thresholds={
         "mobile": 1.01, "edge": 0.0, "escalate": float(conf[gap] + conf[gap + 1]) / 2}))
+    add_policy(out, CloudOnlyPolicy("no_split", 2, 4, 6, {}, {}))
     return out
 
 

@@ -349,11 +349,71 @@ def test_an_unsure_edge_hands_its_samples_on_to_cloud_as_offline(cluster, served
         assert got["cost"] == (1.1 if got["escalated"] else 0.6)  # mobile -> edge -> cloud pays both hops
 
 
+def test_a_policy_that_does_not_split_sends_the_tokens_to_cloud_and_reports_latency(
+        cluster, served_artifact, tmp_path):
+    """`dimee calibrate` serves such a policy where no split is cheaper than cloud-only: no sample
+    runs the mobile slice, and each answer reports its cost in ms under a latency cost model."""
+    from ray import serve
+
+    def served() -> dict[str, int]:
+        return {t.label: serve.get_deployment_handle(t.deployment, app_name="dimee").describe.remote()
+                .result(timeout_s=60)["requests_served"] for t in Tier}
+
+    cost = {"unit": "ms", "fixed": 10.0, "lambda_mobile": 4.0, "lambda_cloud": 2.0, "o_2": 15.0, "o_cloud_only": 6.0}
+    deploy(router_config(served_artifact, {"policy": "no_split", "cost_model": cost}), tmp_path)
+    time.sleep(2)
+    try:
+        before = served()
+        got = classify(cluster, THREE_WAY_TEXTS)
+        after = served()
+        info = requests.get(f"{cluster}/v1/info", timeout=30).json()
+    finally:
+        deploy(router_config(served_artifact, {}), tmp_path)
+    assert {t: after[t] - before[t] for t in after} == {"mobile": 0, "edge": 0, "cloud": 1}  # one call, no slice
+    offline = predict_texts(served_artifact, THREE_WAY_TEXTS, "cloud_only")
+    for answer, want in zip(got, offline):
+        assert (answer["tier"], answer["label_id"], answer["exit_layer"]) == ("cloud", want["label_id"], 6)
+        assert answer["cost"] == 10 + 6 + 2 * 6  # fixed + token ids to cloud + six layers there, in ms
+    assert info["policy"]["kind"] == "cloud_only" and info["served_cost"]["dimee/ms"]["mean"] == 28.0
+
+
+def test_dimee_profile_measures_the_running_deployment(cluster, served_artifact, tmp_path):
+    """The real command against the real cluster: positive numbers, and a tier's per-layer cost times
+    its layers close to that tier's compute measured again here, from the replica."""
+    from ray import serve
+
+    from dimee_models import artifact
+    from dimee_models.profile import latency_cost_model, read_profile
+
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, "-m", "deployments.cli", "profile", "--url", cluster, "--texts", "12",
+                           "--batch", "4", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ingress_cloud_tokens" in done.stdout and "predicted one-text latency" in done.stdout
+    profile = read_profile(out)
+    assert profile.artifact == str(served_artifact.resolve()) and profile.texts == 12
+    assert {n["tier"] for n in profile.nodes} >= {"mobile", "edge", "cloud"}
+    assert profile.fixed.mean_ms > 0 and profile.hidden_bytes_per_token > 0
+    assert all(s.mean_ms > 0 and s.n == 12 for s in profile.hops.values())
+    assert all(c.one_text.mean_ms > 0 and c.batch_per_text_ms > 0 for c in profile.compute.values())
+    assert [profile.compute[t].layers for t in ("mobile", "edge", "cloud")] == [2, 2, 6]
+    cost = latency_cost_model(profile)
+    paths = cost.path_costs(2, 4, 6)
+    assert paths["mobile"] < paths["edge"] < paths["edge_cloud"] and paths["cloud_only"] > paths["mobile"]
+
+    tokenizer = artifact.load_tokenizer(served_artifact)
+    texts = artifact.load_split(served_artifact, "test").texts[:12]
+    cloud = serve.get_deployment_handle(Tier.CLOUD.deployment, app_name="dimee")
+    ids = [tokenizer(t, truncation=True, max_length=32)["input_ids"] for t in texts]
+    again = np.median([cloud.remote(TierRequest(Tokens([row]))).result(timeout_s=60).compute_ms for row in ids])
+    assert 0.5 < cost.lambda_cloud * 6 / again < 2, (cost.lambda_cloud * 6, again)
+
+
 def test_metrics_are_exported_after_traffic(cluster):
     for _ in range(5):
         classify(cluster, THREE_WAY_TEXTS)
     names = ("dimee_requests", "dimee_answers", "dimee_routing_decisions", "dimee_tier_compute_ms",
-             "dimee_tier_batch_size", "dimee_hidden_state_bytes")
+             "dimee_tier_batch_size", "dimee_hidden_state_bytes", "dimee_answer_cost")
     endpoints = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
     deadline, missing = time.time() + 90, names
     while missing and time.time() < deadline:

@@ -11,12 +11,13 @@ from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from dimee_models import artifact, evaluate
 from dimee_models.cli import main
-from dimee_models.cost import CostModel
+from dimee_models.cost import PATHS, CostModel
 from dimee_models.data import Splits, TextDataset
 from dimee_models.evaluate import predict_texts, run_calibration, run_evaluation, split_outputs
 from dimee_models.manifest import PolicyRef
 from dimee_models.model import MultiExitEncoder
 from dimee_models.policy import EDGE_CLOUD, load_policies
+from dimee_models.tiers import Tier
 from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
 from tests.conftest import tiny_facts
 
@@ -173,6 +174,63 @@ def test_the_guaranteed_default_is_the_first_guaranteed_in_a_fixed_order(calibra
     assert with_guaranteed("dimee_learned_constrained", "dimee_constrained") == "dimee_learned_constrained"
     assert with_guaranteed("dimee_constrained") == "dimee_constrained"
     assert with_guaranteed() == "dimee_cascade_constrained"  # none: the first, marked not guaranteed
+
+
+def test_where_no_split_is_cheaper_than_cloud_only_everything_goes_to_cloud(calibrated):
+    out = split_outputs(calibrated[0], "calibration")
+    assert evaluate.calibrate_all(out, CostModel(), 50.0, 0.1)[2] != evaluate.NO_SPLIT
+    # a slow mobile device and hops dearer than the whole model on cloud: any split costs more
+    costly = CostModel(unit="ms", fixed=10, lambda_mobile=50, lambda_edge=5, lambda_cloud=4, o_1=40, o_2=40,
+                       o_cloud_only=6, o_edge_cloud=40)
+    for delta in (0.1, None):
+        cal, _, default = evaluate.calibrate_all(out, costly, 50.0, delta)
+        assert default == evaluate.NO_SPLIT and "served by default" in cal.warnings[-1]
+        tiers, paths = cal.policies[default].assign(out.z, out.probs(2), out.probs(4))
+        assert set(tiers) == {Tier.CLOUD} and set(paths) == {PATHS.index("cloud_only")}
+        assert (cal.policies[default].risk is None) == (delta is None)
+    assert cal.policies[default].skips_mobile("dimee") and not cal.policies["dimee_constrained"].skips_mobile("dimee")
+    assert evaluate.calibrate_all(out, costly, 50.0, 0.1, default="dimee_constrained")[2] == "dimee_constrained"
+
+
+def write_profile_of(path):
+    from tests.test_profile import profile
+    from dimee_models.profile import write_profile
+
+    write_profile(path, profile())
+    return path
+
+
+def test_cli_calibrate_and_evaluate_with_a_cost_profile(calibrated, tmp_path, capsys):
+    """The tiny profile of tests/test_profile.py: mobile 18, edge 38, cloud 41, escalated 51, cloud-only 28 ms."""
+    profile = write_profile_of(tmp_path / "profile.json")
+    table = tmp_path / "table.json"
+    assert main(["evaluate", str(calibrated[0]), "--cost-profile", str(profile), "--json", str(table)]) == 0
+    assert "ms mean" in capsys.readouterr().out
+    result = json.loads(table.read_text())
+    assert result["cost_model"] == CostModel().model_dump() and result["latency_model"]["unit"] == "ms"
+    methods = result["methods"]
+    for name, ms in (("cloud_only", 28), ("mobile_only", 18), ("edge_only", 38)):
+        assert methods[name]["latency_ms"]["mean"] == pytest.approx(ms) == methods[name]["latency_ms"]["p50"]
+    assert methods["mobile_only"]["latency_ms"]["saved"] == pytest.approx(1 - 18 / 28)
+    for name, row in methods.items():
+        f = row["tier_fraction"]
+        assert 18 - 1e-9 <= row["latency_ms"]["mean"] <= 51 + 1e-9, name
+        if name.endswith("_constrained") and name.startswith("dimee_learned"):  # no escalation: a mix of three paths
+            assert row["latency_ms"]["mean"] == pytest.approx(18 * f["mobile"] + 38 * f["edge"] + 41 * f["cloud"])
+
+    out = shutil.copytree(calibrated[0], tmp_path / "ms")
+    assert main(["calibrate", str(out), "--cost-profile", str(profile), "--mu", "2"]) == 0
+    _, doc = load_policies(out)
+    assert doc["cost_model"]["unit"] == "ms" and doc["cost_model"]["o_cloud_only"] == 6.0
+    assert doc["cost_model"]["mu"] == pytest.approx(2 * 1.1 / 28)
+    assert main(["evaluate", str(out), "--json", str(table)]) == 0  # in ms as calibrated, and the paper's cost
+    result = json.loads(table.read_text())
+    assert result["cost_model"] == CostModel().model_dump() and result["latency_model"] == doc["cost_model"]
+    capsys.readouterr()
+    assert main(["calibrate", str(out), "--cost-profile", str(profile), "--o-1", "0.3"]) == 2
+    assert "--cost-profile sets every cost" in capsys.readouterr().err
+    assert main(["calibrate", str(out), "--cost-profile", str(tmp_path / "none.json")]) == 2
+    assert "none.json: file not found" in capsys.readouterr().err
 
 
 def test_cli_evaluate_resamples(calibrated, tmp_path, capsys):
