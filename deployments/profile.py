@@ -4,91 +4,79 @@
     dimee up                                   # or dimee serve DIR on any cluster
     dimee profile --out profile.json           # then: dimee calibrate DIR --cost-profile profile.json
 
-The tier calls are made from a Ray task on a mobile node, which plays the ingress: it computes the
-mobile slice with the ingress's own code (`TierRunner`), stores the hidden state as the ingress does
-and calls edge and cloud through Serve handles over the ingress's transport (gRPC). A hop's cost is
-its round trip minus the compute the tier replica reports (`TierReply.compute_ms`). The fixed cost
-of a request is measured from here, over HTTP: a mobile_only request minus its mobile compute.
+The tier calls are measured where a request's hops start: in an ingress replica (`Router.profile`),
+with its own mobile slice, object store, handles and event loop. A hop's cost is its round trip
+minus the compute the tier replica reports (`TierReply.compute_ms`). The fixed cost of a request
+is measured from here, over HTTP: a mobile_only request minus its mobile compute. Text by text,
+the two alternate, so that the machine's drift hits both alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
 import requests
 
+from deployments.schemas import HiddenArrays, TierRequest, Tokens
+from deployments.tier import TierRunner
 from dimee_models.profile import HOPS, Profile, Stat, TierCompute
 from dimee_models.tiers import Tier
 
-log = logging.getLogger(__name__)
 WARMUP = 10
 
 
-@ray.remote(num_cpus=0)
-def measure_tiers(artifact_dir: str, app: str, ids: list[list[int]], batch: int) -> dict:
-    """On a mobile node: per text, the mobile compute, each tier's compute and each hop's overhead
-    (ms); per tier, the compute per text of `batch` texts at once; hidden-state bytes per token."""
-    import torch
-    from ray import serve
+async def measure_tiers(mobile: TierRunner, handles: dict, rows: list[list[int]]) -> dict[str, float]:
+    """Run by the ingress: `rows` (token ids) as one request through every tier call it can make;
+    the mobile, edge and cloud compute and each hop's overhead, in ms, and hidden-state bytes per token."""
 
-    from deployments.schemas import TierRequest, Tokens
-    from deployments.tier import TierRunner
-
-    torch.set_num_threads(1)  # as in the ingress, a replica with under one CPU
-    handles = {t: serve.get_deployment_handle(t.deployment, app_name=app).options(_by_reference=False)
-               for t in (Tier.EDGE, Tier.CLOUD)}
-    mobile = TierRunner(artifact_dir, Tier.MOBILE)
-
-    def call(tier: Tier, request: TierRequest) -> tuple[float, float, object]:
+    async def call(tier: Tier, request: TierRequest):
         began = time.perf_counter()
-        reply = handles[tier].remote(request).result(timeout_s=60)
+        reply = await asyncio.wait_for(handles[tier].remote(request), 60)
         return (time.perf_counter() - began) * 1000, reply.compute_ms, reply
 
-    def one(text_ids: list[list[int]]) -> dict[str, float]:
+    async def from_store(tier: Tier, hidden: HiddenArrays, **keep):
+        """A hop as the router makes it: the hidden state stored, then the tier called at once."""
         began = time.perf_counter()
-        handles[Tier.EDGE].describe.remote().result(timeout_s=60)
-        out = {"noop": (time.perf_counter() - began) * 1000}
-        [local] = asyncio.run(mobile.forward([TierRequest(Tokens(text_ids), keep_hidden=True)]))
-        began = time.perf_counter()
-        stored = mobile.store(local.hidden)
+        stored = mobile.store(hidden)
         store_ms = (time.perf_counter() - began) * 1000
-        edge_rt, edge_ms, _ = call(Tier.EDGE, TierRequest(stored))
-        keep_rt, keep_ms, kept = call(Tier.EDGE, TierRequest(stored, keep_hidden=True, keep_below=1.01))
-        cloud_rt, cloud_from_m_ms, _ = call(Tier.CLOUD, TierRequest(stored))
-        tokens_rt, cloud_ms, _ = call(Tier.CLOUD, TierRequest(Tokens(text_ids)))
-        escalate_rt, escalate_ms, _ = call(Tier.CLOUD, TierRequest(kept.hidden))
-        return out | {
-            "mobile_ms": local.compute_ms, "edge_ms": edge_ms, "cloud_ms": cloud_ms,
-            "ingress_edge": store_ms + edge_rt - edge_ms,
-            "ingress_cloud": store_ms + cloud_rt - cloud_from_m_ms,
-            "ingress_cloud_tokens": tokens_rt - cloud_ms,
-            # edge storing its hidden state for cloud, then cloud fetching it
-            "edge_cloud": (keep_rt - keep_ms) - (edge_rt - edge_ms) + escalate_rt - escalate_ms,
-            "hidden_bytes_per_token": stored.nbytes / sum(len(row) for row in text_ids),
-        }
+        round_trip, compute_ms, reply = await call(tier, TierRequest(stored, **keep))
+        return store_ms + round_trip - compute_ms, compute_ms, reply, stored
 
-    per_text = [one([row]) for row in ids]
-    batched = [one(ids[i:i + batch]) for i in range(0, 3 * batch, batch)]
-    return {"per_text": {k: [r[k] for r in per_text] for k in per_text[0]},
-            "batch_per_text_ms": {t: statistics.median(r[f"{t}_ms"] for r in batched) / batch
-                                  for t in ("mobile", "edge", "cloud")}}
+    began = time.perf_counter()
+    await asyncio.wait_for(handles[Tier.EDGE].describe.remote(), 60)
+    noop = (time.perf_counter() - began) * 1000
+    [local] = await mobile.forward([TierRequest(Tokens(rows), keep_hidden=True)])
+    ingress_edge, edge_ms, _, stored = await from_store(Tier.EDGE, local.hidden)
+    keeping, _, kept, _ = await from_store(Tier.EDGE, local.hidden, keep_hidden=True, keep_below=1.01)
+    escalate_rt, escalate_ms, _ = await call(Tier.CLOUD, TierRequest(kept.hidden))  # at once, as on escalation
+    ingress_cloud, _, _, _ = await from_store(Tier.CLOUD, local.hidden)
+    tokens_rt, cloud_ms, _ = await call(Tier.CLOUD, TierRequest(Tokens(rows)))
+    return {
+        "noop": noop, "mobile_ms": local.compute_ms, "edge_ms": edge_ms, "cloud_ms": cloud_ms,
+        "ingress_edge": ingress_edge, "ingress_cloud": ingress_cloud, "ingress_cloud_tokens": tokens_rt - cloud_ms,
+        # edge storing its hidden state for cloud, then cloud fetching it
+        "edge_cloud": keeping - ingress_edge + escalate_rt - escalate_ms,
+        "hidden_bytes_per_token": stored.nbytes / sum(len(row) for row in rows),
+    }
 
 
-def http_fixed(url: str, texts: list[str], mobile_ms: list[float], headers: dict) -> list[float]:
-    """Per text, a mobile_only request's round trip minus that text's mobile compute."""
-    session, out = requests.Session(), []
-    for text, compute in zip(texts, mobile_ms):
+def measure_texts(url: str, ingress, texts: list[str], ids: list[list[int]], headers: dict) -> dict[str, list]:
+    """Per text, in turn: a mobile_only request over HTTP, then the ingress's measurement of the tier
+    calls (so that drift hits both alike); `fixed` is the request's round trip minus its mobile compute."""
+    session, out = requests.Session(), {}
+    for text, row in zip(texts, ids):
         began = time.perf_counter()
         reply = session.post(f"{url}/v1/classify", json={"texts": [text], "mode": "mobile_only"}, headers=headers,
                              timeout=60)
         reply.raise_for_status()
-        out.append((time.perf_counter() - began) * 1000 - compute)
+        round_trip = (time.perf_counter() - began) * 1000
+        measured = ingress.profile.remote([row]).result(timeout_s=300)
+        for key, value in (measured | {"fixed": round_trip - measured["mobile_ms"]}).items():
+            out.setdefault(key, []).append(value)
     return out
 
 
@@ -112,8 +100,8 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict) -> Pr
     from deployments.router import public_model_name
     from dimee_models import artifact
 
-    directory = serve.get_deployment_handle(Tier.MOBILE.deployment, app_name=app).describe.remote().result(
-        timeout_s=60)["artifact"]
+    ingress = serve.get_deployment_handle(Tier.MOBILE.deployment, app_name=app)
+    directory = ingress.describe.remote().result(timeout_s=60)["artifact"]
     manifest = artifact.read_manifest(directory)
     tokenizer = artifact.load_tokenizer(directory)
     pool = artifact.load_split(directory, "test", manifest).texts
@@ -121,20 +109,20 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict) -> Pr
         raise ValueError(f"--texts {texts} / --batch {batch}: the artifact's test split has only {len(pool)} texts")
     sample = pool[:WARMUP + max(texts, 3 * batch)]
     ids = [tokenizer(t, truncation=True, max_length=manifest.max_length)["input_ids"] for t in sample]
-    on_mobile = measure_tiers.options(resources={Tier.MOBILE.resource: 0.001})
-    measured = ray.get(on_mobile.remote(directory, app, ids[:WARMUP + texts], batch))
-    per_text = {k: v[WARMUP:] for k, v in measured["per_text"].items()}
-    fixed = http_fixed(url, sample[:WARMUP + texts], measured["per_text"]["mobile_ms"], headers)[WARMUP:]
+    per_text = {k: v[WARMUP:] for k, v in measure_texts(url, ingress, sample[:WARMUP + texts],
+                                                         ids[:WARMUP + texts], headers).items()}
+    batched = [ingress.profile.remote(ids[i:i + batch]).result(timeout_s=300) for i in range(0, 3 * batch, batch)]
     exits = manifest.tier_exits
     layers = {Tier.MOBILE: exits[Tier.MOBILE], Tier.EDGE: exits[Tier.EDGE] - exits[Tier.MOBILE],
               Tier.CLOUD: manifest.num_layers}
     compute = {t.label: TierCompute(layers=layers[t], one_text=Stat.of(per_text[f"{t.label}_ms"]), batch=batch,
-                                    batch_per_text_ms=measured["batch_per_text_ms"][t.label]) for t in Tier}
+                                    batch_per_text_ms=statistics.median(b[f"{t.label}_ms"] for b in batched) / batch)
+               for t in Tier}
     return Profile(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), artifact=directory,
         model=public_model_name(manifest.backbone, manifest.dataset.name),
         exits={t.label: layer for t, layer in exits.items()} | {"cloud": manifest.num_layers},
-        nodes=describe_nodes(), texts=texts, fixed=Stat.of(fixed), compute=compute,
+        nodes=describe_nodes(), texts=texts, fixed=Stat.of(per_text["fixed"]), compute=compute,
         hops={hop: Stat.of(per_text[hop]) for hop in HOPS},
         hidden_bytes_per_token=float(np.median(per_text["hidden_bytes_per_token"])),
     )

@@ -33,6 +33,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
+from deployments.profile import measure_tiers
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
                                  TierRequest, Tokens)
 from deployments.tier import TierRunner, threads_from_cpu_share
@@ -162,6 +163,11 @@ class Router:
 
     def describe(self) -> dict:
         return {**self.mobile.describe(), "max_batch_size": self.args.mobile.max_batch_size}
+
+    async def profile(self, rows: list[list[int]]) -> dict[str, float]:
+        """`dimee profile`'s measurement of the tier calls, made here where a request's hops start
+        (a Serve handle call, not an HTTP route)."""
+        return await measure_tiers(self.mobile, self.handles, rows)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def mobile_batch(self, requests: list[TierRequest]) -> list[TierReply]:

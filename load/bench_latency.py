@@ -117,13 +117,14 @@ def replica_memory() -> list[dict]:
         ray.shutdown()
 
 
-def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict[str, float]]) -> list[dict]:
+def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict[str, float]],
+              paths: dict = PATHS) -> list[dict]:
     """Percentiles per (policy, tier); overhead = e2e p50 - summed compute p50 of the path; and medians of
     the per-request split: outside the router (client, HTTP, proxy, proxy->router hop), in the router
     but not in a tier call (tokenize, mobile layers, policy, router->tier hops), in a tier call but not
     computing."""
     rows = []
-    for (policy, answered), (parts, hops) in ((k, v) for k, v in PATHS.items() if k in groups):
+    for (policy, answered), (parts, hops) in ((k, v) for k, v in paths.items() if k in groups):
         idx, ms, ids = (np.array(c) for c in zip(*groups[policy, answered]))
         row = {"policy": policy, "tier": answered, "n": len(ms), **{k: float(np.percentile(ms, int(k[1:3]))) for k in PCTS}}
         path_ms = sum(float(np.median(compute[p][idx])) for p in parts)
@@ -176,12 +177,15 @@ def main() -> None:
     texts, warmup = sample[:args.requests], sample[args.requests:]
 
     groups = http_latency(args.url.rstrip("/"), texts, warmup)
+    paths = PATHS
+    if requests.get(f"{args.url.rstrip('/')}/v1/info", timeout=60).json()["policy"]["kind"] == "cloud_only":
+        paths = PATHS | {("dimee", "cloud"): PATHS["cloud_only", "cloud"]}  # a policy that does not split
     compute = layer_compute(args.artifact, manifest, texts)
     memory = replica_memory()  # also gives the access logs time to be flushed
     params = {t: manifest.tiers[t].parameter_bytes for t in TIER_NAMES}
     run = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": args.url, "artifact": str(args.artifact),
            "requests_per_policy": args.requests, "warmup_per_policy": WARMUP, "cpus": psutil.cpu_count(),
-           "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS)),
+           "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS), paths),
            "policy_mean_ms": {p: float(np.mean([ms for (q, _), rows in groups.items() if q == p
                                                 for _, ms, _ in rows])) for p in POLICIES},
            "compute_p50_ms": {p: float(np.median(v)) for p, v in compute.items()}, "memory": memory,

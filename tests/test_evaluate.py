@@ -282,3 +282,14 @@ def test_predict_texts_agrees_with_split_outputs(calibrated):
         assert [r["label_id"] for r in dimee] == test_out.tier_predictions[rows, expected].tolist()
         assert [r["exit_layer"] for r in dimee] == [(2, 4, 6)[t] for t in expected]
         assert [r["escalated"] for r in dimee] == (paths[rows] == EDGE_CLOUD).tolist()
+
+
+def test_predicted_latency_is_set_beside_the_measured_one(calibrated, tmp_path):
+    from analysis.latency_prediction import compare
+
+    rows = compare(calibrated[0], write_profile_of(tmp_path / "p.json"),
+                   {"mobile_only": 20.0, "edge_only": 38.0, "cloud_only": 35.0, "dimee": 30.0})
+    by_policy = {r["policy"]: r for r in rows}
+    assert by_policy["dimee"]["method"] == calibrated[1]["default"]
+    assert by_policy["mobile_only"]["predicted_ms"] == pytest.approx(18) and by_policy["edge_only"]["error"] == 0
+    assert by_policy["cloud_only"]["error"] == pytest.approx(28 / 35 - 1)
