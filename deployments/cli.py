@@ -15,6 +15,8 @@ from dimee_models.tiers import TIER_NAMES, Tier
 
 DEFAULT_ARTIFACT = Path("artifacts/default")
 QUICK_EPOCHS = 1  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
+METRICS_HELP = ("with up: also start a Prometheus server on http://127.0.0.1:9090 scraping every node (import "
+                "deployments/grafana/dimee.json into Grafana to look at it); `dimee down` stops it")
 
 
 def _env_var_set(name: str) -> str:
@@ -68,6 +70,7 @@ def add_commands(sub) -> None:
                                        "one tier's node and bring it back")
     p.add_argument("action", choices=("up", "down", "node-down", "node-up"))
     p.add_argument("tier", nargs="?", choices=TIER_NAMES, help="with node-down and node-up: whose node")
+    p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
@@ -77,6 +80,7 @@ def add_commands(sub) -> None:
                    help=f"epochs for the default model when it must be trained (default {QUICK_EPOCHS})")
     p.add_argument("--no-cluster", action="store_true",
                    help="deploy onto the running cluster (--address) instead of starting the local one")
+    p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
     add_serve_flags(p)
     p.set_defaults(func=cmd_up)
 
@@ -105,6 +109,8 @@ def cmd_cluster(args) -> int:
 
     if args.action == "up":
         print(f"cluster up at {local_cluster.up()}")
+        if args.metrics:
+            print(f"Prometheus at {local_cluster.start_prometheus()}")
         return 0
     if args.tier is None:
         raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
@@ -287,6 +293,8 @@ def cmd_up(args) -> int:
         run_calibration(args.artifact, CostModel(), 0.3)
     if not args.no_cluster:
         local_cluster.up()
+        if args.metrics:
+            print(f"Prometheus at {local_cluster.start_prometheus()}")
     args.dir = args.artifact
     return cmd_serve(args)
 

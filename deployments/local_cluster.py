@@ -26,6 +26,11 @@ from dimee_models.tiers import Tier
 log = logging.getLogger(__name__)
 
 HEAD_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", 6390, 8265
+PROMETHEUS_PORT = 9090
+# Ray writes, per session, a Prometheus config that scrapes every node listed in its service
+# discovery file (kept current as nodes come and go).
+RAY_PROMETHEUS_CONFIG = Path("/tmp/ray/session_latest/metrics/prometheus/prometheus.yml")
+PROMETHEUS_DIR = Path("/tmp/ray/dimee-prometheus")  # its data and pid file: gone with `dimee down`
 # Every process of a node inherits these from its `ray start` (docs/DECISIONS.md, "Serving"):
 # - Serve's proxy calls the ingress over gRPC instead of Ray actor tasks (faster here);
 # - a small `ray.put` (under 100 KiB, e.g. one text's hidden state) stays in the putting process's
@@ -130,6 +135,49 @@ def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
     return len(victims)
 
 
+def start_prometheus(port: int = PROMETHEUS_PORT) -> str:
+    """A Prometheus server scraping the running local cluster (Ray's own config for it), on loopback;
+    returns its URL. Needs the `prometheus` binary (Debian's package: `scripts/install.sh --with-prometheus`)."""
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("`prometheus` is not installed: `./scripts/install.sh --with-prometheus` installs "
+                           "Debian's package (or put a Prometheus 2.x binary on PATH)")
+    if not RAY_PROMETHEUS_CONFIG.is_file():
+        raise RuntimeError(f"{RAY_PROMETHEUS_CONFIG} not found: start the cluster first")
+    check_port_free("127.0.0.1", port, "another Prometheus or program holds it")
+    stop_prometheus()
+    PROMETHEUS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(PROMETHEUS_DIR / "prometheus.log", "w") as log_file:
+        proc = subprocess.Popen([binary, f"--config.file={RAY_PROMETHEUS_CONFIG.resolve()}",
+                                 f"--storage.tsdb.path={PROMETHEUS_DIR / 'data'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True)
+    (PROMETHEUS_DIR / "pid").write_text(str(proc.pid))
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_prometheus() -> None:
+    import psutil
+
+    pid_file = PROMETHEUS_DIR / "pid"
+    if pid_file.is_file():
+        try:
+            proc = psutil.Process(int(pid_file.read_text()))
+            if "prometheus" in proc.name():
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+        except (psutil.NoSuchProcess, ValueError):
+            pass
+        pid_file.unlink()
+
+
 def down() -> None:
-    """Stop every Ray process on this machine (all nodes of the local cluster share it)."""
+    """Stop every Ray process on this machine (all nodes of the local cluster share it), and the
+    Prometheus server started for it."""
+    stop_prometheus()
     _ray("stop", "--force")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -166,6 +167,8 @@ def cluster(served_artifact, tmp_path_factory):
 
     local_cluster.down()
     local_cluster.up()
+    if shutil.which("prometheus"):  # scraping from the start, so that it sees what every test does
+        local_cluster.start_prometheus()
     try:
         ray.init(address=local_cluster.address(), logging_level="ERROR")
         deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path_factory.mktemp("cfg"))
@@ -175,6 +178,16 @@ def cluster(served_artifact, tmp_path_factory):
     finally:
         ray.shutdown()
         local_cluster.down()
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster) -> str:
+    """The Prometheus server the cluster fixture started, scraping every node."""
+    from deployments import local_cluster
+
+    if not shutil.which("prometheus"):
+        pytest.skip("Prometheus is not installed: ./scripts/install.sh --with-prometheus")
+    return f"http://127.0.0.1:{local_cluster.PROMETHEUS_PORT}"
 
 
 def wait_http(url: str, seconds: float = 120) -> None:

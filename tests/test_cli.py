@@ -310,3 +310,11 @@ def test_node_up_without_a_cluster_says_how_to_start_one(capsys, monkeypatch):
     monkeypatch.setattr(local_cluster, "start_node", lambda node: pytest.fail("a node was started"))
     assert serve_cli.main(["cluster", "node-up", "edge"]) == 2
     assert "no Ray cluster answers at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_metrics_without_prometheus_says_how_to_install_it(monkeypatch):
+    from deployments import local_cluster
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match="install.sh --with-prometheus"):
+        local_cluster.start_prometheus()

@@ -423,6 +423,42 @@ def test_metrics_are_exported_after_traffic(cluster):
     assert not missing, f"not on the metrics endpoints after 90 s: {missing}"
 
 
+def prometheus_query(url: str, query: str) -> list[dict]:
+    reply = requests.get(f"{url}/api/v1/query", params={"query": query}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["data"]["result"]
+
+
+def test_prometheus_scrapes_every_tier_and_every_dashboard_panel_has_data(
+        cluster, served_artifact, prometheus, tmp_path):
+    """A real Prometheus (Debian's) scraping the nodes through Ray's service discovery; then every
+    query of the Grafana dashboard returns data, after traffic that gives each panel something:
+    all three tiers, an escalation, a shed request and a timed-out hop."""
+    deploy(router_config(served_artifact, {"policy": "escalating"}), tmp_path)
+    classify(cluster, ESCALATE_TEXTS)
+    deploy(router_config(served_artifact, {"max_texts_in_flight": 1, "hop_timeout_s": 0.001}), tmp_path)
+    time.sleep(2)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            codes = set(pool.map(lambda _: requests.post(f"{cluster}/v1/classify", json={"texts": THREE_WAY_TEXTS},
+                                                         timeout=60).status_code, range(8)))
+    finally:
+        deploy(router_config(served_artifact, {}), tmp_path)
+    assert codes == {200, 503}
+    dashboard = json.loads((Path(__file__).parents[1] / "deployments" / "grafana" / "dimee.json").read_text())
+    queries = {t["expr"].replace("$__rate_interval", "30m"): panel["title"]
+               for panel in dashboard["panels"] for t in panel["targets"]}
+    deadline, empty, tiers = time.time() + 120, list(queries), {}
+    while time.time() < deadline and (empty or any(t != {"mobile", "edge", "cloud"} for t in tiers.values())):
+        classify(cluster, THREE_WAY_TEXTS)
+        tiers = {name: {s["metric"].get("tier") for s in prometheus_query(prometheus, name)}
+                 for name in ("ray_dimee_answers_total", "ray_dimee_tier_compute_ms_bucket")}
+        empty = [q for q in queries if not prometheus_query(prometheus, q)]
+        time.sleep(5)
+    assert all(t == {"mobile", "edge", "cloud"} for t in tiers.values()), tiers
+    assert not empty, [f"{queries[q]}: {q}" for q in empty]
+
+
 def kill_replica(deployment: str) -> str:
     from ray import serve
 
