@@ -142,3 +142,26 @@ def test_locustfile_counts_tiers_marks_wrong_answers_as_failures_and_503s_as_she
         assert abs(stats["shed"] - stats["requests"]) <= 1 if mode == "busy" else stats["shed"] == 0
         n = 3 * stats["requests"]
         assert tiers == {"tiers": {"edge": n}, "layers": 4 * n, "predictions": n, "fallback": 0, "degraded": 0}
+
+
+def test_steps_parse_and_bad_ones_are_named():
+    from load.autoscale import parse_steps
+
+    assert parse_steps("40:1,220:5,340:1") == [(40.0, 1), (220.0, 5), (340.0, 1)]
+    for bad in ("40", "40:0", "40:1,30:2", "x:1"):
+        with pytest.raises(ValueError, match="--steps"):
+            parse_steps(bad)
+
+
+def test_the_autoscaling_assessment_by_hand():
+    from load.autoscale import assess
+
+    # 1 user until 40 s (p50 100 ms), 5 until 220 s (400 ms on one replica, 180 ms once cloud has two), then 1
+    seconds = [{"t": t, "users": 1 if t < 40 or t >= 220 else 5, "rps": 1.0,
+                "p50_ms": 100.0 if t < 40 or t >= 220 else 400.0 if t < 70 else 180.0} for t in range(300)]
+    replicas = [{"t": t, "mobile": 1, "edge": 1, "cloud": 2 if 70 <= t < 260 else 1} for t in range(0, 300, 2)]
+    a = assess([(40, 1), (220, 5), (300, 1)], seconds, replicas)
+    assert a["p50_before_ms"] == 100.0
+    assert a["tiers"]["cloud"] == {"first": 1, "max": 2, "scaled_up_at_s": 70, "back_down_at_s": 260,
+                                   "p50_before_up_ms": 400.0, "p50_from_60s_after_up_ms": 180.0}
+    assert a["tiers"]["edge"] == {"first": 1, "max": 1, "scaled_up_at_s": None, "back_down_at_s": None}
