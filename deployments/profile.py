@@ -23,7 +23,7 @@ import requests
 
 from deployments.schemas import HiddenArrays, TierRequest, Tokens
 from deployments.tier import TierRunner
-from dimee_models.profile import HOPS, Profile, Stat, TierCompute
+from dimee_models.profile import HOPS, Profile, Stat, TierCompute, latency_cost_model
 from dimee_models.tiers import Tier
 
 WARMUP = 10
@@ -113,11 +113,10 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict) -> Pr
                                                          ids[:WARMUP + texts], headers).items()}
     batched = [ingress.profile.remote(ids[i:i + batch]).result(timeout_s=300) for i in range(0, 3 * batch, batch)]
     exits = manifest.tier_exits
-    layers = {Tier.MOBILE: exits[Tier.MOBILE], Tier.EDGE: exits[Tier.EDGE] - exits[Tier.MOBILE],
-              Tier.CLOUD: manifest.num_layers}
-    compute = {t.label: TierCompute(layers=layers[t], one_text=Stat.of(per_text[f"{t.label}_ms"]), batch=batch,
+    compute = {t.label: TierCompute(layers=spec.end - spec.start, one_text=Stat.of(per_text[f"{t.label}_ms"]),
+                                    batch=batch,
                                     batch_per_text_ms=statistics.median(b[f"{t.label}_ms"] for b in batched) / batch)
-               for t in Tier}
+               for t, spec in manifest.specs().items()}
     return Profile(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), artifact=directory,
         model=public_model_name(manifest.backbone, manifest.dataset.name),
@@ -129,8 +128,6 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict) -> Pr
 
 
 def format_profile(profile: Profile) -> str:
-    from dimee_models.profile import latency_cost_model
-
     lines = [f"cost profile of {profile.model} ({profile.artifact}), {profile.created}, {profile.texts} texts "
              "one at a time; ms",
              f"{'fixed per request (HTTP, proxy, ingress, tokenizer)':<52}"

@@ -208,20 +208,21 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
                   candidates: list[Candidates] | None = None) -> tuple[Calibration, dict[str, float], str]:
     """Every router and the cascade calibrated on `out`, and the policy to serve by default: with
     the point estimate, the cheapest constrained router on these outputs (never the test split);
-    with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first)."""
+    with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
+    unless no split is cheaper than cloud-only (`no_split_if_cheaper`)."""
     cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
     cascade = calibrate_cascade(out, cost, max_drop_pp, delta)
-    if default is None and delta is None:
+    if default is not None:
+        if default not in cal.policies:
+            raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
+        return cal, cascade, default
+    if delta is None:
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
-        default = no_split_if_cheaper(out, cal, cost, min(
-            constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost), None, max_drop_pp)
-    elif default is None:
-        default = no_split_if_cheaper(out, cal, cost, next(
-            (name for name in GUARANTEED_PREFERENCE if cal.policies[name].risk.guaranteed), GUARANTEED_PREFERENCE[0]),
-            delta, max_drop_pp)
-    elif default not in cal.policies:
-        raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
-    return cal, cascade, default
+        default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
+    else:
+        default = next((name for name in GUARANTEED_PREFERENCE if cal.policies[name].risk.guaranteed),
+                       GUARANTEED_PREFERENCE[0])
+    return cal, cascade, no_split_if_cheaper(out, cal, cost, default, delta, max_drop_pp)
 
 
 NO_SPLIT = "dimee_cloud_only"

@@ -38,19 +38,20 @@ def parse_steps(text: str) -> list[tuple[float, int]]:
 
 
 def poll_replicas(host: str, every_s: float, stop: threading.Event, out: list[dict]) -> None:
-    began = time.time()
+    """Replicas per tier with the Unix time they were read at (`t`, made relative to Locust's start later)."""
     while not stop.is_set():
         replicas = served_replicas(host)
         if replicas is not None:
-            out.append({"t": time.time() - began, **replicas})
+            out.append({"t": time.time(), **replicas})
         stop.wait(every_s)
 
 
-def history(path: Path) -> list[dict]:
-    """Locust's per-second history of all requests: seconds since start, users, rps, p50 (last 10 s)."""
+def history(path: Path) -> tuple[int, list[dict]]:
+    """Locust's start (Unix time) and per-second history of all requests: seconds since start, users,
+    rps, p50 (last 10 s)."""
     rows = [r for r in csv.DictReader(path.open()) if r["Name"] == "Aggregated"]
     start = int(rows[0]["Timestamp"])
-    return [{"t": int(r["Timestamp"]) - start, "users": int(r["User Count"]), "rps": float(r["Requests/s"]),
+    return start, [{"t": int(r["Timestamp"]) - start, "users": int(r["User Count"]), "rps": float(r["Requests/s"]),
              "p50_ms": float(r["50%"]) if r["50%"] not in ("N/A", "") else None} for r in rows]
 
 
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"locust exited with {done.returncode}:\n{done.stderr[-2000:]}")
     if not replicas:
         raise SystemExit(f"{args.host}/v1/info never answered: is the service up?")
-    seconds = history(Path(f"{prefix}_stats_history.csv"))
+    start, seconds = history(Path(f"{prefix}_stats_history.csv"))
+    replicas = [r | {"t": r["t"] - start} for r in replicas]  # on Locust's clock
     report = {"policy": args.policy, "steps": args.steps, "think_time": args.think_time,
               "totals": totals(Path(f"{prefix}_stats.csv")), "seconds": seconds, "replicas": replicas}
     report["assessment"] = assess(steps, seconds, replicas)
