@@ -24,7 +24,7 @@ from dimee_models.tiers import Tier
 
 def deployment_options(args: AppArgs, tier: Tier) -> dict:
     """Serve options of one tier (for mobile: the ingress): its name, replicas, placement by the
-    tier's custom resource, and its bounded queue (past it Serve refuses at once with 503 and
+    tier's node label, and its bounded queue (past it Serve refuses at once with 503 and
     Retry-After, rather than let every request wait and then time out)."""
     options: TierOptions = getattr(args, tier.label)
     return {
@@ -33,7 +33,7 @@ def deployment_options(args: AppArgs, tier: Tier) -> dict:
         "max_ongoing_requests": options.max_ongoing_requests,
         "max_queued_requests": options.max_queued_requests,
         "backpressure_config": BackpressureConfig(retry_after_s=args.retry_after_s),
-        "ray_actor_options": {"num_cpus": options.num_cpus, "resources": {tier.resource: 0.01}},
+        "ray_actor_options": {"num_cpus": options.num_cpus, "label_selector": tier.label_selector},
     }
 
 

@@ -35,7 +35,7 @@ def _port(value: str) -> int:
 def add_serve_flags(p) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
     p.add_argument("--wait-for-nodes", type=float, default=0, metavar="SECONDS",
-                   help="wait this long for nodes carrying every tier resource to join before deploying")
+                   help="wait this long for nodes carrying every tier label to join before deploying")
     p.add_argument("--policy", default=None, help="stored policy to serve (default: the artifact's default)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
@@ -261,11 +261,11 @@ def cmd_serve(args) -> int:
 
 def wait_for_tiers(seconds: float) -> None:
     """Nodes of a freshly launched cluster join over minutes; deploy once every tier has one
-    (then a missing one is refused, with the resource it lacks)."""
-    from deployments.placement import missing_tier_resources
+    (then a missing one is refused, with the label it lacks)."""
+    from deployments.placement import missing_tiers
 
     deadline = time.time() + seconds
-    while time.time() < deadline and missing_tier_resources():
+    while time.time() < deadline and missing_tiers():
         time.sleep(5)
 
 

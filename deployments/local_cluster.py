@@ -1,6 +1,6 @@
 """A heterogeneous Ray cluster simulated on one machine: a head node with no tier (the GCS, Serve's
 controller and the HTTP proxy), then one Ray node per tier, each on its own loopback address with
-its tier resource and CPU share. The ingress (which runs the mobile slice) is on the mobile node.
+its tier label and CPU share. The ingress (which runs the mobile slice) is on the mobile node.
 
 A tier's node can be taken down (its raylet and every process on it killed, as when a machine is
 lost) and brought back, under traffic: `dimee cluster node-down edge`, `dimee cluster node-up edge`.
@@ -10,7 +10,6 @@ Loopback only: Ray rewrites 127.0.0.1 to the external address, so nodes use 127.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -37,8 +36,13 @@ PROMETHEUS_DIR = Path("/tmp/ray/dimee-prometheus")  # its data and pid file: gon
 #   own object store, and the tier that needs it fetches it from there, instead of a round through
 #   the node's shared-memory store and the raylets (Ray's default); measured faster here.
 # Export either as 0 to opt out.
-SERVE_ENV = {name: os.environ.get(name, "1")
-             for name in ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_put_small_object_in_memory_store")}
+# - one authentication mode for every node: unset, Ray 2.60's `ray start --head` turns token auth on
+#   when ~/.ray/auth_token exists (any earlier local `ray.init()` writes one) but `ray start
+#   --address` does not, and the tier nodes would be refused. Without a token unless
+#   RAY_AUTH_MODE=token is exported (README, "Security").
+CLUSTER_ENV = {**{name: os.environ.get(name, "1")
+                  for name in ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_put_small_object_in_memory_store")},
+               "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def ray_cli(name: str = "ray") -> str:
 
 def _ray(*args: str, timeout: float = 120) -> None:
     cmd = [ray_cli(), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **SERVE_ENV})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **CLUSTER_ENV})
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
@@ -109,7 +113,7 @@ def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True) -> s
 def start_node(node: NodeSpec) -> None:
     """Join a tier's node to the running cluster (again, after `stop_node`)."""
     _ray("start", f"--address={address()}", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}",
-         f"--resources={json.dumps({node.tier.resource: 1})}", "--disable-usage-stats")
+         f"--labels={node.tier.node_label}", "--disable-usage-stats")
 
 
 def node_spec(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> NodeSpec:

@@ -21,6 +21,7 @@ import numpy as np
 import ray
 import requests
 
+from deployments.placement import node_tier
 from deployments.schemas import HiddenArrays, TierRequest, Tokens
 from deployments.tier import TierRunner
 from dimee_models.profile import HOPS, Profile, Stat, TierCompute, latency_cost_model
@@ -86,9 +87,8 @@ def describe_nodes() -> list[dict]:
         if not node["Alive"]:
             continue
         resources = node["Resources"]
-        tiers = [t.label for t in Tier if t.resource in resources]
         nodes.append({"address": node["NodeManagerAddress"], "hostname": node["NodeManagerHostname"],
-                      "tier": tiers[0] if tiers else None, "cpus": resources.get("CPU", 0),
+                      "tier": node_tier(node), "cpus": resources.get("CPU", 0),
                       "memory_gib": round(resources.get("memory", 0) / 2**30, 1)})
     return sorted(nodes, key=lambda n: n["address"])
 

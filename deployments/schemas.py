@@ -103,7 +103,7 @@ class AppArgs(BaseModel):
     edge: TierOptions = Field(default_factory=TierOptions)
     cloud: TierOptions = Field(default_factory=TierOptions)
     require_placement: bool = Field(
-        True, description="fail at deploy time if the cluster has no node with a tier's resource"
+        True, description="fail at deploy time if the cluster has no node with a tier's label"
     )
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 sent when a tier is at capacity")
     transport: Transport = Field(

@@ -1,4 +1,4 @@
-"""The three tiers, defined once: every name, id, Serve deployment and Ray resource of a tier
+"""The three tiers, defined once: every name, id, Serve deployment and Ray node label of a tier
 comes from here."""
 
 from __future__ import annotations
@@ -33,9 +33,14 @@ class Tier(IntEnum):
         return self.name.lower()
 
     @property
-    def resource(self) -> str:
-        """The Ray custom resource that pins the tier's replicas to its kind of node."""
-        return f"tier_{self.label}"
+    def node_label(self) -> str:
+        """The Ray node label (`ray start --labels`) of its kind of node, as `key=value`."""
+        return f"{TIER_LABEL}={self.label}"
+
+    @property
+    def label_selector(self) -> dict[str, str]:
+        """The replicas' `label_selector`: it pins them to the nodes labelled with the tier."""
+        return {TIER_LABEL: self.label}
 
     @property
     def deployment(self) -> str:
@@ -44,5 +49,6 @@ class Tier(IntEnum):
         return "Router" if self is Tier.MOBILE else f"{self.label.capitalize()}Tier"
 
 
+TIER_LABEL = "dimee.io/tier"  # prefixed, so that it cannot clash with a label a cluster already uses
 TIER_NAMES = tuple(tier.label for tier in Tier)
 TierName = Literal[TIER_NAMES]  # a tier's label as a type, for pydantic fields

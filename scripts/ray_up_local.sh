@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `ray up cluster-local.yaml` for real on this one machine: a private sshd answers on the loopback
 # aliases 127.0.0.2-5, so the local provider brings up a head (no tier) and three workers
-# (mobile, edge, cloud) over SSH; the head deploys ARTIFACT; we check the nodes' tier resources and an HTTP
+# (mobile, edge, cloud) over SSH; the head deploys ARTIFACT; we check the nodes' tier labels and an HTTP
 # answer, and that Ray's job API refuses a request without the cluster's token; `ray down` must
 # leave no Ray process behind. Needs root (apt, sshd). Used by CI via
 # tests/test_ray_up.py.
@@ -61,15 +61,15 @@ python - <<'EOF'
 import time, requests, ray
 ray.init(address="127.0.0.2:6379", logging_level="ERROR")
 deadline = time.time() + 420
-tiers = {"tier_mobile": "127.0.0.3", "tier_edge": "127.0.0.4", "tier_cloud": "127.0.0.5"}
+tiers = {"127.0.0.2": None, "127.0.0.3": "mobile", "127.0.0.4": "edge", "127.0.0.5": "cloud"}
 while time.time() < deadline:
-    nodes = {n["NodeManagerAddress"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    if all(nodes.get(ip, {}).get(r, 0) > 0 for r, ip in tiers.items()):
+    nodes = {n["NodeManagerAddress"]: n["Labels"].get("dimee.io/tier") for n in ray.nodes() if n["Alive"]}
+    if nodes == tiers:
         break
     time.sleep(3)
 else:
-    raise SystemExit(f"tier resources not on the expected nodes: {nodes}")
-print("nodes:", {ip: sorted(k for k in res if k.startswith("tier_")) for ip, res in nodes.items()})
+    raise SystemExit(f"tier labels not on the expected nodes: {nodes}")
+print("tier labels:", dict(sorted(nodes.items())))
 body = {"texts": ["a gorgeous, witty, seductive movie.", "the plot is a mess."]}
 while time.time() < deadline:
     try:

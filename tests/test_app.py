@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments import app as app_module
+from deployments import app as app_module, placement
 from deployments.schemas import AppArgs, ClassifyRequest, RouterConfig
 from dimee_models.tiers import Tier
 
@@ -54,12 +54,17 @@ def test_the_api_key_never_shows_in_printed_or_dumped_args():
         assert "s3cret" not in shown
 
 
-def test_placement_check_names_the_missing_resource(monkeypatch):
-    monkeypatch.setattr(app_module.ray, "cluster_resources", lambda: {"CPU": 4.0, "tier_mobile": 1.0})
-    with pytest.raises(RuntimeError, match=r"\['tier_edge', 'tier_cloud'\]"):
+def test_placement_check_names_the_missing_label(monkeypatch):
+    def nodes(*tiers, dead=()):
+        return lambda: ([{"Alive": True, "Labels": {"ray.io/node-id": "x"}}]  # the head: no tier
+                        + [{"Alive": True, "Labels": {"dimee.io/tier": t}} for t in tiers]
+                        + [{"Alive": False, "Labels": {"dimee.io/tier": t}} for t in dead])
+
+    monkeypatch.setattr(placement.ray, "nodes", nodes("mobile", dead=("edge",)))
+    with pytest.raises(RuntimeError, match=r"\['dimee.io/tier=edge', 'dimee.io/tier=cloud'\]: start nodes with "
+                                           r"e.g. --labels=dimee.io/tier=edge"):
         app_module.check_placement()
-    monkeypatch.setattr(app_module.ray, "cluster_resources",
-                        lambda: {"tier_mobile": 1.0, "tier_edge": 1.0, "tier_cloud": 1.0})
+    monkeypatch.setattr(placement.ray, "nodes", nodes("mobile", "edge", "cloud"))
     app_module.check_placement()
 
 
@@ -73,13 +78,13 @@ def test_builder_refuses_an_unknown_policy(served_artifact):
         app_module.build_app({"artifact": str(served_artifact), "policy": "nope"})
 
 
-def test_each_tier_is_pinned_by_its_resource_and_scaled_on_its_own():
+def test_each_tier_is_pinned_by_its_label_and_scaled_on_its_own():
     args = AppArgs(artifact="x", edge={"num_replicas": 3, "num_cpus": 1.5})
     names = {tier.label: app_module.deployment_options(args, tier)["name"] for tier in Tier}
     assert names == {"mobile": "Router", "edge": "EdgeTier", "cloud": "CloudTier"}  # the ingress is the mobile tier
-    for tier in Tier:  # pinned by its resource; every queue is bounded and its refusals say when to retry
+    for tier in Tier:  # pinned by its node label; every queue is bounded and its refusals say when to retry
         options = app_module.deployment_options(args, tier)
-        assert options["ray_actor_options"]["resources"] == {f"tier_{tier.label}": 0.01}
+        assert options["ray_actor_options"]["label_selector"] == {"dimee.io/tier": tier.label}
         assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 8
         assert options["backpressure_config"].retry_after_s == 1
     assert app_module.deployment_options(args, Tier.EDGE)["num_replicas"] == 3
@@ -102,7 +107,7 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
     names = {d.name: d for d in app.deployments}
     assert set(names) == {tier.deployment for tier in Tier}
     for tier in Tier:
-        assert names[tier.deployment].ray_actor_options.resources == {tier.resource: 0.01}
+        assert names[tier.deployment].ray_actor_options.label_selector == tier.label_selector
         options = names[tier.deployment]
         assert options.max_queued_requests > 0 and options.backpressure_config.retry_after_s > 0
 

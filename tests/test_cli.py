@@ -21,6 +21,7 @@ from deployments import local_cluster
 from dimee_models import artifact
 from dimee_models.cli import build_parser, main
 from dimee_models.data import TextDataset, split
+from dimee_models.tiers import Tier
 from dimee_models.model import MultiExitEncoder
 from dimee_models.train import resolve_backbone
 from tests.conftest import tiny_facts
@@ -252,7 +253,7 @@ def test_the_http_port_check_is_for_heads_on_this_machine():
 
 
 def start_bare_ray(env: dict) -> tuple[subprocess.Popen, str]:
-    """A Ray cluster of one node with no tier resource, owned by a driver process (gone with it)."""
+    """A Ray cluster of one node with no tier label, owned by a driver process (gone with it)."""
     driver = subprocess.Popen(
         [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False, "
          "_temp_dir='/tmp/ray_cli_test'); print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(600)"],
@@ -280,11 +281,29 @@ def test_serve_refuses_a_cluster_that_wants_a_token_or_lacks_the_tiers(served_ar
         assert "export RAY_AUTH_MODE=token" in err and "Traceback" not in err and took < 10
 
         code, err, took = dimee(["serve", str(served_artifact), "--address", address], with_token)
-        assert code == 2 and "no node in this Ray cluster carries the resource(s) ['tier_mobile'" in err, err
+        assert code == 2 and "no node in this Ray cluster carries the label(s) ['dimee.io/tier=mobile'" in err, err
         assert "Traceback" not in err and "Started Serve" not in err and took < 10
     finally:
         driver.send_signal(signal.SIGINT)  # the driver's exit takes its cluster down
         driver.wait(timeout=60)
+
+
+@pytest.mark.cluster
+def test_the_local_cluster_starts_when_a_ray_token_file_exists(tmp_path, monkeypatch):
+    """Ray 2.60 turns token auth on for `ray start --head` when ~/.ray/auth_token exists (any local
+    `ray.init()` writes one) but not for the nodes that join it, which were then refused."""
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    local_cluster.down()
+    try:
+        local_cluster.up(nodes=(local_cluster.node_spec(Tier.MOBILE),), dashboard=False)  # raises if refused
+        status = subprocess.run([local_cluster.ray_cli(), "status", f"--address={local_cluster.address()}"],
+                                env={**os.environ, **local_cluster.CLUSTER_ENV}, capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0 and status.stdout.count("node_") == 2, status.stdout + status.stderr
+    finally:
+        local_cluster.down()
 
 
 def test_up_refuses_an_artifact_path_it_cannot_train_into(tmp_path, capsys, monkeypatch):

@@ -48,14 +48,14 @@ def tier_handle(tier: Tier):
     return handle.mobile_batch if tier is Tier.MOBILE else handle
 
 
-def test_each_tier_runs_on_the_node_with_its_resource(cluster):
+def test_each_tier_runs_on_the_node_with_its_label(cluster):
     """The ingress (which is the mobile tier) on the mobile node, edge and cloud on theirs."""
-    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    nodes = {n["NodeID"]: n["Labels"].get("dimee.io/tier") for n in ray.nodes() if n["Alive"]}
     placed = replicas()
     assert set(placed) == {tier.deployment for tier in Tier}  # no separate mobile deployment
     for tier in Tier:
         for replica in placed[tier.deployment]:
-            assert nodes[replica["node"]].get(tier.resource, 0) > 0, (tier, replica)
+            assert nodes[replica["node"]] == tier.label, (tier, replica)
 
 
 def test_each_replica_holds_only_its_tier(cluster):
@@ -508,7 +508,7 @@ def no_live_replica(url: str) -> list[str]:
 
 @pytest.mark.parametrize("tier,row,answer", [("edge", 1, ("cloud", "fallback")), ("cloud", 2, ("mobile", "degraded"))])
 def test_a_lost_node_costs_no_request_and_its_tier_returns_when_the_node_rejoins(cluster, tier, row, answer):
-    """A tier's whole node goes away (its raylet and replicas killed; no node with its resource is
+    """A tier's whole node goes away (its raylet and replicas killed; no node with its label is
     left): its samples are answered by fallback (edge) or from the mobile exit (cloud), /healthz and
     /v1/info name the tier, and once the node rejoins Serve places the replica there again and the
     answers are normal, without a redeploy. No request fails or waits past its deadline (+0.5 s)."""

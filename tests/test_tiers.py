@@ -1,4 +1,4 @@
-"""The tier type: one spelling of each tier's name, id, deployment and resource."""
+"""The tier type: one spelling of each tier's name, id, deployment and node label."""
 
 import pytest
 
@@ -6,10 +6,11 @@ from dimee_models.cost import PATHS
 from dimee_models.tiers import TIER_NAMES, Tier
 
 
-def test_each_tier_names_its_deployment_and_resource():
+def test_each_tier_names_its_deployment_and_node_label():
     assert TIER_NAMES == ("mobile", "edge", "cloud")
     assert [t.deployment for t in Tier] == ["Router", "EdgeTier", "CloudTier"]  # the ingress runs mobile
-    assert [t.resource for t in Tier] == ["tier_mobile", "tier_edge", "tier_cloud"]
+    assert [t.node_label for t in Tier] == ["dimee.io/tier=mobile", "dimee.io/tier=edge", "dimee.io/tier=cloud"]
+    assert Tier.EDGE.label_selector == {"dimee.io/tier": "edge"}
     assert all(Tier.of_deployment(t.deployment) is t and Tier.named(t.label) is t for t in Tier)
     assert Tier.of_deployment("SomethingElse") is None
 
