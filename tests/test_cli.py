@@ -298,10 +298,12 @@ def test_the_local_cluster_starts_when_a_ray_token_file_exists(tmp_path, monkeyp
     local_cluster.down()
     try:
         local_cluster.up(nodes=(local_cluster.node_spec(Tier.MOBILE),), dashboard=False)  # raises if refused
-        status = subprocess.run([local_cluster.ray_cli(), "status", f"--address={local_cluster.address()}"],
-                                env={**os.environ, **local_cluster.CLUSTER_ENV}, capture_output=True, text=True,
-                                timeout=60)
-        assert status.returncode == 0 and status.stdout.count("node_") == 2, status.stdout + status.stderr
+        script = ("import ray; ray.init(address='{}', logging_level='ERROR'); "
+                  "print(sorted(n['Labels'].get('dimee.io/tier', '-') for n in ray.nodes() if n['Alive']))")
+        nodes = subprocess.run([sys.executable, "-c", script.format(local_cluster.address())],
+                               env={**os.environ, **local_cluster.CLUSTER_ENV}, capture_output=True, text=True,
+                               timeout=120)
+        assert nodes.stdout.strip() == "['-', 'mobile']", nodes.stdout + nodes.stderr[-2000:]
     finally:
         local_cluster.down()
 
