@@ -32,6 +32,7 @@ import numpy as np
 import psutil
 import requests
 
+from deployments import local_cluster
 from dimee_models.tiers import TIER_NAMES
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -39,9 +40,12 @@ POLICIES = ("dimee", "cloud_only")
 LATENCY = ("p50_ms", "p95_ms", "p99_ms")
 FAIR_SHARE = 0.01  # most fallback-or-degraded answers a policy may have for the comparison to count
 SHED = " [503 at capacity]"  # the locustfile's suffix for the stats of 503-with-Retry-After refusals
-# process-name fragment -> part of the serving path it belongs to (first match wins)
+# process-name fragment -> part of the serving path it belongs to (first match wins); a raylet
+# (which also runs its node's object store) is counted per node of the local cluster
 PARTS = (("Router", "ingress_mobile"), ("EdgeTier", "edge"), ("CloudTier", "cloud"),
-         ("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxy", "proxy"), ("raylet", "ray_core"), ("gcs_server", "ray_core"), ("ray", "ray_other"))
+         ("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxy", "proxy"), ("raylet", "raylet"),
+         ("gcs_server", "ray_gcs"), ("log_monitor", "ray_log_monitor"), ("ray", "ray_other"))
+RAYLET_NODE = {f"--node_ip_address={node.ip}": f"raylet_{node.tier.label}" for node in local_cluster.DEFAULT_NODES}
 
 
 def cpu_by_part() -> dict[str, float]:
@@ -52,6 +56,8 @@ def cpu_by_part() -> dict[str, float]:
         cmdline = " ".join(proc.info["cmdline"] or [])
         times = proc.info["cpu_times"]
         part = next((name for fragment, name in PARTS if fragment in cmdline), None)
+        if part == "raylet":
+            part = next((name for flag, name in RAYLET_NODE.items() if flag in cmdline.split()), "raylet_head")
         if part and times:
             used[part] = used.get(part, 0.0) + times.user + times.system
     return used
