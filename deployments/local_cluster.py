@@ -35,7 +35,7 @@ PROMETHEUS_DIR = Path("/tmp/ray/dimee-prometheus")  # its data and pid file: gon
 # - a small `ray.put` (under 100 KiB, e.g. one text's hidden state) stays in the putting process's
 #   own object store, and the tier that needs it fetches it from there, instead of a round through
 #   the node's shared-memory store and the raylets (Ray's default); measured faster here.
-# Export either as 0 to opt out.
+#   Export either of these two as 0 to opt out;
 # - one authentication mode for every node: unset, Ray 2.60's `ray start --head` turns token auth on
 #   when ~/.ray/auth_token exists (any earlier local `ray.init()` writes one) but `ray start
 #   --address` does not, and the tier nodes would be refused. Without a token unless
