@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,8 +143,6 @@ def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
 def start_prometheus(port: int = PROMETHEUS_PORT) -> str:
     """A Prometheus server scraping the running local cluster (Ray's own config for it), on loopback;
     returns its URL. Needs the `prometheus` binary (Debian's package: `scripts/install.sh --with-prometheus`)."""
-    import shutil
-
     binary = shutil.which("prometheus")
     if binary is None:
         raise RuntimeError("`prometheus` is not installed: `./scripts/install.sh --with-prometheus` installs "
