@@ -81,6 +81,13 @@ def add_commands(sub) -> None:
     p.add_argument("--no-cluster", action="store_true",
                    help="deploy onto the running cluster (--address) instead of starting the local one")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
+    p.add_argument("--no-tune", action="store_true",
+                   help="serve the policy calibrated for the paper's abstract cost at the trained tier boundaries, "
+                        "instead of measuring the cluster and calibrating boundaries and thresholds for its latency")
+    p.add_argument("--mobile-layers", type=model_cli._layers, default=None, metavar="RANGE",
+                   help="when tuning: layers the mobile exit may be at, e.g. 1-4 (default any)")
+    p.add_argument("--edge-layers", type=model_cli._layers, default=None, metavar="RANGE",
+                   help="when tuning: layers the edge exit may be at (default any)")
     add_serve_flags(p)
     p.set_defaults(func=cmd_up)
 
@@ -98,6 +105,9 @@ def add_commands(sub) -> None:
                    help="texts per call in the batched compute measurement (default 16)")
     p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
                    help="the environment variable holding the API key, if the deployment requires one")
+    p.add_argument("--links", default=None, metavar="lan|mobile|FILE",
+                   help="store the network between tiers of a real deployment with the measured hops (a preset, or "
+                        "a JSON file {mobile_edge, mobile_cloud, edge_cloud: {rtt_ms, mbit_s}})")
     p.add_argument("--out", type=Path, default=Path("profile.json"), help="where to write it (default profile.json)")
     p.set_defaults(func=cmd_profile)
 
@@ -286,17 +296,85 @@ def cmd_up(args) -> int:
 
         print(f"no artifact at {args.artifact}: training a {args.epochs}-epoch {args.dataset} model (cached there)")
         train(TrainConfig(dataset=args.dataset, epochs=args.epochs), args.artifact)
-    if read_manifest(args.artifact).policy is None:
-        from dimee_models.cost import CostModel
-        from dimee_models.evaluate import run_calibration
+    from dimee_models.cost import CostModel
+    from dimee_models.evaluate import run_calibration
+    from dimee_models.policy import load_policies
 
-        run_calibration(args.artifact, CostModel(), 0.3)
+    manifest = read_manifest(args.artifact)
+    stored = load_policies(args.artifact)[1]["cost_model"] if manifest.policy is not None else None
+    if stored is None or (args.no_tune and stored["unit"] != "abstract"):
+        run_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
     if not args.no_cluster:
         local_cluster.up()
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
     args.dir = args.artifact
+    if args.no_tune:
+        return cmd_serve(args)
+    return tune_and_serve(args)
+
+
+CLUSTER_PROFILE = "cluster-profile.json"  # kept in the artifact, reused while the cluster's nodes are the same
+
+
+def trained_exits(manifest) -> tuple[int, int]:
+    from dimee_models.manifest import default_exits
+
+    t = manifest.training
+    default = default_exits(manifest.num_layers)
+    return t.get("mobile_exit") or default[0], t.get("edge_exit") or default[1]
+
+
+def tune_and_serve(args) -> int:
+    """`dimee up`'s tuning: the cluster's profile (measured on the deployment, or the one kept with
+    the artifact if the nodes are the same), then boundaries and thresholds calibrated for its
+    latency, then the deployment of that; an artifact already tuned for this profile is served at once."""
+    import ray
+
+    from deployments.profile import describe_nodes, format_profile, run_profile
+    from dimee_models.artifact import read_manifest
+    from dimee_models.boundaries import boundary_pairs
+    from dimee_models.evaluate import run_calibration
+    from dimee_models.policy import load_policies
+    from dimee_models.profile import latency_cost_model, read_profile, write_profile
+
+    from deployments import local_cluster
+
+    path = args.artifact / CLUSTER_PROFILE
+    address = args.address or local_cluster.address()
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    nodes = describe_nodes()
+    ray.shutdown()
+    profile = read_profile(path) if path.is_file() else None
+    if profile is not None and _node_kinds(profile.nodes) != _node_kinds(nodes):
+        print(f"the cluster's nodes differ from those {path} was measured on: measuring again")
+        profile = None
+    latency = latency_cost_model(profile) if profile is not None else None
+    doc = load_policies(args.artifact)[1]
+    if latency is not None and doc["cost_model"] == latency.model_dump() and "boundaries" in doc:
+        return cmd_serve(args)
+    if profile is None:
+        cmd_serve(args)
+        print("measuring the deployment for its cost profile (dimee profile, ~1 min)")
+        headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
+        profile = run_profile(f"http://127.0.0.1:{args.port}", "dimee", 100, 16, headers)
+        from ray import serve
+
+        serve.delete("dimee")  # its replicas hold the old tier weights; the same app args would not restart them
+        ray.shutdown()
+        write_profile(path, profile)
+        print(format_profile(profile))
+        latency = latency_cost_model(profile)
+    pairs = boundary_pairs(read_manifest(args.artifact).num_layers, args.mobile_layers, args.edge_layers)
+    doc = run_calibration(args.artifact, latency, 0.3, pairs=pairs)
+    served = doc["policies"][doc["default"]]
+    print(f"tuned for the measured latency: {doc['default']} at mobile exit {served['exits']['mobile']}, "
+          f"edge exit {served['exits']['edge']} (thresholds {served['thresholds']})")
     return cmd_serve(args)
+
+
+def _node_kinds(nodes: list[dict]) -> list[tuple]:
+    return sorted((n["address"], n["tier"], n["cpus"], n["memory_gib"]) for n in nodes)
 
 
 def cmd_profile(args) -> int:
@@ -304,14 +382,15 @@ def cmd_profile(args) -> int:
 
     from deployments import local_cluster
     from deployments.profile import format_profile, run_profile
-    from dimee_models.profile import write_profile
+    from dimee_models.profile import read_links, write_profile
 
+    links = read_links(args.links) if args.links is not None else None  # a bad one before any measuring
     address = args.address or local_cluster.address()
     check_cluster_answers(address)
     headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     try:
-        profile = run_profile(args.url.rstrip("/"), args.app, args.texts, args.batch, headers)
+        profile = run_profile(args.url.rstrip("/"), args.app, args.texts, args.batch, headers, links)
     finally:
         ray.shutdown()
     print(format_profile(profile))

@@ -24,7 +24,7 @@ import requests
 from deployments.placement import node_tier
 from deployments.schemas import HiddenArrays, TierRequest, Tokens
 from deployments.tier import TierRunner
-from dimee_models.profile import HOPS, Profile, Stat, TierCompute, latency_cost_model
+from dimee_models.profile import HOPS, Links, Profile, Stat, TierCompute, latency_cost_model
 from dimee_models.tiers import Tier
 
 WARMUP = 10
@@ -93,8 +93,9 @@ def describe_nodes() -> list[dict]:
     return sorted(nodes, key=lambda n: n["address"])
 
 
-def run_profile(url: str, app: str, texts: int, batch: int, headers: dict) -> Profile:
-    """Measure the deployment (Ray already initialised on its cluster) with `texts` texts of its test split."""
+def run_profile(url: str, app: str, texts: int, batch: int, headers: dict, links: Links | None = None) -> Profile:
+    """Measure the deployment (Ray already initialised on its cluster) with `texts` texts of its test
+    split; `links`: the network between tiers to add to the measured hops, stored with them."""
     from ray import serve
 
     from deployments.router import public_model_name
@@ -124,6 +125,7 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict) -> Pr
         nodes=describe_nodes(), texts=texts, fixed=Stat.of(per_text["fixed"]), compute=compute,
         hops={hop: Stat.of(per_text[hop]) for hop in HOPS},
         hidden_bytes_per_token=float(np.median(per_text["hidden_bytes_per_token"])),
+        tokens_per_text=float(np.mean([len(row) for row in ids[WARMUP:WARMUP + texts]])), links=links,
     )
 
 
@@ -143,6 +145,9 @@ def format_profile(profile: Profile) -> str:
     cost = latency_cost_model(profile)
     e = profile.exits
     paths = cost.path_costs(e["mobile"], e["edge"], e["cloud"])
-    lines.append(f"hidden state: {profile.hidden_bytes_per_token:.0f} bytes per token")
+    lines.append(f"hidden state: {profile.hidden_bytes_per_token:.0f} bytes per token"
+                 + (f", {profile.tokens_per_text:.1f} tokens per text" if profile.tokens_per_text else ""))
+    if profile.links is not None:
+        lines.append(f"links added to the hops: {profile.links.model_dump_json()}")
     lines.append("predicted one-text latency per path (ms): " + ", ".join(f"{p} {v:.1f}" for p, v in paths.items()))
     return "\n".join(lines)

@@ -152,12 +152,16 @@ class HiddenRef:
 
 @dataclass
 class HiddenArrays:
-    """A tier's last hidden state as arrays, in the process that computed it. It never travels as
-    such: `TierRunner.store` puts the rows a later tier needs into the object store."""
+    """A tier's last hidden state as arrays: in the process that computed it, or inside a tier call
+    when it is small (`TierRunner.store`: Ray inlines small arguments the same way)."""
 
     hidden: np.ndarray  # (B, T, H) float32
     mask: np.ndarray  # (B, T) int64
     layer: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.nbytes
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,9 @@ class Tokens:
 
 @dataclass(frozen=True)
 class TierRequest:
-    """What a tier starts from: token ids, or a hidden state in the object store."""
+    """What a tier starts from: token ids, or a hidden state (inline when small, else in the object store)."""
 
-    input: Tokens | HiddenRef
+    input: Tokens | HiddenArrays | HiddenRef
     keep_hidden: bool = False  # keep this tier's hidden state for a later tier
     # ... only of the rows whose exit confidence is below this (escalation: what cloud will need)
     keep_below: float | None = None
@@ -188,5 +192,5 @@ class TierReply:
     hidden: HiddenRef | HiddenArrays | None  # when asked to keep it: arrays in-process, a reference once stored
     compute_ms: float  # layer compute for the whole batch this request rode in
     batch_size: int  # requests that shared this forward pass (@serve.batch)
-    received: str  # "tokens" or "object_store": how the input arrived
+    received: str  # how the input arrived: "tokens", "inline" (a small hidden state) or "object_store"
     node_id: str

@@ -32,6 +32,11 @@ log = logging.getLogger("ray.serve")
 # leaves a Serve deployment inside a reply is not always counted by Ray (ray-project/ray#51953), and
 # under load the object was freed before edge/cloud fetched it. Far above any hop's timeout.
 HIDDEN_TTL_S = 30.0
+# A hidden state up to this size travels inside the tier call itself, as Ray passes arguments up to
+# its max_direct_call_object_size (100 KiB) inline: one text's (~46 KB for MiniLM) then costs no put
+# and no fetch from the owner, which cost 7-8 ms more than its bytes (docs/RESULTS.md). Larger ones
+# go through the object store.
+INLINE_BYTES = 100 * 1024
 
 
 def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.ndarray:
@@ -99,11 +104,12 @@ class TierRunner:
     async def forward(self, requests: list[TierRequest]) -> list[TierReply]:
         refs = [r.input for r in requests if isinstance(r.input, HiddenRef)]
         fetched = iter(await asyncio.gather(*(h.ref for h in refs)))
-        for h in refs:
-            self.offloaded.inc(h.nbytes, tags={"hop": f"{self.source[h.layer].label}->{self.tier.label}"})
+        for r in requests:
+            if not isinstance(r.input, Tokens):
+                self.offloaded.inc(r.input.nbytes, tags={"hop": f"{self.source[r.input.layer].label}->{self.tier.label}"})
         self.batch_size.observe(len(requests))
         self.requests_served += len(requests)
-        inputs = [r.input if isinstance(r.input, Tokens) else HiddenArrays(*next(fetched), r.input.layer)
+        inputs = [HiddenArrays(*next(fetched), r.input.layer) if isinstance(r.input, HiddenRef) else r.input
                   for r in requests]
         replies: list[TierReply | None] = [None] * len(requests)
         for start in sorted({i.layer for i in inputs}):  # one forward per starting layer
@@ -134,14 +140,16 @@ class TierRunner:
                 probs=probs[rows], exit_layer=self.end,
                 z=out.pooled[rows].numpy() if self.tier is Tier.MOBILE else None,
                 hidden=hidden, compute_ms=compute_ms, batch_size=batch,
-                received="tokens" if start == 0 else "object_store", node_id=self.node_id,
+                received=RECEIVED[type(r.input)], node_id=self.node_id,
             ))
         return replies
 
-    def store(self, arrays: HiddenArrays, rows: list[int] | None = None) -> HiddenRef:
-        """Put `rows` of a hidden state (all by default) into the object store and hold the
-        reference for the next tier."""
+    def store(self, arrays: HiddenArrays, rows: list[int] | None = None) -> HiddenArrays | HiddenRef:
+        """`rows` of a hidden state (all by default) for the next tier: inline if small, else put
+        into the object store with the reference held."""
         payload = select_rows(arrays, rows)
+        if payload[0].nbytes + payload[1].nbytes <= INLINE_BYTES:
+            return HiddenArrays(*payload, arrays.layer)
         return HiddenRef(self._hold(ray.put(payload)), arrays.layer, payload[0].nbytes)
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
@@ -164,6 +172,9 @@ class TierRunner:
         hidden = pad_stack([h.hidden for h in inputs], length)
         mask = pad_stack([h.mask for h in inputs], length)
         return HiddenState(torch.from_numpy(hidden), torch.from_numpy(mask), start)
+
+
+RECEIVED = {Tokens: "tokens", HiddenArrays: "inline", HiddenRef: "object_store"}  # how a tier's input arrived
 
 
 def threads_from_cpu_share() -> None:

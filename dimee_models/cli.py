@@ -121,6 +121,10 @@ def cmd_info(args) -> int:
 def _cost_flags(p, profile_help: str) -> None:
     g = p.add_argument_group("cost model (defaults, then --cost-config JSON, then these flags)")
     g.add_argument("--cost-profile", type=Path, default=None, metavar="FILE", help=profile_help)
+    g.add_argument("--links", default=None, metavar="lan|mobile|FILE",
+                   help="with --cost-profile: the network between tiers to add to its measured hops (a preset, or "
+                        "a JSON file {mobile_edge, mobile_cloud, edge_cloud: {rtt_ms, mbit_s}}); default: the "
+                        "profile's own, if any")
     g.add_argument("--cost-config", type=Path, default=None, help="JSON file with any CostModel fields")
     for name, help_text in (
         ("lambda-mobile", "cost of one layer on mobile (default 0.1)"),
@@ -151,11 +155,14 @@ def _cost_model(args, fallback_to_defaults: bool = True):
 
 def _latency_model(args):
     """The cost model in ms from --cost-profile (its reward weight scaled from --mu), or None."""
-    if args.cost_profile is None:
-        return None
-    from dimee_models.profile import latency_cost_model, read_profile
+    from dimee_models.profile import latency_cost_model, read_links, read_profile
 
-    return latency_cost_model(read_profile(args.cost_profile), 1.0 if args.mu is None else args.mu)
+    if args.cost_profile is None:
+        if args.links is not None:
+            raise ValueError("--links adds to a measured profile's hops: pass --cost-profile too")
+        return None
+    links = read_links(args.links) if args.links is not None else None
+    return latency_cost_model(read_profile(args.cost_profile), 1.0 if args.mu is None else args.mu, links)
 
 
 def add_calibrate(sub) -> None:
@@ -169,8 +176,36 @@ def add_calibrate(sub) -> None:
     p.add_argument("--default-policy", default=None,
                    help="policy the server uses by default (default: the first guaranteed of the cascade, "
                         "escalate, learned, centroid *_constrained; with --delta none the cheapest on calibration)")
+    g = p.add_argument_group("tier boundaries (default: the artifact's exits, as trained or last chosen)")
+    g.add_argument("--choose-boundaries", action="store_true",
+                   help="choose the mobile and edge exits too, at any layers (or within the bounds below), for the "
+                        "cheapest guaranteed cascade; rewrites the tier weight files for them")
+    g.add_argument("--mobile-layers", type=_layers, default=None, metavar="RANGE",
+                   help="layers the mobile exit may be at, e.g. 1-4 for a device that holds at most 4 (implies "
+                        "--choose-boundaries)")
+    g.add_argument("--edge-layers", type=_layers, default=None, metavar="RANGE",
+                   help="layers the edge exit may be at, e.g. 3-6 (implies --choose-boundaries)")
     _cost_flags(p, "a cost profile of the cluster (`dimee profile`): calibrate for its latency in ms instead "
                    "of the paper's abstract costs (only --mu may be added)")
+
+
+def _layers(value: str) -> tuple[int, int]:
+    from dimee_models.boundaries import parse_layers
+
+    try:
+        return parse_layers(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def boundary_pairs_of(args, directory: Path) -> list[tuple[int, int]] | None:
+    """The boundary candidates the flags ask calibration to choose among, or None (keep the exits)."""
+    if not (args.choose_boundaries or args.mobile_layers or args.edge_layers):
+        return None
+    from dimee_models.artifact import read_manifest
+    from dimee_models.boundaries import boundary_pairs
+
+    return boundary_pairs(read_manifest(directory).num_layers, args.mobile_layers, args.edge_layers)
 
 
 def cmd_calibrate(args) -> int:
@@ -184,8 +219,7 @@ def cmd_calibrate(args) -> int:
         raise ValueError("--cost-profile sets every cost from the measured profile: drop --cost-config and the "
                          "per-cost flags (only --mu may be added)")
     doc = run_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
-                          default=args.default_policy,
-                          delta=args.delta)
+                          default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir))
     print(f"cost model: {json.dumps(doc['cost_model'])}")
     print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
     for name, pol in doc["policies"].items():
@@ -197,6 +231,11 @@ def cmd_calibrate(args) -> int:
                   f"probability {1 - r['delta']:.0%}: {held}")
     for name, threshold in doc["cascade_thresholds"].items():
         print(f"  {name:28s} cascade  threshold {threshold}")
+    if "boundaries" in doc:
+        b = doc["boundaries"]
+        print(f"tier boundaries: mobile exit {b['mobile']}, edge exit {b['edge']} (chosen by {b['chosen_by']} among "
+              f"{len(b['pairs'])} pairs on {b['choice_share']:.0%} of the calibration split; the guarantee is "
+              f"certified on the other {b['certify_rows']} samples)")
     print(f"default serving policy: {doc['default']}")
     for warning in doc["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

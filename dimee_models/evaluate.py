@@ -10,8 +10,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dimee_models import artifact
+from dimee_models.boundaries import choose_boundaries
 from dimee_models.cost import PATHS, CostModel
-from dimee_models.manifest import Manifest, PolicyRef
+from dimee_models.manifest import Exits, Manifest, PolicyRef
 from dimee_models.policy import ALPHA_GRID as CASCADE_GRID
 from dimee_models.policy import (EDGE_CLOUD, Calibration, Candidates, CloudOnlyPolicy, ExitOutputs, Mode, Outcome,
                                  Policy, calibrate, choose, load_policies, save_policies, score)
@@ -31,8 +32,9 @@ def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = 
     cache = root / "outputs" / f"{part}.safetensors"
     if cache.is_file():
         arrays = load_file(cache)
-        if int(arrays["mobile_exit"][0]) == m:
-            return ExitOutputs(arrays["logits"], arrays["z"], arrays["labels"], m, e)
+        if "z_layers" in arrays:  # older caches held one exit's embedding only
+            return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e,
+                               arrays["z_layers"])
     ds = artifact.load_split(root, part, manifest)
     model, tokenizer = artifact.load_full(root, manifest), artifact.load_tokenizer(root)
     logits, z = [], []
@@ -40,17 +42,12 @@ def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = 
         for enc, _ in batches(ds, tokenizer, 64, manifest.max_length):
             outs = model(**model_inputs(enc))
             logits.append(torch.stack([o.logits for o in outs], dim=1))  # (B, L, C)
-            z.append(outs[m - 1].pooled)  # (B, H)
-    arrays = {
-        "logits": torch.cat(logits).numpy(),
-        "z": torch.cat(z).numpy(),
-        "labels": np.asarray(ds.labels),
-        "mobile_exit": np.array([m]),
-    }
+            z.append(torch.stack([o.pooled for o in outs], dim=1))  # (B, L, H): any layer can be the mobile exit
+    arrays = {"logits": torch.cat(logits).numpy(), "z_layers": torch.cat(z).numpy(), "labels": np.asarray(ds.labels)}
     cache.parent.mkdir(exist_ok=True)
     save_file(arrays, cache)
     artifact.write_manifest(root, manifest)
-    return ExitOutputs(arrays["logits"], arrays["z"], arrays["labels"], m, e)
+    return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
 
 
 # methods -------------------------------------------------------------------------------------------
@@ -199,18 +196,29 @@ def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, method
 # With a guarantee, the served default is the first guaranteed policy in this order, fixed in
 # advance: taking the cheapest of several guaranteed ones would take the one its calibration data
 # flattered most, and it held the budget on fewer redraws than each kind alone (docs/RESULTS.md §8).
-GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_escalate_constrained", "dimee_learned_constrained",
-                         "dimee_constrained")
+# Where calibration chose the boundaries, the kind that chose them comes first.
+GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_constrained",
+                         "dimee_escalate_constrained", "dimee_learned_constrained", "dimee_constrained")
 
 
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
-                  seed: int = 0, default: str | None = None,
-                  candidates: list[Candidates] | None = None) -> tuple[Calibration, dict[str, float], str]:
+                  seed: int = 0, default: str | None = None, candidates: list[Candidates] | None = None,
+                  pairs: list[tuple[int, int]] | None = None) -> tuple[Calibration, dict[str, float], str]:
     """Every router and the cascade calibrated on `out`, and the policy to serve by default: with
     the point estimate, the cheapest constrained router on these outputs (never the test split);
     with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
-    unless no split is cheaper than cloud-only (`no_split_if_cheaper`)."""
+    unless no split is cheaper than cloud-only (`no_split_if_cheaper`). With several boundary
+    `pairs`, a share of `out` chooses the tier boundaries first (dimee_models/boundaries.py) and
+    the rest is calibrated on, at the chosen exits (`Calibration.boundaries` says which)."""
+    chosen = None
+    if pairs is not None and len(pairs) > 1:
+        chosen = choose_boundaries(out, cost, pairs, max_drop_pp, seed)
+        out, candidates = out.take(chosen.certify_rows).at(chosen.mobile_exit, chosen.edge_exit), None
+    elif pairs is not None and pairs[0] != out.tier_exits()[:2]:
+        out, candidates = out.at(*pairs[0]), None
     cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
+    if chosen is not None:
+        cal.boundaries = chosen.to_json(pairs)
     cascade = calibrate_cascade(out, cost, max_drop_pp, delta)
     if default is not None:
         if default not in cal.policies:
@@ -220,8 +228,8 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
         default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
     else:
-        default = next((name for name in GUARANTEED_PREFERENCE if cal.policies[name].risk.guaranteed),
-                       GUARANTEED_PREFERENCE[0])
+        order = ((f"{chosen.variant}_constrained",) if chosen else ()) + GUARANTEED_PREFERENCE
+        default = next((name for name in order if cal.policies[name].risk.guaranteed), order[0])
     return cal, cascade, no_split_if_cheaper(out, cal, cost, default, delta, max_drop_pp)
 
 
@@ -251,11 +259,17 @@ def policy_outcome(out: ExitOutputs, policy: Policy, cost: CostModel) -> Outcome
 
 
 def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
-                    default: str | None = None, delta: float | None = DEFAULT_DELTA) -> dict:
-    """Calibrate every router on the calibration split and store the policies in the artifact."""
+                    default: str | None = None, delta: float | None = DEFAULT_DELTA,
+                    pairs: list[tuple[int, int]] | None = None) -> dict:
+    """Calibrate every router on the calibration split and store the policies in the artifact; with
+    boundary `pairs` (boundaries.boundary_pairs), also the tier weight files cut at the chosen exits."""
     manifest = artifact.read_manifest(directory)
-    cal, cascade, default = calibrate_all(split_outputs(directory, "calibration", manifest), cost, max_drop_pp,
-                                          delta, folds, seed, default)
+    out = split_outputs(directory, "calibration", manifest)
+    cal, cascade, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs)
+    exits = Exits(mobile=cal.policies[default].mobile_exit, edge=cal.policies[default].edge_exit)
+    if exits != manifest.exits:
+        tiers = artifact.write_tiers(directory, artifact.load_full(directory, manifest), exits.mobile, exits.edge)
+        manifest = manifest.model_copy(update={"exits": exits, "tiers": tiers})
     doc = save_policies(directory, cal, cost, default, max_drop_pp, {"delta": delta, "folds": folds,
                                                                      "cascade_thresholds": cascade})
     policy = PolicyRef(default=default, file="policy.json")

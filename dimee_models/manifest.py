@@ -38,9 +38,11 @@ def tier_specs(num_layers: int, mobile_exit: int, edge_exit: int) -> dict[Tier, 
 
 
 def check_exits(num_layers: int, mobile_exit: int, edge_exit: int) -> None:
-    if not 1 <= mobile_exit < edge_exit < num_layers:
+    """Edge may run to the last layer: with the mobile exit at L - 1 that is the only edge there is,
+    and on a network where edge is near and cloud far it is a cloud nearby."""
+    if not 1 <= mobile_exit < edge_exit <= num_layers:
         raise ValueError(
-            f"exits must satisfy 1 <= mobile ({mobile_exit}) < edge ({edge_exit}) < number of layers ({num_layers})"
+            f"exits must satisfy 1 <= mobile ({mobile_exit}) < edge ({edge_exit}) <= number of layers ({num_layers})"
         )
 
 

@@ -52,6 +52,8 @@ class ExitOutputs:
     labels: np.ndarray  # (N,)
     mobile_exit: int
     edge_exit: int
+    # (N, L, H) every layer's pooled representation, when cached: lets the tier boundaries move
+    z_layers: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
@@ -75,11 +77,26 @@ class ExitOutputs:
         return self.mobile_exit, self.edge_exit, self.num_layers
 
     def take(self, rows: np.ndarray) -> ExitOutputs:
-        return ExitOutputs(self.logits[rows], self.z[rows], self.labels[rows], self.mobile_exit, self.edge_exit)
+        return ExitOutputs(self.logits[rows], self.z[rows], self.labels[rows], self.mobile_exit, self.edge_exit,
+                           None if self.z_layers is None else self.z_layers[rows])
 
     def concat(self, other: ExitOutputs) -> ExitOutputs:
+        layers = (None if self.z_layers is None or other.z_layers is None
+                  else np.concatenate([self.z_layers, other.z_layers]))
         return ExitOutputs(np.concatenate([self.logits, other.logits]), np.concatenate([self.z, other.z]),
-                           np.concatenate([self.labels, other.labels]), self.mobile_exit, self.edge_exit)
+                           np.concatenate([self.labels, other.labels]), self.mobile_exit, self.edge_exit, layers)
+
+    def at(self, mobile_exit: int, edge_exit: int) -> ExitOutputs:
+        """The same outputs with the tier boundaries at other exits (edge may run to the last layer)."""
+        if (mobile_exit, edge_exit) == (self.mobile_exit, self.edge_exit):
+            return self
+        if not 1 <= mobile_exit < edge_exit <= self.num_layers:
+            raise ValueError(f"exits must satisfy 1 <= mobile ({mobile_exit}) < edge ({edge_exit}) <= "
+                             f"{self.num_layers}")
+        if mobile_exit != self.mobile_exit and self.z_layers is None:
+            raise ValueError("these outputs hold the mobile embedding of one exit only: recompute them to move it")
+        z = self.z if mobile_exit == self.mobile_exit else self.z_layers[:, mobile_exit - 1]
+        return ExitOutputs(self.logits, z, self.labels, mobile_exit, edge_exit, self.z_layers)
 
 
 @dataclass(frozen=True)
@@ -188,6 +205,17 @@ class CascadePolicy(Policy):
         return np.where(mobile_probs.max(-1) >= self.thresholds["mobile"], Tier.MOBILE, Tier.EDGE)
 
 
+class DirectCascadePolicy(Policy):
+    """The confidence cascade over two tiers: mobile keeps a sample its exit is sure of and sends
+    every other straight to cloud (edge then serves nobody). Where an edge hop buys less than it
+    costs (edge near cloud, or every hop on loopback), it is the cheaper split."""
+
+    kind = "direct_cascade"
+
+    def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        return np.where(mobile_probs.max(-1) >= self.thresholds["mobile"], Tier.MOBILE, Tier.CLOUD)
+
+
 class CloudOnlyPolicy(Policy):
     """No split: every text goes to cloud as token ids, as cloud-only serving does. Calibration
     serves it by default where no DIMEE policy costs less than cloud-only under its cost model
@@ -204,7 +232,8 @@ class CloudOnlyPolicy(Policy):
 
 
 POLICY_KINDS: dict[str, type[Policy]] = {cls.kind: cls for cls in (CentroidPolicy, LearnedPolicy, EscalatePolicy,
-                                                                   CascadePolicy, CloudOnlyPolicy)}
+                                                                   CascadePolicy, DirectCascadePolicy,
+                                                                   CloudOnlyPolicy)}
 
 
 # routers -----------------------------------------------------------------------------------------
@@ -353,6 +382,7 @@ class Calibration:
     curves: dict[str, list[dict]]
     reference_accuracy: float
     warnings: list[str]
+    boundaries: dict | None = None  # how the tier boundaries were chosen, when calibration chose them
 
 
 @dataclass(frozen=True)
@@ -499,10 +529,25 @@ def cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
     return Candidates("dimee_cascade", outcomes, len(outcomes), True, curve, make, diagonal)
 
 
+def direct_cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
+    """Every mobile threshold of RISK_PATH for the two-tier cascade; risk control walks it from 1.01 down."""
+    conf = out.tier_confidences[:, 0]
+    tiers = [np.where(conf >= t, Tier.MOBILE, Tier.CLOUD) for t in RISK_PATH]
+    outcomes = [score(out, t, cost) for t in tiers]
+    curve = [{"mobile": float(t), **_outcome_json(o)} for t, o in _pareto(list(zip(RISK_PATH, outcomes)))]
+
+    def make(name: str, i: int, risk: RiskBound | None) -> Policy:
+        return DirectCascadePolicy(name, out.mobile_exit, out.edge_exit, out.num_layers,
+                                   {"mobile": float(RISK_PATH[i])}, {}, risk)
+
+    return Candidates("dimee_direct_cascade", outcomes, len(outcomes), True, curve, make, list(range(len(RISK_PATH))))
+
+
 def score_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int = 0) -> list[Candidates]:
     """Every router kind's settings scored on `out`: the expensive part of calibration."""
     return [centroid_candidates(out, cost, k, seed), learned_candidates(out, cost, k, seed),
-            learned_candidates(out, cost, k, seed, cls=EscalatePolicy), cascade_candidates(out, cost)]
+            learned_candidates(out, cost, k, seed, cls=EscalatePolicy), cascade_candidates(out, cost),
+            direct_cascade_candidates(out, cost)]
 
 
 def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0,
@@ -567,6 +612,7 @@ def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: s
         "policies": {name: pol.to_json() for name, pol in cal.policies.items()},
         "curves": cal.curves,
         "warnings": cal.warnings,
+        **({"boundaries": cal.boundaries} if cal.boundaries else {}),
         **(extra or {}),
     }
     (directory / POLICY_JSON).write_text(json.dumps(doc, indent=1) + "\n")

@@ -54,6 +54,54 @@ class TierCompute(BaseModel):
         return self.one_text.mean_ms / self.layers
 
 
+class Link(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rtt_ms: float = Field(..., ge=0, description="round trip of a small message")
+    mbit_s: float = Field(..., gt=0, description="bandwidth the sender has towards the receiver")
+
+    def ms(self, nbytes: float) -> float:
+        """What sending `nbytes` over this link adds to a hop: the round trip, then the bytes."""
+        return self.rtt_ms + nbytes * 8 / (self.mbit_s * 1000)
+
+
+class Links(BaseModel):
+    """The network between the tiers of a real deployment, on top of a profile's measured hops (on a
+    local cluster those hops cross loopback only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mobile_edge: Link
+    mobile_cloud: Link
+    edge_cloud: Link
+
+
+# Assumed figures, not measured here (docs/RESULTS.md says where they come from): a device on the
+# same LAN as the edge server, with the cloud a region away; and a phone on a mobile network, whose
+# uplink is narrow and whose round trip to a cloud region is tens of milliseconds.
+LINK_PRESETS = {
+    "lan": Links(mobile_edge=Link(rtt_ms=1, mbit_s=100), mobile_cloud=Link(rtt_ms=20, mbit_s=100),
+                 edge_cloud=Link(rtt_ms=20, mbit_s=1000)),
+    "mobile": Links(mobile_edge=Link(rtt_ms=15, mbit_s=10), mobile_cloud=Link(rtt_ms=60, mbit_s=10),
+                    edge_cloud=Link(rtt_ms=20, mbit_s=1000)),
+}
+TOKEN_ID_BYTES = 8  # int64 token ids: what a cloud-only request ships
+
+
+def read_links(value: str) -> Links:
+    """`--links lan|mobile|FILE`: a preset, or a JSON file of Links; ValueError names what is wrong."""
+    if value in LINK_PRESETS:
+        return LINK_PRESETS[value]
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"--links {value}: neither a preset ({', '.join(LINK_PRESETS)}) nor a file")
+    try:
+        return Links.model_validate_json(path.read_text())
+    except ValidationError as err:
+        error = err.errors()[0]
+        raise ValueError(f"--links {value}: invalid field {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -67,6 +115,8 @@ class Profile(BaseModel):
     compute: dict[TierName, TierCompute]
     hops: dict[str, Stat]
     hidden_bytes_per_token: float = Field(..., gt=0)
+    tokens_per_text: float | None = Field(None, gt=0, description="mean tokens of the measured texts")
+    links: Links | None = Field(None, description="the network between tiers, added to the measured hops")
 
 
 def read_profile(path: str | Path) -> Profile:
@@ -90,17 +140,29 @@ def write_profile(path: str | Path, profile: Profile) -> None:
     Path(path).write_text(json.dumps(profile.model_dump(), indent=1) + "\n")
 
 
-def latency_cost_model(profile: Profile, mu: float = 1.0) -> CostModel:
-    """The cost model in ms per text from a profile's means. Its reward weight is scaled so that
-    `mu` weighs a cloud-only request as it does in the paper's abstract model (confidence is in
-    [0, 1] whatever the unit of cost)."""
+def latency_cost_model(profile: Profile, mu: float = 1.0, links: Links | None = None) -> CostModel:
+    """The cost model in ms per text from a profile's means, with the network of `links` (else the
+    profile's own, if any) added to each hop. Its reward weight is scaled so that `mu` weighs a
+    cloud-only request as it does in the paper's abstract model (confidence is in [0, 1] whatever
+    the unit of cost)."""
     c, h = profile.compute, profile.hops
+    links = links or profile.links
+    extra = dict.fromkeys(("o_1", "o_2", "o_cloud_only", "o_edge_cloud"), 0.0)
+    if links is not None:
+        if profile.tokens_per_text is None:
+            raise ValueError("this cost profile predates tokens_per_text, which link costs need: measure it again "
+                             "with `dimee profile`")
+        hidden = profile.hidden_bytes_per_token * profile.tokens_per_text
+        extra = {"o_1": links.mobile_edge.ms(hidden), "o_2": links.mobile_cloud.ms(hidden),
+                 "o_cloud_only": links.mobile_cloud.ms(profile.tokens_per_text * TOKEN_ID_BYTES),
+                 "o_edge_cloud": links.edge_cloud.ms(hidden)}
     model = CostModel(
         unit="ms", fixed=profile.fixed.mean_ms,
         lambda_mobile=c["mobile"].per_layer_ms, lambda_edge=c["edge"].per_layer_ms,
         lambda_cloud=c["cloud"].per_layer_ms,
-        o_1=h["ingress_edge"].mean_ms, o_2=h["ingress_cloud"].mean_ms,
-        o_cloud_only=h["ingress_cloud_tokens"].mean_ms, o_edge_cloud=h["edge_cloud"].mean_ms,
+        o_1=h["ingress_edge"].mean_ms + extra["o_1"], o_2=h["ingress_cloud"].mean_ms + extra["o_2"],
+        o_cloud_only=h["ingress_cloud_tokens"].mean_ms + extra["o_cloud_only"],
+        o_edge_cloud=h["edge_cloud"].mean_ms + extra["o_edge_cloud"],
     )
     m, e, layers = (profile.exits[t] for t in ("mobile", "edge", "cloud"))
     scale = (CostModel().path_costs(m, e, layers)["cloud_only"] / model.path_costs(m, e, layers)["cloud_only"])

@@ -38,25 +38,29 @@ def summarize(drops_pp: np.ndarray, cuts: np.ndarray, oracle_cuts: np.ndarray, b
 
 
 def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_drop_pp: float,
-              deltas: list[float | None], k: int, seed: int = 0, folds: int = 5) -> dict:
+              deltas: list[float | None], k: int, seed: int = 0, folds: int = 5,
+              pairs: list[tuple[int, int]] | None = None) -> dict:
     """{delta: {"methods": {name: summary}, "default_choices": {policy: redraws}}}; the method
-    `served_default` is whichever policy the default chooser picked on each redraw."""
+    `served_default` is whichever policy the default chooser picked on each redraw. With boundary
+    `pairs`, each redraw chooses its own boundaries too (counted in `default_choices` as name@m/e)."""
     pooled = calibration.concat(test)
     base = cost.path_costs(test.mobile_exit, test.edge_exit, test.num_layers)["cloud_only"]
     found = {delta: defaultdict(list) for delta in deltas}  # delta -> method -> [(drop pp, cut)]
     choices = {delta: Counter() for delta in deltas}
     for cal_rows, test_rows in partitions(len(calibration.labels), len(test.labels), k, seed):
         cal_part, test_part = pooled.take(cal_rows), pooled.take(test_rows)
-        candidates = score_candidates(cal_part, cost, folds, seed)
+        candidates = score_candidates(cal_part, cost, folds, seed) if pairs is None else None
         reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
         for delta in deltas:
             cal, cascade, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
-                                                  candidates=candidates)
-            choices[delta][default] += 1
-            rows = method_assignments(test_part, cal.policies, cascade, seed)
+                                                  candidates=candidates, pairs=pairs)
+            served = cal.policies[default]
+            choices[delta][f"{default}@{served.mobile_exit}/{served.edge_exit}" if pairs else default] += 1
+            rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, cascade,
+                                      seed)
             rows["served_default"] = rows[default]
             for name, (tiers, paths) in rows.items():
-                o = score(test_part, tiers, cost, paths)
+                o = score(test_part.at(served.mobile_exit, served.edge_exit), tiers, cost, paths)
                 found[delta][name].append(((reference - o.accuracy) * 100, 1 - o.cost / base))
     report = {}
     for delta in deltas:
@@ -75,8 +79,9 @@ def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test:
     redraws, recalibrated as the artifact was (its budget, delta, folds and the result's cost model)."""
     _, doc = load_policies(directory)
     delta, budget = doc.get("delta"), doc["max_accuracy_drop_pp"]
+    pairs = [tuple(p) for p in doc["boundaries"]["pairs"]] if "boundaries" in doc else None
     found = resampled(calibration, test, CostModel(**result["cost_model"]), budget, [delta], k, seed,
-                      doc.get("folds", 5))[delta]
+                      doc.get("folds", 5), pairs)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}
     return {**result, "methods": methods, "resampled": {

@@ -174,7 +174,8 @@ def test_tier_specs_and_exits():
     assert (specs[Tier.EDGE].start, specs[Tier.EDGE].end, specs[Tier.EDGE].head_layers) == (2, 4, (4,))
     assert specs[Tier.CLOUD].head_layers == (1, 2, 3, 4, 5, 6)
     assert default_exits(6) == (2, 4) and default_exits(12) == (4, 8)
-    for m, e in [(0, 2), (2, 2), (3, 2), (2, 6), (2, 7)]:
+    assert tier_specs(6, 5, 6)[Tier.EDGE].head_layers == (6,)  # edge may run to the end
+    for m, e in [(0, 2), (2, 2), (3, 2), (6, 6), (2, 7)]:
         with pytest.raises(ValueError, match="exits must satisfy"):
             tier_specs(6, m, e)
 

@@ -16,7 +16,7 @@ import ray
 import requests
 from ray.util.state import list_actors
 
-from deployments.schemas import HiddenRef, RouterConfig, TierRequest, Tokens
+from deployments.schemas import HiddenArrays, HiddenRef, RouterConfig, TierRequest, Tokens
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
 from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
@@ -109,30 +109,39 @@ def test_baseline_modes_equal_the_offline_exits(cluster, served_artifact, mode, 
         assert got["label_id"] == want["label_id"] and abs(got["confidence"] - want["confidence"]) < 1e-4
 
 
-def test_hidden_state_travels_through_the_object_store(cluster, served_artifact):
-    """What the ingress sends edge is a reference to just the rows edge needs, not the tensor; edge
-    reads it from the object store, and hands cloud a reference of its own (escalation)."""
+def test_hidden_state_travels_inline_when_small_and_through_the_object_store_when_not(cluster, served_artifact):
+    """What the ingress sends edge is just the rows edge needs: a few rows inside the call (as Ray
+    inlines small arguments), more as a reference that edge reads from the object store; edge hands
+    cloud its own hidden state the same way (escalation)."""
     import asyncio
 
-    from deployments.tier import TierRunner
+    from deployments.tier import INLINE_BYTES, TierRunner
     from dimee_models.artifact import load_tokenizer
 
     ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS * 8)["input_ids"]
     edge, cloud = tier_handle(Tier.EDGE), tier_handle(Tier.CLOUD)
     mobile = TierRunner(str(served_artifact), Tier.MOBILE)  # the ingress's own code, in this process
     [reply] = asyncio.run(mobile.forward([TierRequest(Tokens(ids), keep_hidden=True)]))
-    stored = mobile.store(reply.hidden, rows=[0, 5])
+    small = mobile.store(reply.hidden, rows=[0, 5])
+    assert isinstance(small, HiddenArrays) and small.hidden.shape[0] == 2 and small.nbytes <= INLINE_BYTES
+    inline_reply = edge.remote(TierRequest(small)).result(timeout_s=60)
+    assert inline_reply.received == "inline" and inline_reply.probs.shape[0] == 2
+    rows = list(range(16))
+    stored = mobile.store(reply.hidden, rows=rows)
+    assert stored.nbytes > INLINE_BYTES, "the test needs a hidden state over the inline limit"
     assert isinstance(stored, HiddenRef) and isinstance(stored.ref, ray.ObjectRef)
-    assert stored.nbytes <= reply.hidden.hidden.nbytes * 2 / len(ids)  # the 2 rows only, of 24
-    request = TierRequest(stored, keep_hidden=True, keep_below=1.01)  # keep both rows
+    assert stored.nbytes <= reply.hidden.hidden.nbytes * len(rows) / len(ids)  # those rows only, of 24
+    request = TierRequest(stored, keep_hidden=True, keep_below=1.01)  # keep every row
     assert len(pickle.dumps(request)) < stored.nbytes / 4  # the request is small; the hidden state is not
     edge_reply = edge.remote(request).result(timeout_s=60)
-    assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == 2
+    assert edge_reply.received == "object_store" and edge_reply.probs.shape[0] == len(rows)
     assert isinstance(edge_reply.hidden.ref, ray.ObjectRef) and edge_reply.hidden.layer == 4  # escalation's hop
     cloud_reply = cloud.remote(TierRequest(edge_reply.hidden)).result(timeout_s=60)
-    assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6 and cloud_reply.probs.shape[0] == 2
-    unsure = float(edge_reply.probs.max(-1).min()) + 1e-6  # edge keeps only the rows below this: one
+    assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6
+    assert cloud_reply.probs.shape[0] == len(rows)
+    unsure = float(edge_reply.probs.max(-1).min()) + 1e-6  # edge keeps only the rows below this: one, inline
     kept = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=unsure)).result(timeout_s=60)
+    assert isinstance(kept.hidden, HiddenArrays)
     assert cloud.remote(TierRequest(kept.hidden)).result(timeout_s=60).probs.shape[0] == 1
     sure = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=0.0)).result(timeout_s=60)
     assert sure.hidden is None  # nothing to escalate, nothing stored

@@ -25,7 +25,8 @@ VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum
          ["engine", "wheel", "brake", "piston", "gear", "clutch", "motor", "tire"])
 METHODS = {"cloud_only", "mobile_only", "edge_only", "confidence_cascade", "confidence_cascade_constrained", "random",
            "oracle", "dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained",
-           "dimee_escalate", "dimee_escalate_constrained", "dimee_cascade", "dimee_cascade_constrained"}
+           "dimee_escalate", "dimee_escalate_constrained", "dimee_cascade", "dimee_cascade_constrained",
+           "dimee_direct_cascade", "dimee_direct_cascade_constrained"}
 ROW_KEYS = {"accuracy", "accuracy_drop_pp", "accuracy_drop_pp_ci95", "cost", "cost_reduction", "tier_fraction"}
 POLICY_FILES = ("policy.json", "policy.safetensors")
 

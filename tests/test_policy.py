@@ -14,7 +14,8 @@ from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
 NAMES = {"dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained", "dimee_escalate",
-         "dimee_escalate_constrained", "dimee_cascade", "dimee_cascade_constrained"}
+         "dimee_escalate_constrained", "dimee_cascade", "dimee_cascade_constrained", "dimee_direct_cascade",
+         "dimee_direct_cascade_constrained"}
 
 
 def synthetic(n_per: int = 60, seed: int = 0) -> tuple[ExitOutputs, np.ndarray]:
@@ -160,7 +161,7 @@ def test_score_by_hand(data):
 def test_calibrate_gives_valid_policies_within_budget(data, cal):
     out, cluster = data
     assert set(cal.policies) == NAMES and cal.reference_accuracy == 1.0
-    assert set(cal.curves) == {"dimee", "dimee_learned", "dimee_escalate", "dimee_cascade"}
+    assert set(cal.curves) == {"dimee", "dimee_learned", "dimee_escalate", "dimee_cascade", "dimee_direct_cascade"}
     assert len(cal.curves["dimee"]) == len(ALPHA_GRID)
     for name, pol in cal.policies.items():
         assert pol.name == name and (pol.mobile_exit, pol.edge_exit, pol.num_layers) == (M, E, L)
@@ -174,6 +175,9 @@ def test_calibrate_gives_valid_policies_within_budget(data, cal):
         elif pol.kind == "escalate":
             assert set(pol.thresholds) == {"mobile", "edge", "escalate"}
             assert pol.tensors["weight"].shape == (2 + 3, 2)  # probs, confidence, margin, entropy
+        elif pol.kind == "direct_cascade":
+            assert set(pol.thresholds) == {"mobile"} and pol.tensors == {} and Tier.EDGE not in tiers
+            assert assigned(pol, out)[0].tolist() == tiers.tolist()  # no escalation
         else:
             assert pol.kind == "cascade" and set(pol.thresholds) == {"mobile", "escalate"} and pol.tensors == {}
     cost = CostModel(mu=0.1)

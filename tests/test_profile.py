@@ -89,3 +89,28 @@ def test_a_missing_or_broken_file_is_named(tmp_path):
 
 def test_every_hop_the_model_needs_is_measured():
     assert set(HOPS) == set(profile().hops)
+
+
+def test_links_add_their_round_trip_and_the_bytes_to_each_hop(tmp_path):
+    from dimee_models.profile import LINK_PRESETS, TOKEN_ID_BYTES, Link, Links, read_links
+
+    base = latency_cost_model(profile(tokens_per_text=20.0))
+    links = Links(mobile_edge=Link(rtt_ms=2, mbit_s=8), mobile_cloud=Link(rtt_ms=50, mbit_s=80),
+                  edge_cloud=Link(rtt_ms=10, mbit_s=800))
+    far = latency_cost_model(profile(tokens_per_text=20.0), links=links)
+    hidden = 1536 * 20  # bytes of one text's hidden state; 8 Mbit/s = 1 byte per microsecond
+    assert far.o_1 - base.o_1 == pytest.approx(2 + hidden / 1000)
+    assert far.o_2 - base.o_2 == pytest.approx(50 + hidden / 10000)
+    assert far.raw_to_cloud - base.raw_to_cloud == pytest.approx(50 + 20 * TOKEN_ID_BYTES / 10000)
+    assert far.o_edge_cloud - base.o_edge_cloud == pytest.approx(10 + hidden / 100000)
+    assert latency_cost_model(profile(tokens_per_text=20.0, links=links)) == far  # stored in the profile
+    assert read_links("mobile") == LINK_PRESETS["mobile"]
+    (tmp_path / "links.json").write_text(links.model_dump_json())
+    assert read_links(str(tmp_path / "links.json")) == links
+    (tmp_path / "bad.json").write_text('{"mobile_edge": {"rtt_ms": 1, "mbit_s": 0}}')
+    with pytest.raises(ValueError, match="invalid field mobile_edge.mbit_s"):
+        read_links(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match="neither a preset"):
+        read_links("satellite")
+    with pytest.raises(ValueError, match="tokens_per_text"):
+        latency_cost_model(profile(), links=links)

@@ -52,19 +52,21 @@ def test_a_batch_of_tokens_and_hidden_states_answers_each_as_alone(served_artifa
     assert from_mobile.hidden.layer == 2 and from_mobile.received == "tokens"
 
     def requests() -> list[TierRequest]:
-        """Each text as tokens, then as mobile's hidden state; a coroutine stands in for the object
-        store (each is awaited once, so every call builds new ones)."""
+        """Each text as tokens, then as mobile's hidden state in the object store (a coroutine stands
+        in for it: each is awaited once, so every call builds new ones), then inline."""
         def stored(row: int) -> HiddenRef:
             hidden, mask = select_rows(from_mobile.hidden, [row])
             return HiddenRef(asyncio.sleep(0, result=(hidden, mask)), from_mobile.hidden.layer, hidden.nbytes)
-        return [r for row, row_ids in enumerate(ids) for r in (TierRequest(Tokens([row_ids])),
-                                                               TierRequest(stored(row)))]
+        return [r for row, row_ids in enumerate(ids) for r in (
+            TierRequest(Tokens([row_ids])), TierRequest(stored(row)),
+            TierRequest(HiddenArrays(*select_rows(from_mobile.hidden, [row]), from_mobile.hidden.layer)))]
 
     alone = [asyncio.run(cloud.forward([r]))[0] for r in requests()]
     together = asyncio.run(cloud.forward(requests()))
-    assert [r.received for r in together] == ["tokens", "object_store"] * len(ids)
-    assert {r.batch_size for r in together} == {2 * len(ids)} and {r.exit_layer for r in together} == {6}
+    assert [r.received for r in together] == ["tokens", "object_store", "inline"] * len(ids)
+    assert {r.batch_size for r in together} == {3 * len(ids)} and {r.exit_layer for r in together} == {6}
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
-    for tokens, hidden in zip(together[::2], together[1::2]):  # layers 1..6 here, 3..6 after mobile's 1..2
+    for tokens, hidden, inline in zip(together[::3], together[1::3], together[2::3]):  # 1..6, 3..6 after 1..2
         np.testing.assert_allclose(tokens.probs, hidden.probs, atol=1e-4)
+        np.testing.assert_array_equal(hidden.probs, inline.probs)

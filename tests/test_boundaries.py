@@ -1,0 +1,79 @@
+"""Tier boundaries chosen at calibration, on synthetic outputs whose exits are good from a known layer on."""
+
+import numpy as np
+import pytest
+
+from dimee_models import evaluate
+from dimee_models.boundaries import CHOICE_SHARE, boundary_pairs, choose_boundaries, parse_layers
+from dimee_models.cost import CostModel
+from dimee_models.policy import ExitOutputs
+from dimee_models.tiers import Tier
+
+L, H = 6, 8
+
+
+def outputs(n: int = 3000, good_from: int = 4, hard: float = 0.0, seed: int = 0) -> ExitOutputs:
+    """Two classes; exits below `good_from` guess at chance with low confidence, exits from it on
+    answer right with high confidence (the final exit always); a `hard` share only the final exit
+    gets right."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    is_hard = rng.random(n) < hard
+    logits = np.zeros((n, L, 2), dtype=np.float32)
+    for layer in range(1, L + 1):
+        good = np.flatnonzero(~is_hard if layer >= good_from and layer < L else np.full(n, layer >= good_from))
+        guess = np.setdiff1d(np.arange(n), good)
+        logits[good, layer - 1, labels[good]] = 6.0
+        logits[guess, layer - 1, rng.integers(0, 2, len(guess))] = 0.3
+    z_layers = rng.normal(size=(n, L, H)).astype(np.float32)
+    return ExitOutputs(logits, z_layers[:, 1], labels, 2, 4, z_layers)
+
+
+def test_layer_ranges_and_pairs():
+    assert parse_layers("1-4") == (1, 4) and parse_layers("3") == (3, 3)
+    for bad in ("0-2", "4-1", "x", "1-"):
+        with pytest.raises(ValueError, match="layer"):
+            parse_layers(bad)
+    assert len(boundary_pairs(6)) == 15 and (5, 6) in boundary_pairs(6)  # 1 <= m < e <= 6
+    assert boundary_pairs(6, (1, 2), (4, 4)) == [(1, 4), (2, 4)]
+    with pytest.raises(ValueError, match="no tier boundaries"):
+        boundary_pairs(6, (5, 5), (3, 4))
+
+
+def test_outputs_move_to_other_exits():
+    out = outputs()
+    moved = out.at(4, 6)
+    assert moved.tier_exits() == (4, 6, 6)
+    np.testing.assert_array_equal(moved.z, out.z_layers[:, 3])
+    np.testing.assert_array_equal(moved.tier_predictions[:, 0], out.logits[:, 3].argmax(-1))
+    with pytest.raises(ValueError, match="recompute"):
+        ExitOutputs(out.logits, out.z, out.labels, 2, 4).at(3, 4)
+
+
+def test_the_boundaries_go_where_the_exits_become_good_and_the_guarantee_uses_unseen_rows():
+    out = outputs(good_from=4)
+    choice = choose_boundaries(out, CostModel(), boundary_pairs(L), 0.3)
+    assert choice.mobile_exit == 4  # the shallowest exit that is right: cheapest within the budget
+    assert len(choice.certify_rows) == len(out.labels) - round(CHOICE_SHARE * len(out.labels))
+    cal, _, default = evaluate.calibrate_all(out, CostModel(), 0.3, 0.1, pairs=boundary_pairs(L))
+    policy = cal.policies[default]
+    assert policy.mobile_exit == 4 and policy.risk.guaranteed
+    assert policy.risk.n == len(choice.certify_rows)  # certified on the rows the choice did not see
+    assert cal.boundaries["mobile"] == 4 and cal.boundaries["chosen_by"] == choice.variant
+    tiers, _ = policy.assign(out.at(4, policy.edge_exit).z, out.probs(4), out.probs(policy.edge_exit))
+    assert (tiers == Tier.MOBILE).mean() > 0.95
+
+
+def test_bounds_keep_the_mobile_exit_where_the_device_can_hold_it():
+    cal, _, default = evaluate.calibrate_all(outputs(good_from=4), CostModel(), 0.3, 0.1,
+                                             pairs=boundary_pairs(L, (1, 2)))
+    assert cal.policies[default].mobile_exit <= 2
+
+
+def test_where_hops_are_dear_the_two_tier_cascade_wins_and_where_every_split_loses_cloud_only_is_served():
+    out = outputs(good_from=4, hard=0.2)
+    dear_edge = CostModel(o_1=5.0)
+    assert choose_boundaries(out, dear_edge, boundary_pairs(L), 0.3).variant == "dimee_direct_cascade"
+    dear_layers = CostModel(lambda_mobile=10.0)  # mobile's layers dearer than cloud-only: no split pays
+    _, _, default = evaluate.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L))
+    assert default == evaluate.NO_SPLIT
