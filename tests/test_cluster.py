@@ -139,10 +139,13 @@ def test_hidden_state_travels_inline_when_small_and_through_the_object_store_whe
     cloud_reply = cloud.remote(TierRequest(edge_reply.hidden)).result(timeout_s=60)
     assert cloud_reply.received == "object_store" and cloud_reply.exit_layer == 6
     assert cloud_reply.probs.shape[0] == len(rows)
-    unsure = float(edge_reply.probs.max(-1).min()) + 1e-6  # edge keeps only the rows below this: one, inline
+    # edge keeps only the least sure text's rows (the texts repeat, so a few rows): few enough to go inline
+    confidence = edge_reply.probs.max(-1)
+    unsure = float(confidence.min()) + 1e-6
     kept = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=unsure)).result(timeout_s=60)
     assert isinstance(kept.hidden, HiddenArrays)
-    assert cloud.remote(TierRequest(kept.hidden)).result(timeout_s=60).probs.shape[0] == 1
+    want = int((confidence < unsure).sum())
+    assert 1 <= want < len(rows) and cloud.remote(TierRequest(kept.hidden)).result(timeout_s=60).probs.shape[0] == want
     sure = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=0.0)).result(timeout_s=60)
     assert sure.hidden is None  # nothing to escalate, nothing stored
 
