@@ -314,9 +314,6 @@ def cmd_up(args) -> int:
     return tune_and_serve(args)
 
 
-CLUSTER_PROFILE = "cluster-profile.json"  # kept in the artifact, reused while the cluster's nodes are the same
-
-
 def trained_exits(manifest) -> tuple[int, int]:
     from dimee_models.manifest import default_exits
 
@@ -332,7 +329,7 @@ def tune_and_serve(args) -> int:
     import ray
 
     from deployments.profile import describe_nodes, format_profile, run_profile
-    from dimee_models.artifact import read_manifest
+    from dimee_models.artifact import CLUSTER_PROFILE, read_manifest
     from dimee_models.boundaries import boundary_pairs
     from dimee_models.evaluate import run_calibration
     from dimee_models.policy import load_policies
@@ -340,7 +337,7 @@ def tune_and_serve(args) -> int:
 
     from deployments import local_cluster
 
-    path = args.artifact / CLUSTER_PROFILE
+    path = args.artifact / CLUSTER_PROFILE  # reused while the cluster's nodes are the same
     address = args.address or local_cluster.address()
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     nodes = describe_nodes()
@@ -374,7 +371,9 @@ def tune_and_serve(args) -> int:
 
 
 def _node_kinds(nodes: list[dict]) -> list[tuple]:
-    return sorted((n["address"], n["tier"], n["cpus"], n["memory_gib"]) for n in nodes)
+    """What makes a profile stale: another node, tier or CPU count. Not memory: Ray sizes a node's
+    memory from what is free when it starts, so it differs a little on every start."""
+    return sorted((n["address"], n["tier"], n["cpus"]) for n in nodes)
 
 
 def cmd_profile(args) -> int:

@@ -10,6 +10,8 @@ Layout:
     edge.safetensors         layers m+1..e + exit head e
     splits/{train,calibration,test}.jsonl
     (later issues add policy and cached outputs; every file is listed in the manifest)
+    cluster-profile.json     `dimee up`'s measurement of the cluster: kept here, not checksummed
+                             (it describes the cluster, not the model, and is re-measured in place)
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from dimee_models.model import MultiExitEncoder
 
 MANIFEST = "manifest.json"
+CLUSTER_PROFILE = "cluster-profile.json"
 
 
 class ArtifactError(ValueError):
@@ -91,9 +94,10 @@ def write_tiers(out: Path, full: MultiExitEncoder, mobile: int, edge: int) -> di
 
 
 def write_manifest(out: Path, manifest: Manifest) -> Manifest:
-    """Checksum every file in the directory (except the manifest) and write the manifest with them;
+    """Checksum every file in the directory (except the manifest and the cluster profile) and write the manifest with them;
     returns it as `read_manifest` will (the free-form `training` and `metrics` as JSON has them)."""
-    files = {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name not in (MANIFEST, CLUSTER_PROFILE)}
     text = manifest.model_copy(update={"files": files}).to_json()
     (out / MANIFEST).write_text(text + "\n")
     return Manifest.model_validate_json(text)

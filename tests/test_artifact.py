@@ -131,6 +131,15 @@ def test_modified_file_is_named(copy, name):
     assert artifact.read_manifest(copy, verify=False).exits.model_dump() == EXITS
 
 
+def test_the_cluster_profile_is_kept_but_not_checksummed(copy):
+    """`dimee up` re-measures the cluster into the artifact; that must not void the model's checksums."""
+    (copy / artifact.CLUSTER_PROFILE).write_text("{}")
+    manifest = artifact.write_manifest(copy, artifact.read_manifest(copy))
+    assert artifact.CLUSTER_PROFILE not in manifest.files
+    (copy / artifact.CLUSTER_PROFILE).write_text('{"measured": "again"}')
+    artifact.read_manifest(copy)
+
+
 def test_deleted_file_is_named(copy):
     (copy / "mobile.safetensors").unlink()
     with pytest.raises(ArtifactError, match="missing.*mobile.safetensors"):

@@ -339,3 +339,11 @@ def test_metrics_without_prometheus_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="install.sh --with-prometheus"):
         local_cluster.start_prometheus()
+
+
+def test_a_profile_goes_stale_with_other_nodes_not_with_their_free_memory():
+    node = {"address": "10.0.0.3", "hostname": "a", "tier": "mobile", "cpus": 1.0, "memory_gib": 15.8}
+    same = [dict(node, memory_gib=15.6)]  # Ray sizes memory from what is free at each start
+    assert serve_cli._node_kinds([node]) == serve_cli._node_kinds(same)
+    for change in ({"cpus": 2.0}, {"tier": "edge"}, {"address": "10.0.0.9"}):
+        assert serve_cli._node_kinds([node]) != serve_cli._node_kinds([dict(node, **change)])
