@@ -146,14 +146,3 @@ def test_a_tier_serve_reports_without_replicas_is_not_called(served_artifact):
     assert asyncio.run(router.call(Tier.CLOUD, None, s, deadline=began + 3)) is None
     assert tier.calls == 0 and time.monotonic() - began < 0.1
     assert router.since_start["hop_failures"] == {("cloud", "unavailable"): 1}
-
-
-@pytest.mark.parametrize("backbone,dataset,name", [
-    ("sentence-transformers/all-MiniLM-L6-v2", "rt-polarity", "sentence-transformers/all-MiniLM-L6-v2@rt-polarity"),
-    ("/home/me/models/all-mpnet-base-v2", "csv:/home/me/data/reviews.csv", "all-mpnet-base-v2@csv:reviews.csv"),
-    ("./backbones/tiny", "jsonl:data/x.jsonl", "tiny@jsonl:x.jsonl"),
-])
-def test_answers_name_the_model_without_server_paths(backbone, dataset, name):
-    from deployments.router import public_model_name
-
-    assert public_model_name(backbone, dataset) == name
