@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import split_outputs
-from dimee_models.policy import calibrate, score
+from dimee_models.calibration import calibrate, score
+from dimee_models.outputs import split_outputs
 from dimee_models.tiers import TIER_NAMES
 
 ROUTERS = ("dimee", "dimee_learned")

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from dimee_models.cli import _delta
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import split_outputs
-from dimee_models.policy import ExitOutputs, choose, score_candidates
+from dimee_models.calibration import choose, score_candidates
+from dimee_models.outputs import ExitOutputs, split_outputs
 from dimee_models.resample import resampled
 from dimee_models.risk import binomial_cdf
 

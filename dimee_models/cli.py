@@ -190,7 +190,7 @@ def add_calibrate(sub) -> None:
 
 
 def _layers(value: str) -> tuple[int, int]:
-    from dimee_models.boundaries import parse_layers
+    from dimee_models.calibration import parse_layers
 
     try:
         return parse_layers(value)
@@ -203,13 +203,13 @@ def boundary_pairs_of(args, directory: Path) -> list[tuple[int, int]] | None:
     if not (args.choose_boundaries or args.mobile_layers or args.edge_layers):
         return None
     from dimee_models.artifact import read_manifest
-    from dimee_models.boundaries import boundary_pairs
+    from dimee_models.calibration import boundary_pairs
 
     return boundary_pairs(read_manifest(directory).num_layers, args.mobile_layers, args.edge_layers)
 
 
 def cmd_calibrate(args) -> int:
-    from dimee_models.evaluate import run_calibration
+    from dimee_models.calibration import run_calibration
 
     if not 0 <= args.max_accuracy_drop <= 100:
         raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")

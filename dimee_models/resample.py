@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import calibrate_all, method_assignments
-from dimee_models.policy import ExitOutputs, load_policies, score, score_candidates
+from dimee_models.calibration import calibrate_all, score, score_candidates
+from dimee_models.evaluate import method_assignments
+from dimee_models.outputs import ExitOutputs
+from dimee_models.policy import load_policies
 
 
 def partitions(n_calibration: int, n_test: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -1,6 +1,8 @@
-"""The project's import graph, read from the source: no cycles."""
+"""The project's import graph, read from the source: no cycles, and no torch where serving routes."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +75,17 @@ def test_cycles_are_found():
 
 def test_no_import_cycle():
     assert cycles(graph()) == []
+
+
+def test_serving_policy_and_router_import_no_torch_at_module_level():
+    files = module_files()
+    for name in ("dimee_models.policy", "deployments.router"):
+        tree = ast.parse(files[name].read_text())
+        tops = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        tops |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+        assert "torch" not in tops, name
+
+
+def test_loading_policies_does_not_load_torch():
+    code = "import sys, dimee_models.policy; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

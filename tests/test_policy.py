@@ -4,12 +4,12 @@ calibration, choice of operating point, persistence."""
 import numpy as np
 import pytest
 
+from dimee_models.calibration import (ALPHA_GRID, Outcome, calibrate, centroids_of, choose, fit_learned, pools,
+                                      save_policies, score)
 from dimee_models.cost import CostModel
-from dimee_models.policy import (
-    ALPHA_GRID, EDGE_CLOUD, CascadePolicy, CentroidPolicy, EscalatePolicy, ExitOutputs, LearnedPolicy, Outcome, Policy, calibrate,
-    centroids_of, choose, exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features,
-    save_policies, score,
-)
+from dimee_models.outputs import ExitOutputs
+from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, EscalatePolicy, LearnedPolicy, Policy,
+                                 exit_features, load_policies, nearest_centroid, router_features)
 from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
@@ -133,7 +133,7 @@ def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
 
 
 def test_the_cascade_policy_serves_the_offline_confidence_cascade(data):
-    from dimee_models.evaluate import cascade_paths
+    from dimee_models.calibration import cascade_paths
 
     out, _ = data
     for t in (0.5, 0.9, 0.95, 1.01):
