@@ -32,7 +32,7 @@ from dimee_models.risk import binomial_cdf
 SIZES = (1000, 2000, 5000, 10000, 20000, 50000)
 
 SHOWN = ("served_default", "dimee_cascade_constrained", "dimee_escalate_constrained", "dimee_learned_constrained",
-         "dimee_constrained", "confidence_cascade_constrained", "oracle")
+         "dimee_constrained", "oracle")
 
 
 def table(name: str, report: dict, budget_pp: float, k: int) -> str:

@@ -290,7 +290,7 @@ def grid_outcomes(out: ExitOutputs, cost: CostModel, mobile: np.ndarray, edge: n
 
 def cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
     """Every (mobile, escalate) pair of confidence thresholds from RISK_PATH; risk control walks
-    the diagonal, one threshold for both (the offline `confidence_cascade` below)."""
+    the diagonal, one threshold for both: the classic early exit, stopping at the first sure exit."""
     conf = out.tier_confidences
     grid = RISK_PATH[::-1]  # ascending: from "mobile keeps everything" to "mobile keeps nothing"
     outcomes = grid_outcomes(out, cost, conf[:, 0] >= grid[:, None], np.ones((1, len(conf)), bool),
@@ -438,31 +438,6 @@ def choose_boundaries(out: ExitOutputs, cost: CostModel, pairs: list[tuple[int, 
     return BoundaryChoice(best["mobile"], best["edge"], best["variant"], np.sort(order[cut:]), found)
 
 
-# the offline confidence cascade ------------------------------------------------------------------
-
-
-def cascade_paths(conf: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Classic early exit over the tiers: stop at the first exit whose confidence clears the
-    threshold, paying every hop on the way (cloud is reached through edge)."""
-    tiers = np.where(conf[:, 0] >= threshold, Tier.MOBILE, np.where(conf[:, 1] >= threshold, Tier.EDGE, Tier.CLOUD))
-    paths = np.array([Tier.MOBILE, Tier.EDGE, EDGE_CLOUD])[tiers]
-    return tiers, paths
-
-
-def _score_cascade(out: ExitOutputs, threshold: float, cost: CostModel) -> Outcome:
-    tiers, paths = cascade_paths(out.tier_confidences, threshold)
-    return score(out, tiers, cost, paths)
-
-
-def calibrate_cascade(out: ExitOutputs, cost: CostModel, max_drop_pp: float,
-                      delta: float | None = None) -> dict[str, float]:
-    outcomes = [_score_cascade(out, t, cost) for t in ALPHA_GRID]
-    ref = float((out.tier_predictions[:, 2] == out.labels).mean())
-    choice = choose(outcomes, ref, max_drop_pp, delta=delta, path=list(range(len(ALPHA_GRID)))[::-1])
-    return {"confidence_cascade": float(ALPHA_GRID[choice.by_reward]),
-            "confidence_cascade_constrained": float(ALPHA_GRID[choice.constrained])}
-
-
 # the served default ------------------------------------------------------------------------------
 
 
@@ -476,8 +451,8 @@ GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_cons
 
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
                   seed: int = 0, default: str | None = None, candidates: list[Candidates] | None = None,
-                  pairs: list[tuple[int, int]] | None = None) -> tuple[Calibration, dict[str, float], str]:
-    """Every router and the cascade calibrated on `out`, and the policy to serve by default: with
+                  pairs: list[tuple[int, int]] | None = None) -> tuple[Calibration, str]:
+    """Every router calibrated on `out`, and the policy to serve by default: with
     the point estimate, the cheapest constrained router on these outputs (never the test split);
     with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
     unless no split is cheaper than cloud-only (`no_split_if_cheaper`). With several boundary
@@ -492,18 +467,17 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
     cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
     if chosen is not None:
         cal.boundaries = chosen.to_json(pairs)
-    cascade = calibrate_cascade(out, cost, max_drop_pp, delta)
     if default is not None:
         if default not in cal.policies:
             raise ValueError(f"unknown policy {default!r}; choose one of {sorted(cal.policies)}")
-        return cal, cascade, default
+        return cal, default
     if delta is None:
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
         default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
     else:
         order = ((f"{chosen.variant}_constrained",) if chosen else ()) + GUARANTEED_PREFERENCE
         default = next((name for name in order if cal.policies[name].risk.guaranteed), order[0])
-    return cal, cascade, no_split_if_cheaper(out, cal, cost, default, delta, max_drop_pp)
+    return cal, no_split_if_cheaper(out, cal, cost, default, delta, max_drop_pp)
 
 
 NO_SPLIT = "dimee_cloud_only"
@@ -559,16 +533,15 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
                     default: str | None = None, delta: float | None = DEFAULT_DELTA,
                     pairs: list[tuple[int, int]] | None = None) -> dict:
     """Calibrate every router on the calibration split and store the policies in the artifact; with
-    boundary `pairs` (boundaries.boundary_pairs), also the tier weight files cut at the chosen exits."""
+    boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits."""
     manifest = artifact.read_manifest(directory)
     out = split_outputs(directory, "calibration", manifest)
-    cal, cascade, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs)
+    cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs)
     exits = Exits(mobile=cal.policies[default].mobile_exit, edge=cal.policies[default].edge_exit)
     if exits != manifest.exits:
         tiers = artifact.write_tiers(directory, artifact.load_full(directory, manifest), exits.mobile, exits.edge)
         manifest = manifest.model_copy(update={"exits": exits, "tiers": tiers})
-    doc = save_policies(directory, cal, cost, default, max_drop_pp, {"delta": delta, "folds": folds,
-                                                                     "cascade_thresholds": cascade})
+    doc = save_policies(directory, cal, cost, default, max_drop_pp, {"delta": delta, "folds": folds})
     policy = PolicyRef(default=default, file="policy.json")
     artifact.write_manifest(directory, manifest.model_copy(update={"policy": policy}))
     return doc

@@ -229,8 +229,6 @@ def cmd_calibrate(args) -> int:
             held = "guaranteed" if r["guaranteed"] else "NOT guaranteed (no setting passed; the safest is taken)"
             print(f"  {'':28s} {r['losses']}/{r['n']} losses, loss rate <= {r['loss_ucb_pp']:.2f} pp with "
                   f"probability {1 - r['delta']:.0%}: {held}")
-    for name, threshold in doc["cascade_thresholds"].items():
-        print(f"  {name:28s} cascade  threshold {threshold}")
     if "boundaries" in doc:
         b = doc["boundaries"]
         print(f"tier boundaries: mobile exit {b['mobile']}, edge exit {b['edge']} (chosen by {b['chosen_by']} among "

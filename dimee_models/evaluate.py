@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from dimee_models import artifact
-from dimee_models.calibration import ALPHA_GRID, Outcome, _score_cascade, cascade_paths, centroids_of, pools, score
+from dimee_models.calibration import ALPHA_GRID, Outcome, centroids_of, pools, score
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.outputs import ExitOutputs, split_outputs
-from dimee_models.policy import Mode, Policy, load_policies, nearest_centroid
+from dimee_models.policy import CascadePolicy, Mode, Policy, load_policies, nearest_centroid
+from dimee_models.risk import RISK_PATH
 from dimee_models.tiers import TIER_NAMES, Tier
 from dimee_models.train import batches, model_inputs
 
@@ -24,8 +25,8 @@ def oracle_tiers(out: ExitOutputs) -> np.ndarray:
     return np.where(correct[:, 0], Tier.MOBILE, np.where(correct[:, 1], Tier.EDGE, Tier.CLOUD))
 
 
-def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], seed: int = 0) -> dict:
-    """name -> (tiers, paths) for every method of the table."""
+def method_assignments(out: ExitOutputs, policies: dict[str, Policy], seed: int = 0) -> dict:
+    """name -> (tiers, paths) for every method of the table: the baselines and every stored policy."""
     n = len(out.labels)
     direct = {t: np.full(n, t) for t in range(3)}
     rows = {
@@ -33,8 +34,6 @@ def method_assignments(out: ExitOutputs, policies: dict[str, Policy], cascade: d
         "mobile_only": (direct[Tier.MOBILE], None),
         "edge_only": (direct[Tier.EDGE], None),
     }
-    for name, threshold in cascade.items():
-        rows[name] = cascade_paths(out.tier_confidences, threshold)
     mobile_probs, edge_probs = out.probs(out.mobile_exit), out.probs(out.edge_exit)
     for name, policy in policies.items():
         rows[name] = policy.assign(out.z, mobile_probs, edge_probs)
@@ -52,11 +51,11 @@ def bootstrap_drop_ci(correct: np.ndarray, reference: np.ndarray, rounds: int = 
     return [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))]
 
 
-def evaluate(out: ExitOutputs, policies: dict[str, Policy], cascade: dict[str, float], cost: CostModel,
+def evaluate(out: ExitOutputs, policies: dict[str, Policy], cost: CostModel,
              latency: CostModel | None = None) -> dict:
     """Per method: accuracy, its drop against the final exit, the mean cost under `cost`; with a
     cost model in ms (`latency`), also the expected latency of a one-text request, mean and p50."""
-    rows = method_assignments(out, policies, cascade)
+    rows = method_assignments(out, policies)
     n = len(out.labels)
     exits = out.mobile_exit, out.edge_exit, out.num_layers
     base_cost = cost.path_costs(*exits)["cloud_only"]
@@ -113,13 +112,17 @@ def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, method
 
     dimee = [score(out, nearest_centroid(out.z, centroids_of(cal.z, pools(cal.tier_confidences, a))), cost)
              for a in ALPHA_GRID]
-    cascade = [_score_cascade(out, t, cost) for t in ALPHA_GRID]
+    mobile_probs, edge_probs = out.probs(out.mobile_exit), out.probs(out.edge_exit)
+    sweep = [CascadePolicy("sweep", out.mobile_exit, out.edge_exit, out.num_layers, {"mobile": t, "escalate": t}, {})
+             for t in RISK_PATH]  # the served cascade with one threshold for both gates, as risk control walks it
+    cascade = [score(out, tiers, cost, paths)
+               for tiers, paths in (policy.assign(out.z, mobile_probs, edge_probs) for policy in sweep)]
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.plot([o.cost for o in dimee], [o.accuracy for o in dimee], ".-", label="dimee (alpha sweep)")
-    ax.plot([o.cost for o in cascade], [o.accuracy for o in cascade], ".-", label="confidence_cascade (sweep)")
+    ax.plot([o.cost for o in cascade], [o.accuracy for o in cascade], ".-", label="dimee_cascade (one threshold sweep)")
     for name, marker in (("cloud_only", "s"), ("oracle", "*"), ("dimee_constrained", "o"),
                          ("dimee_learned_constrained", "D"), ("dimee_escalate_constrained", "P"),
-                         ("confidence_cascade_constrained", "^")):
+                         ("dimee_cascade_constrained", "^")):
         if name in methods:
             ax.plot(methods[name]["cost"], methods[name]["accuracy"], marker, markersize=10, label=name)
     ax.set_xlabel("mean cost per sample")
@@ -145,7 +148,7 @@ def run_evaluation(directory: Path, cost: CostModel | None = None,
     if cost.unit != "abstract" or (latency is not None and latency.unit != "ms"):
         raise ValueError("the evaluation's cost model must be in abstract units and its latency model in ms")
     test_out = split_outputs(directory, "test", manifest)
-    methods = evaluate(test_out, policies, doc["cascade_thresholds"], cost, latency)
+    methods = evaluate(test_out, policies, cost, latency)
     result = {"dataset": manifest.dataset.name, "split": "test", "n": int(len(test_out.labels)),
               "cost_model": cost.model_dump(), "methods": methods}
     if latency is not None:

@@ -54,12 +54,11 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
         candidates = score_candidates(cal_part, cost, folds, seed) if pairs is None else None
         reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
         for delta in deltas:
-            cal, cascade, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
+            cal, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
                                                   candidates=candidates, pairs=pairs)
             served = cal.policies[default]
             choices[delta][f"{default}@{served.mobile_exit}/{served.edge_exit}" if pairs else default] += 1
-            rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, cascade,
-                                      seed)
+            rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, seed)
             rows["served_default"] = rows[default]
             for name, (tiers, paths) in rows.items():
                 o = score(test_part.at(served.mobile_exit, served.edge_exit), tiers, cost, paths)
