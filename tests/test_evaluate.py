@@ -292,7 +292,7 @@ def test_predicted_latency_is_set_beside_the_measured_one(calibrated, tmp_path):
 
     rows = compare(calibrated[0], write_profile_of(tmp_path / "p.json"),
                    {"mobile_only": 20.0, "edge_only": 38.0, "cloud_only": 35.0, "dimee": 30.0})
-    by_policy = {r["policy"]: r for r in rows}
-    assert by_policy["dimee"]["method"] == calibrated[1]["default"]
-    assert by_policy["mobile_only"]["predicted_ms"] == pytest.approx(18) and by_policy["edge_only"]["error"] == 0
-    assert by_policy["cloud_only"]["error"] == pytest.approx(28 / 35 - 1)
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["dimee"]["method"] == calibrated[1]["default"]
+    assert by_mode["mobile_only"]["predicted_ms"] == pytest.approx(18) and by_mode["edge_only"]["error"] == 0
+    assert by_mode["cloud_only"]["error"] == pytest.approx(28 / 35 - 1)
