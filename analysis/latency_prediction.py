@@ -1,4 +1,4 @@
-"""Predicted against measured mean latency of one-text requests, per policy: the prediction is the
+"""Predicted against measured mean latency of one-text requests, per mode: the prediction is the
 cost model in ms of a cluster profile (`dimee profile`) applied to each method's paths on the test
 split (`dimee evaluate --cost-profile`); the measurement is `load/bench_latency.py` on the same
 deployment. `dimee` is the artifact's served default policy.
@@ -25,10 +25,10 @@ def compare(artifact_dir: Path, profile: Path, measured: dict[str, float]) -> li
     result, _, _ = run_evaluation(artifact_dir, latency=latency_cost_model(read_profile(profile)))
     default = load_policies(artifact_dir)[1]["default"]
     rows = []
-    for policy, method in [(b, b) for b in BASELINES] + [("dimee", default)]:
+    for mode, method in [(b, b) for b in BASELINES] + [("dimee", default)]:
         predicted = result["methods"][method]["latency_ms"]["mean"]
-        rows.append({"policy": policy, "method": method, "predicted_ms": predicted, "measured_ms": measured[policy],
-                     "error": predicted / measured[policy] - 1})
+        rows.append({"mode": mode, "method": method, "predicted_ms": predicted, "measured_ms": measured[mode],
+                     "error": predicted / measured[mode] - 1})
     return rows
 
 
@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the table here")
     args = p.parse_args(argv)
     run = json.loads(args.latency.read_text())["runs"][args.run]
-    rows = compare(args.artifact, args.profile, run["policy_mean_ms"])
-    print(f"{'policy':<12}{'method':<30}{'predicted ms':>13}{'measured ms':>12}{'error':>8}")
+    measured = run.get("mode_mean_ms") or run["policy_mean_ms"]  # runs stored before the rename say policy
+    rows = compare(args.artifact, args.profile, measured)
+    print(f"{'mode':<12}{'method':<30}{'predicted ms':>13}{'measured ms':>12}{'error':>8}")
     for r in rows:
-        print(f"{r['policy']:<12}{r['method']:<30}{r['predicted_ms']:>13.1f}{r['measured_ms']:>12.1f}{r['error']:>8.1%}")
+        print(f"{r['mode']:<12}{r['method']:<30}{r['predicted_ms']:>13.1f}{r['measured_ms']:>12.1f}{r['error']:>8.1%}")
     if args.json:
         args.json.write_text(json.dumps({"artifact": str(args.artifact), "profile": str(args.profile),
                                          "latency_run": run["time"], "rows": rows}, indent=1) + "\n")

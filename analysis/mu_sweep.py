@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import split_outputs
-from dimee_models.policy import calibrate, score
+from dimee_models.calibration import calibrate, score
+from dimee_models.outputs import split_outputs
 from dimee_models.tiers import TIER_NAMES
 
 ROUTERS = ("dimee", "dimee_learned")
@@ -77,15 +77,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifacts", nargs="+", type=Path)
     ap.add_argument("--mu", type=float, nargs="+", default=list(DEFAULT_MU))
-    ap.add_argument("--max-drop-pp", type=float, default=0.3)
+    ap.add_argument("--max-accuracy-drop", type=float, default=0.3, help="budget in percentage points (default 0.3)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     start = time.perf_counter()
-    rows = [r for d in args.artifacts for r in sweep(d, args.mu, args.max_drop_pp)]
+    rows = [r for d in args.artifacts for r in sweep(d, args.mu, args.max_accuracy_drop)]
     elapsed = time.perf_counter() - start
     print(table(rows))
     print(f"runtime {elapsed:.1f} s")
-    args.json.write_text(json.dumps({"cost_model_defaults": CostModel().model_dump(), "max_drop_pp": args.max_drop_pp,
+    args.json.write_text(json.dumps({"cost_model_defaults": CostModel().model_dump(), "max_accuracy_drop_pp": args.max_accuracy_drop,
                                      "runtime_s": elapsed, "rows": rows}, indent=1) + "\n")
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dimee_models.evaluate import split_outputs
-from dimee_models.policy import agreement_targets, cross_fitted_scores, policy_features
+from dimee_models.calibration import agreement_targets, cross_fitted_scores
+from dimee_models.outputs import split_outputs
+from dimee_models.policy import policy_features
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

@@ -24,15 +24,15 @@ from pathlib import Path
 
 from dimee_models.cli import _delta
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import split_outputs
-from dimee_models.policy import ExitOutputs, choose, score_candidates
+from dimee_models.calibration import choose, score_candidates
+from dimee_models.outputs import ExitOutputs, split_outputs
 from dimee_models.resample import resampled
 from dimee_models.risk import binomial_cdf
 
 SIZES = (1000, 2000, 5000, 10000, 20000, 50000)
 
 SHOWN = ("served_default", "dimee_cascade_constrained", "dimee_escalate_constrained", "dimee_learned_constrained",
-         "dimee_constrained", "confidence_cascade_constrained", "oracle")
+         "dimee_constrained", "oracle")
 
 
 def table(name: str, report: dict, budget_pp: float, k: int) -> str:

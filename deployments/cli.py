@@ -297,7 +297,7 @@ def cmd_up(args) -> int:
         print(f"no artifact at {args.artifact}: training a {args.epochs}-epoch {args.dataset} model (cached there)")
         train(TrainConfig(dataset=args.dataset, epochs=args.epochs), args.artifact)
     from dimee_models.cost import CostModel
-    from dimee_models.evaluate import run_calibration
+    from dimee_models.calibration import run_calibration
     from dimee_models.policy import load_policies
 
     manifest = read_manifest(args.artifact)
@@ -330,8 +330,7 @@ def tune_and_serve(args) -> int:
 
     from deployments.profile import describe_nodes, format_profile, run_profile
     from dimee_models.artifact import CLUSTER_PROFILE, read_manifest
-    from dimee_models.boundaries import boundary_pairs
-    from dimee_models.evaluate import run_calibration
+    from dimee_models.calibration import boundary_pairs, run_calibration
     from dimee_models.policy import load_policies
     from dimee_models.profile import latency_cost_model, read_profile, write_profile
 

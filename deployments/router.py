@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -33,13 +32,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
-from deployments.profile import measure_tiers
-from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, Prediction, RouterConfig, TierReply,
-                                 TierRequest, Tokens)
+from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, Prediction, RouterConfig,
+                                 TierReply, TierRequest, Tokens)
 from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
-from dimee_models.manifest import Manifest
+from dimee_models.manifest import Manifest, public_model_name
 from dimee_models.policy import CentroidPolicy, Mode, Policy, load_policies
 from dimee_models.tiers import Tier
 
@@ -93,15 +91,39 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> S
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
 
 
-def public_model_name(backbone: str, dataset: str) -> str:
-    """What answers call the model: backbone and dataset by name, never a path on the server (a
-    local backbone folder or a user's CSV); a hub id such as org/name stays as it is."""
-    if Path(backbone).is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1:
-        backbone = Path(backbone).name
-    kind, sep, source = dataset.partition(":")
-    if sep and kind in ("csv", "jsonl"):
-        dataset = f"{kind}:{Path(source).name}"
-    return f"{backbone}@{dataset}"
+async def measure_tiers(mobile: TierRunner, handles: dict, rows: list[list[int]]) -> dict[str, float]:
+    """Run by the ingress: `rows` (token ids) as one request through every tier call it can make;
+    the mobile, edge and cloud compute and each hop's overhead, in ms, and hidden-state bytes per token."""
+
+    async def call(tier: Tier, request: TierRequest):
+        began = time.perf_counter()
+        reply = await asyncio.wait_for(handles[tier].remote(request), 60)
+        return (time.perf_counter() - began) * 1000, reply.compute_ms, reply
+
+    async def from_store(tier: Tier, hidden: HiddenArrays, **keep):
+        """A hop as the router makes it: the hidden state stored, then the tier called at once."""
+        began = time.perf_counter()
+        stored = mobile.store(hidden)
+        store_ms = (time.perf_counter() - began) * 1000
+        round_trip, compute_ms, reply = await call(tier, TierRequest(stored, **keep))
+        return store_ms + round_trip - compute_ms, compute_ms, reply, stored
+
+    began = time.perf_counter()
+    await asyncio.wait_for(handles[Tier.EDGE].describe.remote(), 60)
+    noop = (time.perf_counter() - began) * 1000
+    [local] = await mobile.forward([TierRequest(Tokens(rows), keep_hidden=True)])
+    ingress_edge, edge_ms, _, stored = await from_store(Tier.EDGE, local.hidden)
+    keeping, _, kept, _ = await from_store(Tier.EDGE, local.hidden, keep_hidden=True, keep_below=1.01)
+    escalate_rt, escalate_ms, _ = await call(Tier.CLOUD, TierRequest(kept.hidden))  # at once, as on escalation
+    ingress_cloud, _, _, _ = await from_store(Tier.CLOUD, local.hidden)
+    tokens_rt, cloud_ms, _ = await call(Tier.CLOUD, TierRequest(Tokens(rows)))
+    return {
+        "noop": noop, "mobile_ms": local.compute_ms, "edge_ms": edge_ms, "cloud_ms": cloud_ms,
+        "ingress_edge": ingress_edge, "ingress_cloud": ingress_cloud, "ingress_cloud_tokens": tokens_rt - cloud_ms,
+        # edge storing its hidden state for cloud, then cloud fetching it
+        "edge_cloud": keeping - ingress_edge + escalate_rt - escalate_ms,
+        "hidden_bytes_per_token": stored.nbytes / sum(len(row) for row in rows),
+    }
 
 
 @serve.deployment

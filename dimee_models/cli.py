@@ -190,7 +190,7 @@ def add_calibrate(sub) -> None:
 
 
 def _layers(value: str) -> tuple[int, int]:
-    from dimee_models.boundaries import parse_layers
+    from dimee_models.calibration import parse_layers
 
     try:
         return parse_layers(value)
@@ -203,13 +203,13 @@ def boundary_pairs_of(args, directory: Path) -> list[tuple[int, int]] | None:
     if not (args.choose_boundaries or args.mobile_layers or args.edge_layers):
         return None
     from dimee_models.artifact import read_manifest
-    from dimee_models.boundaries import boundary_pairs
+    from dimee_models.calibration import boundary_pairs
 
     return boundary_pairs(read_manifest(directory).num_layers, args.mobile_layers, args.edge_layers)
 
 
 def cmd_calibrate(args) -> int:
-    from dimee_models.evaluate import run_calibration
+    from dimee_models.calibration import run_calibration
 
     if not 0 <= args.max_accuracy_drop <= 100:
         raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")
@@ -229,8 +229,6 @@ def cmd_calibrate(args) -> int:
             held = "guaranteed" if r["guaranteed"] else "NOT guaranteed (no setting passed; the safest is taken)"
             print(f"  {'':28s} {r['losses']}/{r['n']} losses, loss rate <= {r['loss_ucb_pp']:.2f} pp with "
                   f"probability {1 - r['delta']:.0%}: {held}")
-    for name, threshold in doc["cascade_thresholds"].items():
-        print(f"  {name:28s} cascade  threshold {threshold}")
     if "boundaries" in doc:
         b = doc["boundaries"]
         print(f"tier boundaries: mobile exit {b['mobile']}, edge exit {b['edge']} (chosen by {b['chosen_by']} among "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
@@ -128,3 +129,14 @@ class Manifest(Frozen):
     def to_json(self) -> str:
         """manifest.json's text, without `"policy": null` before calibration."""
         return json.dumps(self.model_dump(mode="json", exclude={"policy"} if self.policy is None else None), indent=2)
+
+
+def public_model_name(backbone: str, dataset: str) -> str:
+    """What answers call the model: backbone and dataset by name, never a path on the server (a
+    local backbone folder or a user's CSV); a hub id such as org/name stays as it is."""
+    if Path(backbone).is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1:
+        backbone = Path(backbone).name
+    kind, sep, source = dataset.partition(":")
+    if sep and kind in ("csv", "jsonl"):
+        dataset = f"{kind}:{Path(source).name}"
+    return f"{backbone}@{dataset}"

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import calibrate_all, method_assignments
-from dimee_models.policy import ExitOutputs, load_policies, score, score_candidates
+from dimee_models.calibration import calibrate_all, score, score_candidates
+from dimee_models.evaluate import method_assignments
+from dimee_models.outputs import ExitOutputs
+from dimee_models.policy import load_policies
 
 
 def partitions(n_calibration: int, n_test: int, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -52,12 +54,11 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
         candidates = score_candidates(cal_part, cost, folds, seed) if pairs is None else None
         reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
         for delta in deltas:
-            cal, cascade, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
+            cal, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
                                                   candidates=candidates, pairs=pairs)
             served = cal.policies[default]
             choices[delta][f"{default}@{served.mobile_exit}/{served.edge_exit}" if pairs else default] += 1
-            rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, cascade,
-                                      seed)
+            rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, seed)
             rows["served_default"] = rows[default]
             for name, (tiers, paths) in rows.items():
                 o = score(test_part.at(served.mobile_exit, served.edge_exit), tiers, cost, paths)

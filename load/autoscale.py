@@ -4,7 +4,7 @@ every `--poll` seconds beside Locust's per-second rps and 10-second p50; writes 
 autoscale.md and autoscale.png to `--out`.
 
     dimee cluster up && serve deploy deployments/serve_config.yaml   # args.artifact: an absolute path
-    python -m load.autoscale --policy cloud_only --steps 60:2,240:8,420:2 --out runs/autoscale
+    python -m load.autoscale --mode cloud_only --steps 60:2,240:8,420:2 --out runs/autoscale
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import argparse
 import csv
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from load.run import LOCUSTFILE, SHED, served_replicas
+from load.client import DEFAULT_URL, LOCUSTFILE, MODES, is_shed, locust_command
+from load.run import served_replicas
 
 SHAPE = Path(__file__).with_name("step_shape.py")
 
@@ -58,7 +58,7 @@ def history(path: Path) -> tuple[int, list[dict]]:
 def totals(path: Path) -> dict:
     """Requests, failures and 503 refusals (counted apart by the locustfile) over the whole run."""
     rows = list(csv.DictReader(path.open()))
-    shed = sum(int(r["Request Count"]) for r in rows if r["Name"].endswith(SHED))
+    shed = sum(int(r["Request Count"]) for r in rows if is_shed(r["Name"]))
     agg = next(r for r in rows if r["Name"] == "Aggregated")
     return {"requests": int(agg["Request Count"]) - shed, "failures": int(agg["Failure Count"]), "shed_503": shed}
 
@@ -116,7 +116,7 @@ def _s(seconds: float | None) -> str:
 
 def markdown(report: dict) -> str:
     a = report["assessment"]
-    lines = [f"# Autoscaling run: {report['policy']}, steps {report['steps']}, think time {report['think_time']} s",
+    lines = [f"# Autoscaling run: {report['mode']}, steps {report['steps']}, think time {report['think_time']} s",
              "", f"requests {report['totals']['requests']}, failed {report['totals']['failures']}, "
                  f"503 {report['totals']['shed_503']}; p50 before the load rose: {a['p50_before_ms']} ms", "",
              "| tier | replicas at start | max | scaled up at (s) | p50 before, ms | p50 from 60 s after, ms "
@@ -136,8 +136,8 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="http://127.0.0.1:8000")
-    p.add_argument("--policy", default="cloud_only", choices=("dimee", "cloud_only", "mobile_only", "edge_only"))
+    p.add_argument("--host", default=DEFAULT_URL)
+    p.add_argument("--mode", default="cloud_only", choices=MODES)
     p.add_argument("--steps", default="60:2,240:8,420:2", help="END_SECOND:USERS,... (load/step_shape.py)")
     p.add_argument("--think-time", type=float, default=0.0)
     p.add_argument("--texts-per-request", type=int, default=1)
@@ -153,10 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps needs at least three steps: before, during and after the load")
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = args.out / "locust"
-    command = [sys.executable, "-m", "locust", "-f", f"{LOCUSTFILE},{SHAPE}", "--headless", "--only-summary",
-               "--host", args.host, "--csv", str(prefix), "--csv-full-history", "--loglevel", "WARNING",
-               "--policy", args.policy, "--steps", args.steps, "--think-time", str(args.think_time),
-               "--texts-per-request", str(args.texts_per_request), "--dataset", args.dataset]
+    command = locust_command(args.host, args.mode, args.texts_per_request, args.dataset, args.think_time,
+                             ["--csv", str(prefix), "--csv-full-history", "--steps", args.steps], (LOCUSTFILE, SHAPE))
     replicas, stop = [], threading.Event()
     poller = threading.Thread(target=poll_replicas, args=(args.host, args.poll, stop, replicas))
     poller.start()
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.host}/v1/info never answered: is the service up?")
     start, seconds = history(Path(f"{prefix}_stats_history.csv"))
     replicas = [r | {"t": r["t"] - start} for r in replicas]  # on Locust's clock
-    report = {"policy": args.policy, "steps": args.steps, "think_time": args.think_time,
+    report = {"mode": args.mode, "steps": args.steps, "think_time": args.think_time,
               "totals": totals(Path(f"{prefix}_stats.csv")), "seconds": seconds, "replicas": replicas}
     report["assessment"] = assess(steps, seconds, replicas)
     (args.out / "autoscale.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -1,4 +1,4 @@
-"""Single-text latency per answering tier: end-to-end HTTP latency per policy, the tier layers alone
+"""Single-text latency per answering tier: end-to-end HTTP latency per mode, the tier layers alone
 (in-process, 1 torch thread as in a 0.5-CPU replica), overhead per Serve handle hop, memory per replica.
 The end-to-end time is also split per request along Serve's access logs (router and tier replicas).
 
@@ -25,12 +25,13 @@ from dimee_models import artifact
 from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState
 from dimee_models.tiers import TIER_NAMES, Tier
+from load.client import CLASSIFY, DEFAULT_URL, INFO
 
-POLICIES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
+MODES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
 PARTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m", "cloud_from_e")
 PCTS = ("p50_ms", "p90_ms", "p99_ms")
 SERVE_LOGS = Path("/tmp/ray/session_latest/logs/serve")  # this machine's Serve access logs
-# (policy, answering tier) -> (compute parts on the path, Serve hops incl. proxy->ingress). Mobile runs
+# (mode, answering tier) -> (compute parts on the path, Serve hops incl. proxy->ingress). Mobile runs
 # inside the ingress, so a mobile answer takes one hop, every other answer two, an escalated one three.
 PATHS = {("mobile_only", "mobile"): (("tokenize", "mobile"), 1), ("edge_only", "edge"): (("tokenize", "mobile", "edge"), 2),
          ("cloud_only", "cloud"): (("tokenize", "cloud_full"), 2), ("dimee", "mobile"): (("tokenize", "mobile"), 1),
@@ -39,19 +40,19 @@ PATHS = {("mobile_only", "mobile"): (("tokenize", "mobile"), 1), ("edge_only", "
 
 
 def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, list[tuple]]:
-    """(policy, answering tier) -> [(text index, ms, request id)]; sequential, one text per request. Every
-    text goes to all policies in turn (rotated order), so the machine's drift hits every policy alike."""
+    """(mode, answering tier) -> [(text index, ms, request id)]; sequential, one text per request. Every
+    text goes to all modes in turn (rotated order), so the machine's drift hits every mode alike."""
     session, groups = requests.Session(), {}
     for i, text in [(-1, t) for t in warmup] + list(enumerate(texts)):
-        for policy in POLICIES[i % 4:] + POLICIES[:i % 4]:
+        for mode in MODES[i % 4:] + MODES[:i % 4]:
             began = time.perf_counter()
-            reply = session.post(f"{url}/v1/classify", json={"texts": [text], "mode": policy}, timeout=60)
+            reply = session.post(f"{url}{CLASSIFY}", json={"texts": [text], "mode": mode}, timeout=60)
             ms = (time.perf_counter() - began) * 1000
             reply.raise_for_status()
             if i >= 0:
                 answer = reply.json()["predictions"][0]
                 tier = "escalated" if answer["escalated"] else answer["tier"]
-                groups.setdefault((policy, tier), []).append((i, ms, reply.headers["x-request-id"]))
+                groups.setdefault((mode, tier), []).append((i, ms, reply.headers["x-request-id"]))
     return groups
 
 
@@ -119,14 +120,14 @@ def replica_memory() -> list[dict]:
 
 def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict[str, float]],
               paths: dict = PATHS) -> list[dict]:
-    """Percentiles per (policy, tier); overhead = e2e p50 - summed compute p50 of the path; and medians of
+    """Percentiles per (mode, tier); overhead = e2e p50 - summed compute p50 of the path; and medians of
     the per-request split: outside the router (client, HTTP, proxy, proxy->router hop), in the router
     but not in a tier call (tokenize, mobile layers, policy, router->tier hops), in a tier call but not
     computing."""
     rows = []
-    for (policy, answered), (parts, hops) in ((k, v) for k, v in paths.items() if k in groups):
-        idx, ms, ids = (np.array(c) for c in zip(*groups[policy, answered]))
-        row = {"policy": policy, "tier": answered, "n": len(ms), **{k: float(np.percentile(ms, int(k[1:3]))) for k in PCTS}}
+    for (mode, answered), (parts, hops) in ((k, v) for k, v in paths.items() if k in groups):
+        idx, ms, ids = (np.array(c) for c in zip(*groups[mode, answered]))
+        row = {"mode": mode, "tier": answered, "n": len(ms), **{k: float(np.percentile(ms, int(k[1:3]))) for k in PCTS}}
         path_ms = sum(float(np.median(compute[p][idx])) for p in parts)
         row |= {"compute_path": list(parts), "compute_p50_ms": path_ms, "overhead_ms": row["p50_ms"] - path_ms,
                 "hops": hops, "per_hop_ms": (row["p50_ms"] - path_ms) / hops}
@@ -144,16 +145,16 @@ def summarize(groups: dict, compute: dict[str, np.ndarray], logs: dict[str, dict
 
 
 def table(run: dict) -> str:
-    out = [f"{'policy':<12}{'tier':<7}{'n':>4}{'p50':>7}{'p90':>7}{'p99':>7}{'compute':>8}{'overhd':>7}{'hops':>5}"
+    out = [f"{'mode':<12}{'tier':<7}{'n':>4}{'p50':>7}{'p90':>7}{'p99':>7}{'compute':>8}{'overhd':>7}{'hops':>5}"
            f"{'/hop':>6}  | p50 split: outside-router  router+hops  tier call - compute"]
     for r in run["latency"]:
         s = r.get("split_p50_ms", {})
         calls = " ".join(f"{k.split('_')[0]} {v:.1f}" for k, v in s.items() if k.endswith("compute"))
-        out.append(f"{r['policy']:<12}{r['tier']:<7}{r['n']:>4}" + "".join(f"{r[k]:>7.1f}" for k in PCTS)
+        out.append(f"{r['mode']:<12}{r['tier']:<7}{r['n']:>4}" + "".join(f"{r[k]:>7.1f}" for k in PCTS)
                    + f"{r['compute_p50_ms']:>8.1f}{r['overhead_ms']:>7.1f}{r['hops']:>5}{r['per_hop_ms']:>6.1f}  | "
                    + (f"{s['outside_router']:>14.1f}{s['router_and_tier_hops']:>13.1f}  {calls}" if s else "no logs"))
-    out.append("mean per policy (ms, every answer): "
-               + ", ".join(f"{p} {v:.1f}" for p, v in run["policy_mean_ms"].items()))
+    out.append("mean per mode (ms, every answer): "
+               + ", ".join(f"{m} {v:.1f}" for m, v in run["mode_mean_ms"].items()))
     out.append("compute p50 (ms, 1 thread, all texts): " + ", ".join(f"{p} {v:.2f}" for p, v in run["compute_p50_ms"].items()))
     out.append(f"{'actor':<16}{'node':<11}{'RSS MiB':>9}{'USS MiB':>9}{'params MiB':>11}")
     for r in run["memory"]:
@@ -166,9 +167,9 @@ def table(run: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--url", default=DEFAULT_URL)
     ap.add_argument("--artifact", type=Path, default=Path("artifacts/rt-polarity"))
-    ap.add_argument("--requests", type=int, default=200, help=f"requests per policy (after {WARMUP} warm-up)")
+    ap.add_argument("--requests", type=int, default=200, help=f"requests per mode (after {WARMUP} warm-up)")
     ap.add_argument("--json", type=Path, default=None, help='append this run to OUT ({"runs": [...]})')
     args = ap.parse_args()
     manifest = artifact.read_manifest(args.artifact)
@@ -178,16 +179,16 @@ def main() -> None:
 
     groups = http_latency(args.url.rstrip("/"), texts, warmup)
     paths = PATHS
-    if requests.get(f"{args.url.rstrip('/')}/v1/info", timeout=60).json()["policy"]["kind"] == "cloud_only":
+    if requests.get(f"{args.url.rstrip('/')}{INFO}", timeout=60).json()["policy"]["kind"] == "cloud_only":
         paths = PATHS | {("dimee", "cloud"): PATHS["cloud_only", "cloud"]}  # a policy that does not split
     compute = layer_compute(args.artifact, manifest, texts)
     memory = replica_memory()  # also gives the access logs time to be flushed
     params = {t: manifest.tiers[t].parameter_bytes for t in TIER_NAMES}
     run = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "url": args.url, "artifact": str(args.artifact),
-           "requests_per_policy": args.requests, "warmup_per_policy": WARMUP, "cpus": psutil.cpu_count(),
+           "requests_per_mode": args.requests, "warmup_per_mode": WARMUP, "cpus": psutil.cpu_count(),
            "latency": summarize(groups, compute, serve_log_times(SERVE_LOGS), paths),
-           "policy_mean_ms": {p: float(np.mean([ms for (q, _), rows in groups.items() if q == p
-                                                for _, ms, _ in rows])) for p in POLICIES},
+           "mode_mean_ms": {m: float(np.mean([ms for (q, _), rows in groups.items() if q == m
+                                              for _, ms, _ in rows])) for m in MODES},
            "compute_p50_ms": {p: float(np.median(v)) for p, v in compute.items()}, "memory": memory,
            "parameter_bytes": params, "mobile_share_of_full": params["mobile"] / params["cloud"]}
     print(table(run))

@@ -9,7 +9,7 @@ wait, how long Serve took to bring each replica back, and for each lost node a t
     python -m load.fault_drill --users 4 --duration 120 --node-down edge@20 --node-up edge@50 --out runs/node
 
 Node loss works on the local cluster (`dimee cluster node-down|node-up`). Its timeline comes from a
-probe that sends one text every 0.25 s with the lost tier's single-tier policy (edge_only or
+probe that sends one text every 0.25 s with the lost tier's single-tier mode (edge_only or
 cloud_only): node down, first answer by fallback (edge) or degraded (cloud), /healthz naming the
 tier, `ray start` of the node begun and returned, replica running again, first normal answer.
 """
@@ -31,6 +31,7 @@ from ray.util.state import list_actors
 
 from deployments import local_cluster
 from dimee_models.tiers import Tier
+from load.client import CLASSIFY, DEFAULT_URL, HEALTHZ
 from load.run import run_locust
 
 
@@ -60,7 +61,8 @@ def kill_spec(text: str) -> tuple[str, float]:
     try:
         return deployment, float(at)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--kill wants DEPLOYMENT@SECONDS, e.g. EdgeTier@20, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--kill wants DEPLOYMENT@SECONDS, e.g. {Tier.EDGE.deployment}@20, "
+                                         f"got {text!r}") from None
 
 
 def node_spec(text: str) -> tuple[str, float]:
@@ -82,7 +84,7 @@ def probe(host: str, mode: str, text: str, stop: threading.Event, began: float, 
     session = requests.Session()
     while not stop.is_set():
         try:
-            r = session.post(f"{host}/v1/classify", json={"texts": [text], "mode": mode}, timeout=30)
+            r = session.post(f"{host}{CLASSIFY}", json={"texts": [text], "mode": mode}, timeout=30)
             p = r.json()["predictions"][0] if r.status_code == 200 else {}
             log.append((time.monotonic() - began, r.status_code,
                         r.status_code == 200 and not (p["fallback"] or p["degraded"])))
@@ -93,7 +95,7 @@ def probe(host: str, mode: str, text: str, stop: threading.Event, began: float, 
 
 def healthz_names(host: str, tier: str) -> bool:
     try:
-        return tier in requests.get(f"{host}/healthz", timeout=10).json()["no_live_replica"]
+        return tier in requests.get(f"{host}{HEALTHZ}", timeout=10).json()["no_live_replica"]
     except (requests.RequestException, ValueError, KeyError):
         return False
 
@@ -127,7 +129,7 @@ def node_timeline(host: str, tier: str, down_at: float, up_at: float, began: flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="http://127.0.0.1:8000")
+    p.add_argument("--host", default=DEFAULT_URL)
     p.add_argument("--address", default=None, help="Ray address (default: the local cluster's)")
     p.add_argument("--app", default="dimee")
     p.add_argument("--users", type=int, default=8)
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("each --node-down TIER@S needs one --node-up TIER@LATER, and only those")
     if args.texts_per_request < 1:
         p.error("--texts-per-request must be at least 1")
-    kills = args.kill if args.kill is not None else [] if args.node_down else [("EdgeTier", 20.0), ("CloudTier", 40.0)]
+    kills = (args.kill if args.kill is not None else [] if args.node_down
+             else [(Tier.EDGE.deployment, 20.0), (Tier.CLOUD.deployment, 40.0)])
     args.out.mkdir(parents=True, exist_ok=True)
     ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
 

@@ -1,7 +1,7 @@
 """Locust load test of the DIMEE-Serve HTTP API with real texts from a dataset's test split.
 
     locust -f load/locustfile.py --host http://127.0.0.1:8000 --headless -u 16 -r 16 -t 60s \
-        --policy dimee --texts-per-request 1 --dataset rt-polarity
+        --mode dimee --texts-per-request 1 --dataset rt-polarity
     python load/locustfile.py --host http://127.0.0.1:8000      # one user, prints every request
 
 `python -m load.run` runs this headless for `dimee` and `cloud_only` and writes the comparison report.
@@ -19,17 +19,17 @@ from locust import FastHttpUser, between, constant, events, run_single_user, tas
 
 from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, load_dataset, split
 from dimee_models.tiers import TIER_NAMES
+from load.client import CLASSIFY, MODES, SHED
+
 TEXTS: list[str] = []
 PAIRS: list[str] | None = None
 SEEN = {"tiers": Counter(), "layers": 0, "predictions": 0, "fallback": 0, "degraded": 0}  # answers checked here
-SHED = " [503 at capacity]"  # suffix of the Locust stats entry that counts refusals apart from answers
 THINK = constant(0)  # the wait between requests, from --think-time
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
-    parser.add_argument("--policy", default="dimee", choices=("dimee", "cloud_only", "mobile_only", "edge_only"),
-                        help="routing policy asked for in every request")
+    parser.add_argument("--mode", default="dimee", choices=MODES, help="the mode every request asks for")
     parser.add_argument("--texts-per-request", type=int, default=1, help="texts in each request")
     parser.add_argument("--think-time", type=float, default=0.0,
                         help="seconds a user waits between requests (uniform in [0, 2x]; 0: none)")
@@ -80,10 +80,10 @@ class ClassifyUser(FastHttpUser):
     def classify(self) -> None:
         options = self.environment.parsed_options
         rows = random.sample(range(len(TEXTS)), min(options.texts_per_request, len(TEXTS)))
-        payload = {"texts": [TEXTS[i] for i in rows], "mode": options.policy}
+        payload = {"texts": [TEXTS[i] for i in rows], "mode": options.mode}
         if PAIRS is not None:
             payload["text_pairs"] = [PAIRS[i] for i in rows]
-        with self.client.post("/v1/classify", json=payload, name=f"/v1/classify [{options.policy}]",
+        with self.client.post(CLASSIFY, json=payload, name=f"{CLASSIFY} [{options.mode}]",
                               catch_response=True) as response:
             if response.status_code == 503 and response.headers.get("Retry-After"):
                 # the service is at capacity and said when to come back: not a failure, not an answer

@@ -6,12 +6,12 @@ and runs.json (every run of every repeat).
     python -m load.run --host ... --sweep 2,4,8,16,32 --p99-limit-ms 1000 --out runs/sweep
 
 `rps_ratio` is dimee's requests per second over cloud_only's (median of the per-repeat ratios;
-the two policies alternate order between repeats so drift of the machine hits both alike), and
+the two modes alternate order between repeats so drift of the machine hits both alike), and
 `rps_ratio_ceiling` is cloud_only's layers per request over dimee's: the ratio if only layer
 compute cost anything.
 
-A comparison is only fair when neither policy is flattered by timeouts: answers that came by
-fallback or degraded are counted per policy (`fallback_or_degraded`), and a policy above 1% is
+A comparison is only fair when neither mode is flattered by timeouts: answers that came by
+fallback or degraded are counted per mode (`fallback_or_degraded`), and a mode above 1% is
 named in `unfair`. Requests refused with 503 and Retry-After (the cluster at capacity; the Locust
 users wait as told) are counted apart as `shed`, with their own p99, neither answers nor
 failures. The replicas per tier (from `/v1/info`) are part of the report: give cloud_only
@@ -33,16 +33,15 @@ import psutil
 import requests
 
 from deployments import local_cluster
-from dimee_models.tiers import TIER_NAMES
+from dimee_models.tiers import TIER_NAMES, Tier
+from load.client import DEFAULT_URL, INFO, is_shed, locust_command
 
-LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-POLICIES = ("dimee", "cloud_only")
+COMPARED = ("dimee", "cloud_only")  # the modes a load test compares
 LATENCY = ("p50_ms", "p95_ms", "p99_ms")
-FAIR_SHARE = 0.01  # most fallback-or-degraded answers a policy may have for the comparison to count
-SHED = " [503 at capacity]"  # the locustfile's suffix for the stats of 503-with-Retry-After refusals
+FAIR_SHARE = 0.01  # most fallback-or-degraded answers a mode may have for the comparison to count
 # process-name fragment -> part of the serving path it belongs to (first match wins); a raylet
 # (which also runs its node's object store) is counted per node of the local cluster
-PARTS = (("Router", "ingress_mobile"), ("EdgeTier", "edge"), ("CloudTier", "cloud"),
+PARTS = ((Tier.MOBILE.deployment, "ingress_mobile"), (Tier.EDGE.deployment, "edge"), (Tier.CLOUD.deployment, "cloud"),
          ("ProxyActor", "proxy"), ("haproxy", "proxy"), ("HAProxy", "proxy"), ("raylet", "raylet"),
          ("gcs_server", "ray_gcs"), ("log_monitor", "ray_log_monitor"), ("ray", "ray_other"))
 RAYLET_NODE = {f"--node_ip_address={node.ip}": f"raylet_{node.tier.label}" for node in local_cluster.DEFAULT_NODES}
@@ -83,8 +82,8 @@ def parse_stats(path: Path) -> dict:
     entries = json.loads(Path(path).read_text())
     if not entries:
         raise ValueError(f"{path} has no stats: did Locust send any request?")
-    answered = [e for e in entries if not e["name"].endswith(SHED)]
-    shed = [e for e in entries if e["name"].endswith(SHED)]
+    answered = [e for e in entries if not is_shed(e["name"])]
+    shed = [e for e in entries if is_shed(e["name"])]
     requests = sum(e["num_requests"] for e in answered)
     seconds = max(e["last_request_timestamp"] for e in entries) - min(e["start_time"] for e in entries)
     return {"rps": requests / seconds, **percentiles(answered, {"p50_ms": 0.5, "p95_ms": 0.95, "p99_ms": 0.99}),
@@ -102,19 +101,16 @@ def parse_tiers(path: Path) -> dict:
             "mean_layers": seen["layers"] / n, "fallback_or_degraded": (seen["fallback"] + seen["degraded"]) / n}
 
 
-def run_locust(args, policy: str, users: int, seconds: float, prefix: Path) -> dict:
+def run_locust(args, mode: str, users: int, seconds: float, prefix: Path) -> dict:
     """One headless Locust run; its stats and tier counts."""
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-               "-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--stop-timeout", "10",
-               "--host", args.host, "--csv", str(prefix), "--json-file", str(prefix), "--loglevel", "WARNING",
-               "--policy", policy, "--texts-per-request", str(args.texts_per_request),
-               "--think-time", str(args.think_time), "--dataset", args.dataset,
-               "--tier-stats", f"{prefix}_tiers.json"]
+    command = locust_command(args.host, mode, args.texts_per_request, args.dataset, args.think_time,
+                             ["-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--stop-timeout", "10",
+                              "--csv", str(prefix), "--json-file", str(prefix), "--tier-stats", f"{prefix}_tiers.json"])
     before = cpu_by_part() if args.cpu_breakdown else None
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 1):  # 1 only means some requests failed; the stats say how many
         raise RuntimeError(f"locust exited with {done.returncode}:\n{done.stderr[-2000:]}")
-    run = {"policy": policy, "users": users, "seconds": seconds,
+    run = {"mode": mode, "users": users, "seconds": seconds,
            **parse_stats(Path(f"{prefix}.json")), **parse_tiers(Path(f"{prefix}_tiers.json"))}
     if before is not None:
         after = cpu_by_part()
@@ -124,15 +120,15 @@ def run_locust(args, policy: str, users: int, seconds: float, prefix: Path) -> d
 
 
 def summarize(runs: list[dict], replicas: dict[str, int] | None = None) -> dict:
-    """report.json: per policy the median of each repeat's rates and percentiles, totals of
+    """report.json: per mode the median of each repeat's rates and percentiles, totals of
     requests and failures, tier fractions and fallback-or-degraded share over all answers; then
-    the ratios, the policies whose fallback-or-degraded share makes the comparison unfair, and the
+    the ratios, the modes whose fallback-or-degraded share makes the comparison unfair, and the
     replicas per tier."""
     report = {}
-    for policy in POLICIES:
-        mine = [r for r in runs if r["policy"] == policy]
+    for mode in COMPARED:
+        mine = [r for r in runs if r["mode"] == mode]
         requests = sum(r["requests"] for r in mine)
-        report[policy] = {
+        report[mode] = {
             **{k: statistics.median(r[k] for r in mine) for k in ("rps",) + LATENCY},
             "requests": requests, "failures": sum(r["failures"] for r in mine),
             "shed": sum(r["shed"] for r in mine),  # 503 with Retry-After: the cluster was at capacity
@@ -144,7 +140,7 @@ def summarize(runs: list[dict], replicas: dict[str, int] | None = None) -> dict:
         }
     report["rps_ratio"] = statistics.median(per_repeat_ratios(runs))
     report["rps_ratio_ceiling"] = report["cloud_only"]["mean_layers"] / report["dimee"]["mean_layers"]
-    report["unfair"] = [p for p in POLICIES if max(r["fallback_or_degraded"] for r in runs if r["policy"] == p) > FAIR_SHARE]
+    report["unfair"] = [m for m in COMPARED if max(r["fallback_or_degraded"] for r in runs if r["mode"] == m) > FAIR_SHARE]
     report["replicas"] = replicas
     return report
 
@@ -152,7 +148,7 @@ def summarize(runs: list[dict], replicas: dict[str, int] | None = None) -> dict:
 def per_repeat_ratios(runs: list[dict]) -> list[float]:
     by_repeat = {}
     for r in runs:
-        by_repeat.setdefault(r["repeat"], {})[r["policy"]] = r["rps"]
+        by_repeat.setdefault(r["repeat"], {})[r["mode"]] = r["rps"]
     return [pair["dimee"] / pair["cloud_only"] for pair in by_repeat.values()]
 
 
@@ -160,21 +156,21 @@ def markdown(report: dict, runs: list[dict], args) -> str:
     ratios = per_repeat_ratios(runs)
     lines = [
         "# Load test: dimee vs cloud_only", "",
-        f"{args.users} users (spawned at once), {args.duration:g} s per policy after a {args.warmup:g} s warm-up, "
+        f"{args.users} users (spawned at once), {args.duration:g} s per mode after a {args.warmup:g} s warm-up, "
         f"{args.texts_per_request} text(s) per request from the {args.dataset} test split, "
         f"think time {args.think_time:g} s, {args.repeat} repeat(s), against {args.host}; replicas per tier: "
         f"{report['replicas']}.", "",
-        "| policy | rps | p50 ms | p95 ms | p99 ms | requests | failures | shed (503) | shed p99 ms | mobile | edge "
+        "| mode | rps | p50 ms | p95 ms | p99 ms | requests | failures | shed (503) | shed p99 ms | mobile | edge "
         "| cloud | mean layers | fallback or degraded (worst run) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for policy in POLICIES:
-        r = report[policy]
+    for mode in COMPARED:
+        r = report[mode]
         f = r["tier_fraction"]
-        lines.append(f"| {policy} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+        lines.append(f"| {mode} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
                      f"{r['requests']} | {r['failures']} | {r['shed']} | "
                      f"{'-' if r['shed_p99_ms'] is None else round(r['shed_p99_ms'])} | {f['mobile']:.1%} | {f['edge']:.1%} | {f['cloud']:.1%} | "
-                     f"{r['mean_layers']:.2f} | {max(x['fallback_or_degraded'] for x in runs if x['policy'] == policy):.1%} |")
+                     f"{r['mean_layers']:.2f} | {max(x['fallback_or_degraded'] for x in runs if x['mode'] == mode):.1%} |")
     lines += ["", f"rps_ratio (dimee / cloud_only): **{report['rps_ratio']:.2f}** "
               f"(per repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
               f"ceiling from layers: {report['rps_ratio_ceiling']:.2f}; "
@@ -185,18 +181,18 @@ def markdown(report: dict, runs: list[dict], args) -> str:
     if "cpu_ms_per_request" in runs[0]:
         lines += ["", "CPU ms per request by process (median over repeats):", ""] + cpu_table(runs)
     lines += ["", "Every run:", ""]
-    lines += [f"- repeat {r['repeat']} {r['policy']}: {r['rps']:.1f} rps, p50 {r['p50_ms']:.0f} ms, "
+    lines += [f"- repeat {r['repeat']} {r['mode']}: {r['rps']:.1f} rps, p50 {r['p50_ms']:.0f} ms, "
               f"p99 {r['p99_ms']:.0f} ms, {r['failures']} failures, {r['shed']} shed" for r in runs]
     return "\n".join(lines) + "\n"
 
 
 def cpu_table(runs: list[dict]) -> list[str]:
     parts = sorted(runs[0]["cpu_ms_per_request"], key=lambda k: -runs[0]["cpu_ms_per_request"][k])
-    lines = ["| policy | " + " | ".join(parts) + " | total |", "|---|" + "---|" * (len(parts) + 1)]
-    for policy in POLICIES:
-        cpu = {k: statistics.median(r["cpu_ms_per_request"].get(k, 0.0) for r in runs if r["policy"] == policy)
+    lines = ["| mode | " + " | ".join(parts) + " | total |", "|---|" + "---|" * (len(parts) + 1)]
+    for mode in COMPARED:
+        cpu = {k: statistics.median(r["cpu_ms_per_request"].get(k, 0.0) for r in runs if r["mode"] == mode)
                for k in parts}
-        lines.append(f"| {policy} | " + " | ".join(f"{cpu[k]:.1f}" for k in parts) + f" | {sum(cpu.values()):.1f} |")
+        lines.append(f"| {mode} | " + " | ".join(f"{cpu[k]:.1f}" for k in parts) + f" | {sum(cpu.values()):.1f} |")
     return lines
 
 
@@ -208,12 +204,12 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(10, 4))
     width = 0.35
-    for i, policy in enumerate(POLICIES):
-        lat.bar([x + i * width for x in range(len(LATENCY))], [report[policy][k] for k in LATENCY], width, label=policy)
+    for i, mode in enumerate(COMPARED):
+        lat.bar([x + i * width for x in range(len(LATENCY))], [report[mode][k] for k in LATENCY], width, label=mode)
     lat.set_xticks([x + width / 2 for x in range(len(LATENCY))], [k.removesuffix("_ms") for k in LATENCY])
     lat.set_ylabel("latency (ms)")
     lat.legend()
-    thr.bar(POLICIES, [report[p]["rps"] for p in POLICIES], color=["C0", "C1"])
+    thr.bar(COMPARED, [report[m]["rps"] for m in COMPARED], color=["C0", "C1"])
     thr.set_ylabel("requests / s")
     thr.set_title(f"ratio {report['rps_ratio']:.2f} (ceiling {report['rps_ratio_ceiling']:.2f})")
     fig.tight_layout()
@@ -223,20 +219,20 @@ def plot(report: dict, path: Path) -> None:
 
 def sweep(args) -> dict:
     """Throughput and p99 per user count; the highest rps whose p99 stays within the limit."""
-    out = {policy: [] for policy in POLICIES}
+    out = {mode: [] for mode in COMPARED}
     for users in args.sweep:
-        for policy in POLICIES:
+        for mode in COMPARED:
             if args.warmup:
-                run_locust(args, policy, users, args.warmup, args.out / f"warmup-{policy}-{users}")
-            r = run_locust(args, policy, users, args.duration, args.out / f"sweep-{policy}-{users}")
+                run_locust(args, mode, users, args.warmup, args.out / f"warmup-{mode}-{users}")
+            r = run_locust(args, mode, users, args.duration, args.out / f"sweep-{mode}-{users}")
             keep = ("users", "rps", "p50_ms", "p99_ms", "failures", "shed", "shed_p99_ms", "fallback_or_degraded")
-            out[policy].append({k: r[k] for k in keep})
-            print(f"{users:4d} users {policy:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms, "
+            out[mode].append({k: r[k] for k in keep})
+            print(f"{users:4d} users {mode:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms, "
                   f"{r['shed']} shed", flush=True)
     out["max_rps_within_p99_limit"] = {
-        policy: max((p for p in out[policy] if p["p99_ms"] <= args.p99_limit_ms and not p["failures"]),
-                    key=lambda p: p["rps"], default=None)
-        for policy in POLICIES
+        mode: max((p for p in out[mode] if p["p99_ms"] <= args.p99_limit_ms and not p["failures"]),
+                  key=lambda p: p["rps"], default=None)
+        for mode in COMPARED
     }
     out["p99_limit_ms"] = args.p99_limit_ms
     return out
@@ -245,7 +241,7 @@ def sweep(args) -> dict:
 def served_replicas(host: str) -> dict[str, int] | None:
     """Replicas per tier, as the service reports them (None if it does not say)."""
     try:
-        return requests.get(f"{host}/v1/info", timeout=30).json().get("replicas")
+        return requests.get(f"{host}{INFO}", timeout=30).json().get("replicas")
     except (requests.RequestException, ValueError):
         return None
 
@@ -262,11 +258,11 @@ def user_counts(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="http://127.0.0.1:8000", help="the service's base URL")
+    p.add_argument("--host", default=DEFAULT_URL, help="the service's base URL")
     p.add_argument("--users", type=int, default=16, help="concurrent Locust users (all spawned at once)")
-    p.add_argument("--duration", type=float, default=60, help="seconds measured per policy (and per sweep point)")
+    p.add_argument("--duration", type=float, default=60, help="seconds measured per mode (and per sweep point)")
     p.add_argument("--warmup", type=float, default=5, help="seconds of unmeasured load before each measured run")
-    p.add_argument("--repeat", type=int, default=1, help="run the pair of policies this many times")
+    p.add_argument("--repeat", type=int, default=1, help="run the pair of modes this many times")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--think-time", type=float, default=0.0, help="mean seconds a user waits between requests")
     p.add_argument("--dataset", default="rt-polarity", help="texts come from this dataset's test split")
@@ -292,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = []
     for repeat in range(args.repeat):
-        for policy in POLICIES if repeat % 2 == 0 else POLICIES[::-1]:
+        for mode in COMPARED if repeat % 2 == 0 else COMPARED[::-1]:
             if args.warmup:
-                run_locust(args, policy, args.users, args.warmup, args.out / f"warmup-{policy}")
-            run = run_locust(args, policy, args.users, args.duration, args.out / f"{policy}-{repeat}")
+                run_locust(args, mode, args.users, args.warmup, args.out / f"warmup-{mode}")
+            run = run_locust(args, mode, args.users, args.duration, args.out / f"{mode}-{repeat}")
             runs.append({"repeat": repeat, **run})
-            print(f"repeat {repeat} {policy:>10}: {run['rps']:.1f} rps, p50 {run['p50_ms']:.0f} ms, "
+            print(f"repeat {repeat} {mode:>10}: {run['rps']:.1f} rps, p50 {run['p50_ms']:.0f} ms, "
                   f"p99 {run['p99_ms']:.0f} ms, {run['failures']} failures, {run['shed']} shed", flush=True)
     report = summarize(runs, served_replicas(args.host))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
@@ -305,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.md").write_text(markdown(report, runs, args))
     plot(report, args.out / "report.png")
     print((args.out / "report.md").read_text())
-    return 1 if any(report[p]["failures"] for p in POLICIES) else 0
+    return 1 if any(report[m]["failures"] for m in COMPARED) else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import yaml
 from deployments.local_cluster import ray_cli
 from dimee_models import artifact
 from dimee_models.cost import CostModel
-from dimee_models.evaluate import run_calibration
+from dimee_models.calibration import run_calibration
 from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CentroidPolicy, CloudOnlyPolicy, Policy, load_policies
 from dimee_models.tiers import Tier
 from dimee_models.train import TrainConfig, train

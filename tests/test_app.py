@@ -92,12 +92,6 @@ def test_each_tier_is_pinned_by_its_label_and_scaled_on_its_own():
     assert app_module.deployment_options(args, Tier.MOBILE)["num_replicas"] == 1
 
 
-def test_builder_returns_an_application(served_artifact):
-    from ray.serve import Application
-
-    assert isinstance(app_module.build_app({"artifact": str(served_artifact)}), Application)
-
-
 def test_repo_serve_config_is_valid_and_scales_each_tier():
     doc = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema(**doc)
@@ -124,9 +118,3 @@ def test_repo_serve_config_is_valid_and_scales_each_tier():
 def test_live_router_config_is_validated(config, message):
     with pytest.raises(ValidationError, match=message):
         RouterConfig.model_validate(config)
-
-
-def test_live_router_config_defaults_to_the_artifact():
-    config = RouterConfig.model_validate({})
-    assert (config.policy, config.thresholds, config.cost_model, config.hop_timeout_s) == (None, None, None, 2.0)
-    assert config.request_timeout_s == 3.0

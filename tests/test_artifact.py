@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig
 from dimee_models import artifact
 from dimee_models.artifact import ArtifactError
 from dimee_models.data import TextDataset, split
-from dimee_models.manifest import FORMAT_VERSION, default_exits, tier_specs
+from dimee_models.manifest import FORMAT_VERSION, default_exits, public_model_name, tier_specs
 from dimee_models.model import MultiExitEncoder
 from dimee_models.tiers import TIER_NAMES, Tier
 from tests.conftest import HOSTILE_TEXTS, tiny_facts
@@ -193,3 +193,12 @@ def test_manifest_is_plain_json(saved):
     # the manifest is meant to be read by humans and other tools too
     doc = json.loads((saved[0] / "manifest.json").read_text())
     assert doc["dataset"]["name"] == "x" and "policy" not in doc  # not null: absent until calibration
+
+
+@pytest.mark.parametrize("backbone,dataset,name", [
+    ("sentence-transformers/all-MiniLM-L6-v2", "rt-polarity", "sentence-transformers/all-MiniLM-L6-v2@rt-polarity"),
+    ("/home/me/models/all-mpnet-base-v2", "csv:/home/me/data/reviews.csv", "all-mpnet-base-v2@csv:reviews.csv"),
+    ("./backbones/tiny", "jsonl:data/x.jsonl", "tiny@jsonl:x.jsonl"),
+])
+def test_answers_name_the_model_without_server_paths(backbone, dataset, name):
+    assert public_model_name(backbone, dataset) == name

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from dimee_models import evaluate
-from dimee_models.boundaries import CHOICE_SHARE, boundary_pairs, choose_boundaries, parse_layers
+from dimee_models import calibration
+from dimee_models.calibration import CHOICE_SHARE, boundary_pairs, choose_boundaries, parse_layers
 from dimee_models.cost import CostModel
-from dimee_models.policy import ExitOutputs
+from dimee_models.outputs import ExitOutputs
 from dimee_models.tiers import Tier
 
 L, H = 6, 8
@@ -55,7 +55,7 @@ def test_the_boundaries_go_where_the_exits_become_good_and_the_guarantee_uses_un
     choice = choose_boundaries(out, CostModel(), boundary_pairs(L), 0.3)
     assert choice.mobile_exit == 4  # the shallowest exit that is right: cheapest within the budget
     assert len(choice.certify_rows) == len(out.labels) - round(CHOICE_SHARE * len(out.labels))
-    cal, _, default = evaluate.calibrate_all(out, CostModel(), 0.3, 0.1, pairs=boundary_pairs(L))
+    cal, default = calibration.calibrate_all(out, CostModel(), 0.3, 0.1, pairs=boundary_pairs(L))
     policy = cal.policies[default]
     assert policy.mobile_exit == 4 and policy.risk.guaranteed
     assert policy.risk.n == len(choice.certify_rows)  # certified on the rows the choice did not see
@@ -65,7 +65,7 @@ def test_the_boundaries_go_where_the_exits_become_good_and_the_guarantee_uses_un
 
 
 def test_bounds_keep_the_mobile_exit_where_the_device_can_hold_it():
-    cal, _, default = evaluate.calibrate_all(outputs(good_from=4), CostModel(), 0.3, 0.1,
+    cal, default = calibration.calibrate_all(outputs(good_from=4), CostModel(), 0.3, 0.1,
                                              pairs=boundary_pairs(L, (1, 2)))
     assert cal.policies[default].mobile_exit <= 2
 
@@ -75,5 +75,5 @@ def test_where_hops_are_dear_the_two_tier_cascade_wins_and_where_every_split_los
     dear_edge = CostModel(o_1=5.0)
     assert choose_boundaries(out, dear_edge, boundary_pairs(L), 0.3).variant == "dimee_direct_cascade"
     dear_layers = CostModel(lambda_mobile=10.0)  # mobile's layers dearer than cloud-only: no split pays
-    _, _, default = evaluate.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L))
-    assert default == evaluate.NO_SPLIT
+    _, default = calibration.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L))
+    assert default == calibration.NO_SPLIT

@@ -9,13 +9,15 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
-from dimee_models import artifact, evaluate
+from dimee_models import artifact, calibration
+from dimee_models.calibration import run_calibration
 from dimee_models.cli import main
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.data import Splits, TextDataset
-from dimee_models.evaluate import predict_texts, run_calibration, run_evaluation, split_outputs
+from dimee_models.evaluate import predict_texts, run_evaluation
 from dimee_models.manifest import PolicyRef
 from dimee_models.model import MultiExitEncoder
+from dimee_models.outputs import split_outputs
 from dimee_models.policy import EDGE_CLOUD, load_policies
 from dimee_models.tiers import Tier
 from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
@@ -23,7 +25,7 @@ from tests.conftest import tiny_facts
 
 VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
          ["engine", "wheel", "brake", "piston", "gear", "clutch", "motor", "tire"])
-METHODS = {"cloud_only", "mobile_only", "edge_only", "confidence_cascade", "confidence_cascade_constrained", "random",
+METHODS = {"cloud_only", "mobile_only", "edge_only", "random",
            "oracle", "dimee", "dimee_constrained", "dimee_learned", "dimee_learned_constrained",
            "dimee_escalate", "dimee_escalate_constrained", "dimee_cascade", "dimee_cascade_constrained",
            "dimee_direct_cascade", "dimee_direct_cascade_constrained"}
@@ -101,10 +103,10 @@ def test_calibration_writes_policy_and_caches_outputs(calibrated, monkeypatch):
     assert list(json.loads((out / "manifest.json").read_text()))[-2:] == ["files", "policy"]
     policies, stored = load_policies(out)
     assert doc["default"] in policies and doc["default"].endswith("_constrained")
-    assert set(stored["cascade_thresholds"]) == {"confidence_cascade", "confidence_cascade_constrained"}
+    assert "cascade_thresholds" not in stored  # the cascade is a stored policy kind, dimee_cascade
     first = split_outputs(out, "calibration")
     assert first.logits.shape == (40, 6, 2) and first.z.shape == (40, 32)
-    monkeypatch.setattr(evaluate.artifact, "load_full", lambda *a, **k: pytest.fail("cache not used"))
+    monkeypatch.setattr(artifact, "load_full", lambda *a, **k: pytest.fail("cache not used"))
     again = split_outputs(out, "calibration")
     np.testing.assert_array_equal(again.logits, first.logits)
     np.testing.assert_array_equal(again.labels, [int(y) for y in artifact.load_split(out, "calibration").labels])
@@ -162,15 +164,15 @@ def test_cli_calibrate_delta(base, tmp_path, capsys):
 
 def test_the_guaranteed_default_is_the_first_guaranteed_in_a_fixed_order(calibrated, monkeypatch):
     out = split_outputs(calibrated[0], "calibration")
-    real = evaluate.calibrate(out, CostModel(), 50.0, delta=0.1)  # a budget so wide every kind is certified
+    real = calibration.calibrate(out, CostModel(), 50.0, delta=0.1)  # a budget so wide every kind is certified
     assert all(p.risk.guaranteed for name, p in real.policies.items() if name.endswith("_constrained"))
-    assert evaluate.calibrate_all(out, CostModel(), 50.0, 0.1)[2] == "dimee_cascade_constrained"
+    assert calibration.calibrate_all(out, CostModel(), 50.0, 0.1)[1] == "dimee_cascade_constrained"
 
     def with_guaranteed(*names):
         policies = {name: dataclasses.replace(p, risk=dataclasses.replace(p.risk, guaranteed=name in names))
                     if p.risk else p for name, p in real.policies.items()}
-        monkeypatch.setattr(evaluate, "calibrate", lambda *a, **k: dataclasses.replace(real, policies=policies))
-        return evaluate.calibrate_all(out, CostModel(), 50.0, 0.1)[2]
+        monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: dataclasses.replace(real, policies=policies))
+        return calibration.calibrate_all(out, CostModel(), 50.0, 0.1)[1]
 
     assert with_guaranteed("dimee_learned_constrained", "dimee_constrained") == "dimee_learned_constrained"
     assert with_guaranteed("dimee_constrained") == "dimee_constrained"
@@ -179,18 +181,18 @@ def test_the_guaranteed_default_is_the_first_guaranteed_in_a_fixed_order(calibra
 
 def test_where_no_split_is_cheaper_than_cloud_only_everything_goes_to_cloud(calibrated):
     out = split_outputs(calibrated[0], "calibration")
-    assert evaluate.calibrate_all(out, CostModel(), 50.0, 0.1)[2] != evaluate.NO_SPLIT
+    assert calibration.calibrate_all(out, CostModel(), 50.0, 0.1)[1] != calibration.NO_SPLIT
     # a slow mobile device and hops dearer than the whole model on cloud: any split costs more
     costly = CostModel(unit="ms", fixed=10, lambda_mobile=50, lambda_edge=5, lambda_cloud=4, o_1=40, o_2=40,
                        o_cloud_only=6, o_edge_cloud=40)
     for delta in (0.1, None):
-        cal, _, default = evaluate.calibrate_all(out, costly, 50.0, delta)
-        assert default == evaluate.NO_SPLIT and "served by default" in cal.warnings[-1]
+        cal, default = calibration.calibrate_all(out, costly, 50.0, delta)
+        assert default == calibration.NO_SPLIT and "served by default" in cal.warnings[-1]
         tiers, paths = cal.policies[default].assign(out.z, out.probs(2), out.probs(4))
         assert set(tiers) == {Tier.CLOUD} and set(paths) == {PATHS.index("cloud_only")}
         assert (cal.policies[default].risk is None) == (delta is None)
     assert cal.policies[default].skips_mobile("dimee") and not cal.policies["dimee_constrained"].skips_mobile("dimee")
-    assert evaluate.calibrate_all(out, costly, 50.0, 0.1, default="dimee_constrained")[2] == "dimee_constrained"
+    assert calibration.calibrate_all(out, costly, 50.0, 0.1, default="dimee_constrained")[1] == "dimee_constrained"
 
 
 def write_profile_of(path):
@@ -290,7 +292,7 @@ def test_predicted_latency_is_set_beside_the_measured_one(calibrated, tmp_path):
 
     rows = compare(calibrated[0], write_profile_of(tmp_path / "p.json"),
                    {"mobile_only": 20.0, "edge_only": 38.0, "cloud_only": 35.0, "dimee": 30.0})
-    by_policy = {r["policy"]: r for r in rows}
-    assert by_policy["dimee"]["method"] == calibrated[1]["default"]
-    assert by_policy["mobile_only"]["predicted_ms"] == pytest.approx(18) and by_policy["edge_only"]["error"] == 0
-    assert by_policy["cloud_only"]["error"] == pytest.approx(28 / 35 - 1)
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["dimee"]["method"] == calibrated[1]["default"]
+    assert by_mode["mobile_only"]["predicted_ms"] == pytest.approx(18) and by_mode["edge_only"]["error"] == 0
+    assert by_mode["cloud_only"]["error"] == pytest.approx(28 / 35 - 1)

@@ -3,12 +3,12 @@ run headless against a small stand-in HTTP server (right and wrong answers)."""
 
 import json
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from load import client
 from load import run as load_run
 
 
@@ -29,7 +29,7 @@ def test_parse_stats_totals_locust_json(tmp_path):
                                                     entry({400: 10}, 1, 1001.0, 1005.0)]))
     two = load_run.parse_stats(tmp_path / "two.json")
     assert (two["requests"], two["failures"], two["rps"], two["p50_ms"], two["p99_ms"]) == (20, 1, 4.0, 100.0, 400.0)
-    shed = {**entry({5: 98, 40: 2}, 0, 1000.0, 1004.0), "name": "/v1/classify [dimee]" + load_run.SHED}
+    shed = {**entry({5: 98, 40: 2}, 0, 1000.0, 1004.0), "name": "/v1/classify [dimee]" + client.SHED}
     (tmp_path / "shed.json").write_text(json.dumps([entry({100: 10}, 0, 1000.0, 1004.0), shed]))
     with_shed = load_run.parse_stats(tmp_path / "shed.json")  # refusals are neither answers nor failures
     assert (with_shed["requests"], with_shed["rps"], with_shed["p99_ms"], with_shed["failures"]) == (10, 2.5, 100.0, 0)
@@ -46,9 +46,9 @@ def test_parse_tiers_gives_fractions_and_mean_layers(tmp_path):
         "tier_fraction": {"mobile": 0.75, "edge": 0.25, "cloud": 0.0}, "mean_layers": 2.5, "fallback_or_degraded": 0.25}
 
 
-def run_row(repeat: int, policy: str, rps: float, p50: float, mean_layers: float, fractions: tuple,
+def run_row(repeat: int, mode: str, rps: float, p50: float, mean_layers: float, fractions: tuple,
             flagged: float = 0.0) -> dict:
-    return {"repeat": repeat, "policy": policy, "rps": rps, "p50_ms": p50, "p95_ms": 2 * p50, "p99_ms": 3 * p50,
+    return {"repeat": repeat, "mode": mode, "rps": rps, "p50_ms": p50, "p95_ms": 2 * p50, "p99_ms": 3 * p50,
             "requests": 100, "failures": 0, "shed": 0, "shed_p99_ms": None, "mean_layers": mean_layers, "fallback_or_degraded": flagged,
             "tier_fraction": dict(zip(("mobile", "edge", "cloud"), fractions))}
 
@@ -68,7 +68,7 @@ def test_summarize_gives_the_report_shape_medians_and_ratios():
     assert report["rps_ratio_ceiling"] == pytest.approx(6 / 3.5)
 
 
-def test_a_policy_flattered_by_timeouts_makes_the_comparison_unfair():
+def test_a_mode_flattered_by_timeouts_makes_the_comparison_unfair():
     """1% of one run's answers by fallback or degraded is allowed; 2% in any run is flagged."""
     runs = [run_row(0, "dimee", 30.0, 200, 3.0, (0.5, 0.5, 0.0), flagged=0.01),
             run_row(0, "cloud_only", 20.0, 300, 6.0, (0.02, 0, 0.98), flagged=0.02),
@@ -90,7 +90,7 @@ def test_run_refuses_bad_flags(capsys):
 
 class StandIn(BaseHTTPRequestHandler):
     """Answers /v1/classify like the service, or (mode "wrong") with one prediction too few, or (mode
-    "busy") every other request with 503 and Retry-After."""
+    "busy") every other request with 503 and Retry-After; a request in another mode than edge_only gets 422."""
 
     mode = "right"
     sent = 0
@@ -98,6 +98,11 @@ class StandIn(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).sent += 1
+        if body.get("mode") != "edge_only":  # the mode the test asks for: --mode reached the request
+            self.send_response(422)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.mode == "busy" and self.sent % 2:
             self.send_response(503)
             self.send_header("Retry-After", "0")
@@ -124,11 +129,10 @@ def test_locustfile_counts_tiers_marks_wrong_answers_as_failures_and_503s_as_she
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        subprocess.run([sys.executable, "-m", "locust", "-f", str(load_run.LOCUSTFILE), "--headless", "-u", "1", "-r", "1",
-                        "-t", "3s", "--host", f"http://127.0.0.1:{server.server_port}", "--csv", str(tmp_path / "x"),
-                        "--json-file", str(tmp_path / "x"),
-                        "--texts-per-request", "3", "--tier-stats", str(tmp_path / "tiers.json"), "--only-summary"],
-                       capture_output=True, timeout=120)
+        command = client.locust_command(f"http://127.0.0.1:{server.server_port}", "edge_only", 3, "rt-polarity", 0.0,
+                                        ["-u", "1", "-r", "1", "-t", "3s", "--csv", str(tmp_path / "x"),
+                                         "--json-file", str(tmp_path / "x"), "--tier-stats", str(tmp_path / "tiers.json")])
+        subprocess.run(command, capture_output=True, timeout=120)
     finally:
         server.shutdown()
     stats = load_run.parse_stats(tmp_path / "x.json")

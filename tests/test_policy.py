@@ -4,12 +4,12 @@ calibration, choice of operating point, persistence."""
 import numpy as np
 import pytest
 
+from dimee_models.calibration import (ALPHA_GRID, Outcome, calibrate, centroids_of, choose, fit_learned, pools,
+                                      save_policies, score)
 from dimee_models.cost import CostModel
-from dimee_models.policy import (
-    ALPHA_GRID, EDGE_CLOUD, CascadePolicy, CentroidPolicy, EscalatePolicy, ExitOutputs, LearnedPolicy, Outcome, Policy, calibrate,
-    centroids_of, choose, exit_features, fit_learned, load_policies, nearest_centroid, pools, router_features,
-    save_policies, score,
-)
+from dimee_models.outputs import ExitOutputs
+from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, EscalatePolicy, LearnedPolicy, Policy,
+                                 exit_features, load_policies, nearest_centroid, router_features)
 from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
@@ -132,16 +132,15 @@ def test_an_unsure_edge_escalates_to_cloud_and_pays_both_hops(data):
     assert not learned.escalates and not learned.escalate(out.probs(E)).any()
 
 
-def test_the_cascade_policy_serves_the_offline_confidence_cascade(data):
-    from dimee_models.evaluate import cascade_paths
-
+def test_the_cascade_policy_at_one_threshold_stops_at_the_first_sure_exit(data):
     out, _ = data
+    conf = out.tier_confidences
     for t in (0.5, 0.9, 0.95, 1.01):
         policy = CascadePolicy("c", M, E, L, {"mobile": t, "escalate": t}, {})
         tiers, paths = assigned(policy, out)
-        expected_tiers, expected_paths = cascade_paths(out.tier_confidences, t)
-        np.testing.assert_array_equal(tiers, expected_tiers)
-        np.testing.assert_array_equal(paths, expected_paths)
+        expected = np.where(conf[:, 0] >= t, Tier.MOBILE, np.where(conf[:, 1] >= t, Tier.EDGE, Tier.CLOUD))
+        np.testing.assert_array_equal(tiers, expected)
+        np.testing.assert_array_equal(paths, np.array([Tier.MOBILE, Tier.EDGE, EDGE_CLOUD])[expected])  # via edge
     policy = CascadePolicy("c", M, E, L, {"mobile": 0.9, "escalate": 0.0}, {})  # edge keeps all it gets
     assert set(assigned(policy, out)[0].tolist()) == {Tier.MOBILE, Tier.EDGE}
 

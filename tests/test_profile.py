@@ -87,8 +87,10 @@ def test_a_missing_or_broken_file_is_named(tmp_path):
         read_profile(tmp_path / "bad.json")
 
 
-def test_every_hop_the_model_needs_is_measured():
-    assert set(HOPS) == set(profile().hops)
+def test_a_profile_without_every_hop_the_model_needs_is_refused(tmp_path):
+    write_profile(tmp_path / "p.json", profile(hops={hop: stat(5.0) for hop in HOPS if hop != "edge_cloud"}))
+    with pytest.raises(ValueError, match=r"hops lacks \['edge_cloud'\]"):
+        read_profile(tmp_path / "p.json")
 
 
 def test_links_add_their_round_trip_and_the_bytes_to_each_hop(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from dimee_models import resample
 from dimee_models.cost import CostModel
-from dimee_models.policy import ExitOutputs
+from dimee_models.outputs import ExitOutputs
 from dimee_models.resample import partitions, resampled, summarize
 
 

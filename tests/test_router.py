@@ -1,8 +1,6 @@
 """The router's live settings without a cluster: what a user_config may change, and what it is refused."""
 
-import asyncio
 import shutil
-import time
 
 import numpy as np
 
@@ -13,7 +11,6 @@ from deployments.schemas import AppArgs, RouterConfig
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.policy import load_policies
-from dimee_models.tiers import Tier
 
 
 def settings(served_artifact, config: dict, policy: str | None = None):
@@ -70,90 +67,3 @@ def test_a_recalibrated_copy_can_be_switched_to_but_other_weights_cannot(served_
         settings(served_artifact, {"policy_artifact": str(tampered)})
     with pytest.raises(ValueError):
         settings(served_artifact, {"policy_artifact": str(tmp_path / "missing")})
-
-
-class SlowTier:
-    """A stand-in for a tier's handle that answers after `seconds` (unit test only; the real
-    deadline is exercised on the cluster by the fault tests)."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.calls = seconds, 0
-
-    def remote(self, request):
-        self.calls += 1
-        return asyncio.sleep(self.seconds, result="reply")
-
-
-class BusyTier:
-    """A stand-in for a tier's handle whose bounded queue is full: Serve raises BackPressureError."""
-
-    def remote(self, request):
-        from ray.serve.exceptions import BackPressureError
-
-        async def refused():
-            raise BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=2)
-        return refused()
-
-
-def router_with(tier):
-    import collections
-
-    from deployments.router import Router
-
-    router = object.__new__(Router.func_or_class)
-    no_metric = type("Counter", (), {"inc": lambda self, tags: None})()
-    router.handles, router.hop_failures, router.shed = {Tier.CLOUD: tier}, no_metric, no_metric
-    router.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter()}
-    router.args = AppArgs(artifact="unused", retry_after_s=2)
-    router.no_replica, router.no_replica_checked = set(), float("inf")  # no refresh from Serve here
-    return router
-
-
-def test_a_call_gets_at_most_what_is_left_of_the_deadline(served_artifact):
-    s = settings(served_artifact, {"hop_timeout_s": 2.0, "request_timeout_s": 3.0})
-    tier = SlowTier(5.0)
-    began = time.monotonic()
-    assert asyncio.run(router_with(tier).call(Tier.CLOUD, None, s, deadline=began + 0.3)) is None
-    assert 0.25 < time.monotonic() - began < 1.0  # the deadline's 0.3 s, not the hop's 2 s
-    past = SlowTier(0.0)
-    assert asyncio.run(router_with(past).call(Tier.CLOUD, None, s, deadline=time.monotonic() - 1)) is None
-    assert past.calls == 0  # past the deadline the call is not even made
-    assert asyncio.run(router_with(SlowTier(0.01)).call(Tier.CLOUD, None, s, deadline=time.monotonic() + 3)) == "reply"
-
-
-def test_a_busy_tier_is_a_503_with_retry_after_not_a_fallback(served_artifact):
-    from fastapi import HTTPException
-
-    s = settings(served_artifact, {})
-    router = router_with(BusyTier())
-    with pytest.raises(HTTPException) as refused:
-        asyncio.run(router.call(Tier.CLOUD, None, s, deadline=time.monotonic() + 3))
-    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "2"}  # AppArgs
-    assert "cloud tier is at capacity" in refused.value.detail
-    assert router.since_start["shed"] == {"cloud": 1} and not router.since_start["hop_failures"]
-    router = router_with(SlowTier(5.0))
-    assert asyncio.run(router.call(Tier.CLOUD, None, s, deadline=time.monotonic() + 0.1)) is None
-    assert router.since_start["hop_failures"] == {("cloud", "timeout"): 1} and not router.since_start["shed"]
-
-
-def test_a_tier_serve_reports_without_replicas_is_not_called(served_artifact):
-    """A lost node's tier: the call is skipped (fallback at once) instead of waiting out its timeout."""
-    s = settings(served_artifact, {})
-    tier = SlowTier(5.0)
-    router = router_with(tier)
-    router.no_replica = {Tier.CLOUD}
-    began = time.monotonic()
-    assert asyncio.run(router.call(Tier.CLOUD, None, s, deadline=began + 3)) is None
-    assert tier.calls == 0 and time.monotonic() - began < 0.1
-    assert router.since_start["hop_failures"] == {("cloud", "unavailable"): 1}
-
-
-@pytest.mark.parametrize("backbone,dataset,name", [
-    ("sentence-transformers/all-MiniLM-L6-v2", "rt-polarity", "sentence-transformers/all-MiniLM-L6-v2@rt-polarity"),
-    ("/home/me/models/all-mpnet-base-v2", "csv:/home/me/data/reviews.csv", "all-mpnet-base-v2@csv:reviews.csv"),
-    ("./backbones/tiny", "jsonl:data/x.jsonl", "tiny@jsonl:x.jsonl"),
-])
-def test_answers_name_the_model_without_server_paths(backbone, dataset, name):
-    from deployments.router import public_model_name
-
-    assert public_model_name(backbone, dataset) == name
