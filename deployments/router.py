@@ -91,6 +91,20 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> S
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
 
 
+def boundaries_info(doc: dict, num_layers: int) -> dict:
+    """/v1/info's account of where the model is cut: at training, or by calibration (the kind that
+    chose the pair, its expected cost per sample on the choice rows against cloud-only's)."""
+    chosen = doc.get("boundaries")
+    if chosen is None:
+        return {"chosen_by": "training"}
+    cost = CostModel(**doc["cost_model"])
+    [best] = [c for c in chosen["candidates"] if (c["variant"], c["mobile"], c["edge"])
+              == (chosen["chosen_by"], chosen["mobile"], chosen["edge"])]
+    return {"chosen_by": "calibration", "kind": chosen["chosen_by"], "candidates": len(chosen["candidates"]),
+            "choice_share": chosen["choice_share"], "unit": cost.unit, "expected_cost": best["cost"],
+            "cloud_only_cost": cost.path_costs(chosen["mobile"], chosen["edge"], num_layers)["cloud_only"]}
+
+
 async def measure_tiers(mobile: TierRunner, handles: dict, rows: list[list[int]]) -> dict[str, float]:
     """Run by the ingress: `rows` (token ids) as one request through every tier call it can make;
     the mobile, edge and cloud compute and each hop's overhead, in ms, and hidden-state bytes per token."""
@@ -146,6 +160,7 @@ class Router:
         self.model_name = public_model_name(self.manifest.backbone, self.manifest.dataset.name)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
+        self.boundaries = boundaries_info(load_policies(args.artifact)[1], self.manifest.num_layers)
         self.requests = metrics.Counter("dimee_requests", "classify requests, by mode", tag_keys=("mode",))
         self.answers = metrics.Counter("dimee_answers", "predictions by answering tier and outcome "
                                        "(normal, fallback, degraded, escalated)", tag_keys=("mode", "tier", "outcome"))
@@ -219,6 +234,7 @@ class Router:
             "model": self.model_name,
             "labels": self.labels,
             "exit_layers": self.exit_layers,
+            "boundaries": self.boundaries,
             "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds,
                        "risk": s.policy.risk.to_json() if s.policy.risk else None},
             "cost_model": s.cost.model_dump(),

@@ -222,8 +222,9 @@ def learned_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int,
     x = cls.features(out.z, out.probs(out.mobile_exit))
     targets = agreement_targets(out)
     scores = cross_fitted_scores(x, targets, k, seed)
+    escalates = cls.escalates and escalation_can_help(out)
     if cls.escalates:
-        grids = threshold_grid(scores[:, 0], 41), threshold_grid(scores[:, 1], 21), ESCALATE_GRID
+        grids = threshold_grid(scores[:, 0], 41), threshold_grid(scores[:, 1], 21), ESCALATE_GRID if escalates else np.zeros(1)
     else:
         grid = threshold_grid(scores, 41)
         grids = grid, grid, np.zeros(1)  # edge confidence is never below 0: no escalation
@@ -239,9 +240,9 @@ def learned_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int,
     # mobile does not keep goes to edge, which keeps those it is sure of (a cascade with a learned
     # first gate): through edge, cloud costs what it costs from mobile under the default costs.
     for t in RISK_PATH:
-        combo = (t, 0.0, t) if cls.escalates else (t, t)
+        combo = (t, 0.0, t if escalates else 0.0) if cls.escalates else (t, t)
         tiers = threshold_route(scores, combo[0], combo[1])
-        up = (tiers == Tier.EDGE) & (out.tier_confidences[:, 1] < t) if cls.escalates else np.zeros(len(tiers), bool)
+        up = (tiers == Tier.EDGE) & (out.tier_confidences[:, 1] < t) if escalates else np.zeros(len(tiers), bool)
         outcomes.append(score(out, np.where(up, Tier.CLOUD, tiers), cost, np.where(up, EDGE_CLOUD, tiers)))
         combos.append(combo)
 
@@ -288,14 +289,20 @@ def grid_outcomes(out: ExitOutputs, cost: CostModel, mobile: np.ndarray, edge: n
                     float(losses[i]), n) for i in range(len(costs))]
 
 
+def escalation_can_help(out: ExitOutputs) -> bool:
+    """With edge at the last layer, cloud would answer as edge did, one hop later: no escalation."""
+    return out.edge_exit < out.num_layers
+
+
 def cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
     """Every (mobile, escalate) pair of confidence thresholds from RISK_PATH; risk control walks
     the diagonal, one threshold for both: the classic early exit, stopping at the first sure exit."""
     conf = out.tier_confidences
     grid = RISK_PATH[::-1]  # ascending: from "mobile keeps everything" to "mobile keeps nothing"
+    up = grid if escalation_can_help(out) else np.zeros(1)
     outcomes = grid_outcomes(out, cost, conf[:, 0] >= grid[:, None], np.ones((1, len(conf)), bool),
-                             conf[:, 1] < grid[:, None])
-    combos = [(tm, b) for tm in grid for b in grid]
+                             conf[:, 1] < up[:, None])
+    combos = [(tm, b) for tm in grid for b in up]
     curve = [{"mobile": float(c[0]), "escalate": float(c[1]), **_outcome_json(o)}
              for c, o in _pareto(list(zip(combos, outcomes)))]
 
@@ -303,7 +310,7 @@ def cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
         return CascadePolicy(name, out.mobile_exit, out.edge_exit, out.num_layers,
                              {"mobile": float(combos[i][0]), "escalate": float(combos[i][1])}, {}, risk)
 
-    diagonal = [i * len(grid) + i for i in range(len(grid))][::-1]  # from 1.01 down
+    diagonal = [i * len(up) + min(i, len(up) - 1) for i in range(len(grid))][::-1]  # from 1.01 down
     return Candidates("dimee_cascade", outcomes, len(outcomes), True, curve, make, diagonal)
 
 

@@ -77,23 +77,25 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
 def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test: ExitOutputs, k: int,
                   seed: int = 0) -> dict:
     """`dimee evaluate --resamples K`: the evaluation `result` with each method's summary over K
-    redraws, recalibrated as the artifact was (its budget, delta, folds and the result's cost model)."""
+    redraws, recalibrated as the artifact was (its budget, delta, folds, boundary candidates, and its
+    cost model if in ms, as `dimee up` calibrates, else the result's abstract one)."""
     _, doc = load_policies(directory)
     delta, budget = doc.get("delta"), doc["max_accuracy_drop_pp"]
     pairs = [tuple(p) for p in doc["boundaries"]["pairs"]] if "boundaries" in doc else None
-    found = resampled(calibration, test, CostModel(**result["cost_model"]), budget, [delta], k, seed,
-                      doc.get("folds", 5), pairs)[delta]
+    stored = CostModel(**doc["cost_model"])
+    cost = stored if stored.unit == "ms" else CostModel(**result["cost_model"])
+    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}
     return {**result, "methods": methods, "resampled": {
-        "k": k, "seed": seed, "delta": delta, "budget_pp": budget,
+        "k": k, "seed": seed, "delta": delta, "budget_pp": budget, "cost_unit": cost.unit,
         "served_default": found["methods"]["served_default"], "default_choices": found["default_choices"]}}
 
 
 def format_resampled(result: dict) -> str:
     r = result["resampled"]
     lines = [f"over {r['k']} redraws of the calibration/test partition (seed {r['seed']}), recalibrated with "
-             f"delta {r['delta']} and a budget of {r['budget_pp']} pp",
+             f"delta {r['delta']} and a budget of {r['budget_pp']} pp; saved: {r.get('cost_unit', 'abstract')} cost",
              f"{'method':34s} {'within':>7s} {'saved':>7s} {'p10-p90':>15s} {'drop pp':>8s} {'p90':>6s}"
              f" {'/oracle':>8s}"]
     rows = [(name, m["resampled"]) for name, m in result["methods"].items() if "resampled" in m]

@@ -77,3 +77,15 @@ def test_where_hops_are_dear_the_two_tier_cascade_wins_and_where_every_split_los
     dear_layers = CostModel(lambda_mobile=10.0)  # mobile's layers dearer than cloud-only: no split pays
     _, default = calibration.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L))
     assert default == calibration.NO_SPLIT
+
+
+def test_an_edge_at_the_last_layer_hands_nothing_on_to_cloud():
+    """Cloud would answer as edge did, one hop later: the escalating kinds escalate nothing there."""
+    out = outputs(good_from=6).at(3, 6)  # edge is the only exit that is right
+    cal, _ = calibration.calibrate_all(out, CostModel(), 0.3, 0.1)
+    for name in ("dimee_cascade_constrained", "dimee_escalate_constrained", "dimee_cascade", "dimee_escalate"):
+        policy = cal.policies[name]
+        assert policy.thresholds["escalate"] == 0.0, name
+        _, paths = policy.assign(out.z, out.probs(3), out.probs(6))
+        assert not (paths == calibration.EDGE_CLOUD).any(), name
+    assert (cal.policies["dimee_cascade_constrained"].assign(out.z, out.probs(3), out.probs(6))[0] == Tier.EDGE).mean() > 0.9

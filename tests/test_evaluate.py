@@ -251,6 +251,18 @@ def test_cli_evaluate_resamples(calibrated, tmp_path, capsys):
     check_shape(plain)
 
 
+def test_resamples_of_an_artifact_calibrated_in_ms_recalibrate_in_ms(calibrated, tmp_path, capsys):
+    """As `dimee up` left it: each redraw chooses boundaries and thresholds for the measured latency."""
+    out = shutil.copytree(calibrated[0], tmp_path / "ms")
+    assert main(["calibrate", str(out), "--cost-profile", str(write_profile_of(tmp_path / "p.json")),
+                 "--choose-boundaries"]) == 0
+    table = tmp_path / "table.json"
+    assert main(["evaluate", str(out), "--resamples", "2", "--json", str(table)]) == 0
+    assert "saved: ms cost" in capsys.readouterr().out
+    resampled = json.loads(table.read_text())["resampled"]
+    assert resampled["cost_unit"] == "ms" and all("@" in name for name in resampled["default_choices"])
+
+
 def test_cli_errors(base, capsys):
     assert main(["calibrate", str(base), "--mu", "-1"]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 
 import pytest
 
-from deployments.router import build_settings
+from deployments.router import boundaries_info, build_settings
 from deployments.schemas import AppArgs, RouterConfig
 from dimee_models import artifact
 from dimee_models.cost import CostModel
@@ -67,3 +67,17 @@ def test_a_recalibrated_copy_can_be_switched_to_but_other_weights_cannot(served_
         settings(served_artifact, {"policy_artifact": str(tampered)})
     with pytest.raises(ValueError):
         settings(served_artifact, {"policy_artifact": str(tmp_path / "missing")})
+
+
+def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
+    assert boundaries_info(load_policies(served_artifact)[1], 6) == {"chosen_by": "training"}
+    from dimee_models.calibration import run_calibration
+
+    out = shutil.copytree(served_artifact, tmp_path / "chosen")
+    cost = CostModel(unit="ms", fixed=10.0, lambda_mobile=3.0, lambda_edge=3.0, lambda_cloud=2.0, o_1=4.0, o_2=4.0,
+                     o_edge_cloud=4.0, o_cloud_only=4.0, mu=0.05)
+    doc = run_calibration(out, cost, 0.3, pairs=[(m, e) for m in range(1, 6) for e in range(m + 1, 7)])
+    info = boundaries_info(doc, 6)
+    assert info["chosen_by"] == "calibration" and info["unit"] == "ms" and info["candidates"] >= 15
+    assert info["cloud_only_cost"] == pytest.approx(10 + 4 + 6 * 2)
+    assert info["kind"] == doc["boundaries"]["chosen_by"] and info["expected_cost"] > 10
