@@ -38,7 +38,7 @@ from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest, public_model_name
-from dimee_models.policy import CentroidPolicy, Mode, Policy, load_policies
+from dimee_models.policy import CentroidPolicy, Plan, Policy, load_policies
 from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
@@ -288,7 +288,8 @@ class Router:
         max_length = self.manifest.max_length
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_mode(body.mode, Tokens(enc["input_ids"], enc.get("token_type_ids")), s, deadline)
+        answers = await self.run_mode(s.policy.plan(body.mode), Tokens(enc["input_ids"], enc.get("token_type_ids")),
+                                      s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
             outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
@@ -344,25 +345,24 @@ class Router:
                 log.warning("could not read the replicas per tier from Serve: %r", err)
         asyncio.get_running_loop().create_task(refresh())
 
-    async def run_mode(self, mode: Mode, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
-        if s.policy.skips_mobile(mode):  # the tokens go to cloud: no sample runs the mobile slice
-            if mode == "dimee":
+    async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
+        if plan.skips_mobile:
+            if plan.decides:
                 self.decisions.inc(len(tokens.input_ids), tags={"tier": Tier.CLOUD.label})
             cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
                 return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
             mobile = await self.mobile_batch(TierRequest(tokens))
             return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True)
-        mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=mode != "mobile_only"))
-        tiers = s.policy.plan(mode, mobile.z, mobile.probs)
-        if mode == "dimee":
+        mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=plan.keeps_hidden))
+        tiers = plan.tiers(mobile.z, mobile.probs)
+        if plan.decides:
             for tier, count in zip(*np.unique(tiers, return_counts=True)):
                 self.decisions.inc(int(count), tags={"tier": Tier(tier).label})
         answers = self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"])
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (Tier.EDGE, Tier.CLOUD)]
-        escalate = s.policy.escalates_in(mode)
-        calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, s, deadline, escalate))
+        calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, plan, s, deadline))
                  for tier, rows in offloaded if rows]
         try:
             results = await asyncio.gather(*calls)
@@ -376,29 +376,29 @@ class Router:
         return answers
 
     async def offload(self, tier: Tier, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
-                      s: Settings, deadline: float, escalate: bool) -> tuple[list[int], list[Prediction]]:
+                      plan: Plan, s: Settings, deadline: float) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
         answers, the mobile exit's predictions, marked degraded. Only these rows' hidden state goes
         into the object store, for whichever tier reads it."""
         stored = self.mobile.store(mobile.hidden, rows)
         if tier is Tier.EDGE:
-            request = (TierRequest(stored, keep_hidden=True, keep_below=s.policy.thresholds["escalate"])
-                       if escalate else TierRequest(stored))
+            # edge keeps the hidden state of the rows cloud will need, if the plan escalates
+            request = TierRequest(stored, keep_hidden=plan.escalate_below is not None, keep_below=plan.escalate_below)
             reply = await self.call(Tier.EDGE, request, s, deadline)
             if reply is not None:
                 answers = self.answer(reply, Tier.EDGE, s.path_cost["edge"])
-                return rows, await self.escalate(reply, answers, s, deadline) if escalate else answers
+                return rows, await self.escalate(reply, answers, plan, s, deadline)
         reply = await self.call(Tier.CLOUD, TierRequest(stored), s, deadline)
         if reply is not None:
             return rows, self.answer(reply, Tier.CLOUD, s.path_cost["cloud"], fallback=tier is Tier.EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]
 
-    async def escalate(self, edge: TierReply, answers: list[Prediction], s: Settings,
+    async def escalate(self, edge: TierReply, answers: list[Prediction], plan: Plan, s: Settings,
                        deadline: float) -> list[Prediction]:
         """Edge's answers, with those it is too unsure of replaced by cloud's, computed from the
         hidden state edge kept of exactly those rows; if cloud fails, edge's answers stay, marked
         degraded."""
-        unsure = np.flatnonzero(s.policy.escalate(edge.probs)).tolist()
+        unsure = np.flatnonzero(plan.escalated(edge.probs)).tolist()
         if not unsure:
             return answers
         reply = await self.call(Tier.CLOUD, TierRequest(edge.hidden), s, deadline)

@@ -159,7 +159,7 @@ def run_evaluation(directory: Path, cost: CostModel | None = None,
 def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee", pairs: list[str] | None = None,
                   policy_name: str | None = None) -> list[dict]:
     """What the server answers for these texts in `mode`, computed offline from the full model
-    with the same plan (`Policy.plan`, then `Policy.escalates_in`):
+    with the same plan (`Policy.plan`):
     [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
     manifest = artifact.read_manifest(directory)
@@ -172,8 +172,10 @@ def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee",
     probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in exits.items()}
     policies, doc = load_policies(directory)
     policy = policies[policy_name or doc["default"]]
-    tiers = policy.plan(mode, outs[exits[Tier.MOBILE] - 1].pooled.numpy(), probs[Tier.MOBILE])
-    escalated = (tiers == Tier.EDGE) & (policy.escalate(probs[Tier.EDGE]) if policy.escalates_in(mode) else False)
+    plan = policy.plan(mode)
+    tiers = (np.full(len(texts), Tier.CLOUD) if plan.skips_mobile
+             else plan.tiers(outs[exits[Tier.MOBILE] - 1].pooled.numpy(), probs[Tier.MOBILE]))
+    escalated = (tiers == Tier.EDGE) & plan.escalated(probs[Tier.EDGE])
     tiers = np.where(escalated, Tier.CLOUD, tiers)
     return [{"tier": Tier(t).label, "label_id": int(probs[t][i].argmax()), "confidence": float(probs[t][i].max()),
              "exit_layer": exits[t], "escalated": bool(escalated[i])}

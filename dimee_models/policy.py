@@ -3,6 +3,8 @@
 Four routers share one interface, used by offline evaluation and by the serving router alike:
 `Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge, 2 cloud) decides on mobile, and
 `Policy.escalate(edge_probs)` says which samples answered on edge go on to cloud after all.
+`Policy.plan(mode)` puts both together for one request's mode (and whether it skips the mobile
+slice), for the serving ingress and offline prediction alike.
 
 - `centroid` (the method of docs/METHOD.md section 5): pools EASY / MEDIUM / HARD from confidence
   thresholds at alpha, one centroid of the mobile embedding z per pool, nearest centroid wins.
@@ -66,22 +68,13 @@ class Policy:
             return np.zeros(len(edge_probs), dtype=bool)
         return edge_probs.max(-1) < self.thresholds["escalate"]
 
-    def escalates_in(self, mode: Mode) -> bool:
-        """Whether edge's unsure samples go on to cloud in `mode`: only DIMEE's own routing does it."""
-        return mode == "dimee" and self.escalates
-
-    def skips_mobile(self, mode: Mode) -> bool:
-        """Whether a request in `mode` goes to cloud as token ids, without the mobile slice."""
-        return mode == "cloud_only" or (mode == "dimee" and self.from_tokens)
-
-    def plan(self, mode: Mode, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
-        """Where each sample goes once the mobile slice has run, in `mode`: the one decision the
-        serving ingress and offline prediction share (`cloud_only` sends the tokens to cloud instead,
-        so its samples never reach the mobile slice). Escalation follows where `escalates_in(mode)`."""
-        if mode == "dimee":
-            return self.route(z, mobile_probs)
-        return np.full(len(mobile_probs), {"mobile_only": Tier.MOBILE, "edge_only": Tier.EDGE,
-                                           "cloud_only": Tier.CLOUD}[mode])
+    def plan(self, mode: Mode) -> Plan:
+        """Everything a request in `mode` needs: the one decision the serving ingress and offline
+        prediction share."""
+        decides = mode == "dimee"
+        return Plan(self, mode, skips_mobile=mode == "cloud_only" or (decides and self.from_tokens),
+                    decides=decides, keeps_hidden=mode != "mobile_only",
+                    escalate_below=self.thresholds["escalate"] if decides and self.escalates else None)
 
     def assign(self, z: np.ndarray, mobile_probs: np.ndarray, edge_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(answering tier, path index into cost.PATHS) per sample, escalations included."""
@@ -97,6 +90,31 @@ class Policy:
             "thresholds": self.thresholds,
             **({"risk": self.risk.to_json()} if self.risk else {}),
         }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a request in one mode is served with `policy`, from `Policy.plan`."""
+
+    policy: Policy
+    mode: Mode
+    skips_mobile: bool  # the token ids go to cloud: no sample runs the mobile slice
+    decides: bool  # the policy routes (mode dimee), so its choices are counted as routing decisions
+    keeps_hidden: bool  # mobile keeps its hidden state, for the samples that go on to edge or cloud
+    escalate_below: float | None  # edge keeps the hidden state of rows below this confidence, for cloud
+
+    def tiers(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+        """Where each sample goes once the mobile slice has run, (N,) tier ids."""
+        if self.decides:
+            return self.policy.route(z, mobile_probs)
+        return np.full(len(mobile_probs), {"mobile_only": Tier.MOBILE, "edge_only": Tier.EDGE,
+                                           "cloud_only": Tier.CLOUD}[self.mode])
+
+    def escalated(self, edge_probs: np.ndarray) -> np.ndarray:
+        """(N,) bool: the edge answers that go on to cloud; none unless this plan escalates."""
+        if self.escalate_below is None:
+            return np.zeros(len(edge_probs), dtype=bool)
+        return self.policy.escalate(edge_probs)
 
 
 class CentroidPolicy(Policy):

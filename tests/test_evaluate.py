@@ -18,10 +18,10 @@ from dimee_models.evaluate import predict_texts, run_evaluation
 from dimee_models.manifest import PolicyRef
 from dimee_models.model import MultiExitEncoder
 from dimee_models.outputs import split_outputs
-from dimee_models.policy import EDGE_CLOUD, load_policies
+from dimee_models.policy import EDGE_CLOUD, CloudOnlyPolicy, load_policies
 from dimee_models.tiers import Tier
 from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
-from tests.conftest import tiny_facts
+from tests.conftest import add_policy, tiny_facts
 
 VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
          ["engine", "wheel", "brake", "piston", "gear", "clutch", "motor", "tire"])
@@ -191,7 +191,8 @@ def test_where_no_split_is_cheaper_than_cloud_only_everything_goes_to_cloud(cali
         tiers, paths = cal.policies[default].assign(out.z, out.probs(2), out.probs(4))
         assert set(tiers) == {Tier.CLOUD} and set(paths) == {PATHS.index("cloud_only")}
         assert (cal.policies[default].risk is None) == (delta is None)
-    assert cal.policies[default].skips_mobile("dimee") and not cal.policies["dimee_constrained"].skips_mobile("dimee")
+    assert cal.policies[default].plan("dimee").skips_mobile
+    assert not cal.policies["dimee_constrained"].plan("dimee").skips_mobile
     assert calibration.calibrate_all(out, costly, 50.0, 0.1, default="dimee_constrained")[1] == "dimee_constrained"
 
 
@@ -273,8 +274,9 @@ def test_cli_errors(base, capsys):
     assert not (base / "outputs" / "test.safetensors").exists()
 
 
-def test_predict_texts_agrees_with_split_outputs(calibrated):
-    out = calibrated[0]
+def test_predict_texts_agrees_with_split_outputs(calibrated, tmp_path):
+    out = shutil.copytree(calibrated[0], tmp_path / "cal")
+    add_policy(out, CloudOnlyPolicy("no_split", 2, 4, 6, {}, {}))
     rows = [0, 3, 7, 12, 25]
     test_texts = artifact.load_split(out, "test").texts
     sample = [test_texts[i] for i in rows]
@@ -283,6 +285,7 @@ def test_predict_texts_agrees_with_split_outputs(calibrated):
     assert [r["tier"] for r in cloud] == ["cloud"] * 5 and {r["exit_layer"] for r in cloud} == {6}
     assert [r["label_id"] for r in cloud] == test_out.logits[rows, -1].argmax(-1).tolist()
     np.testing.assert_allclose([r["confidence"] for r in cloud], test_out.tier_confidences[rows, 2], atol=1e-4)
+    assert predict_texts(out, sample, "dimee", policy_name="no_split") == cloud  # the tokens to cloud, as served
     policies, doc = load_policies(out)
     mobile_probs = test_out.probs(test_out.mobile_exit)
     for name in (None, "dimee_constrained"):  # the default policy, and one that splits this data three ways

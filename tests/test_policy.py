@@ -8,8 +8,9 @@ from dimee_models.calibration import (ALPHA_GRID, Outcome, calibrate, centroids_
                                       save_policies, score)
 from dimee_models.cost import CostModel
 from dimee_models.outputs import ExitOutputs
-from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, EscalatePolicy, LearnedPolicy, Policy,
-                                 exit_features, load_policies, nearest_centroid, router_features)
+from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, CloudOnlyPolicy, EscalatePolicy,
+                                 LearnedPolicy, Policy, exit_features, load_policies, nearest_centroid,
+                                 router_features)
 from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
@@ -143,6 +144,36 @@ def test_the_cascade_policy_at_one_threshold_stops_at_the_first_sure_exit(data):
         np.testing.assert_array_equal(paths, np.array([Tier.MOBILE, Tier.EDGE, EDGE_CLOUD])[expected])  # via edge
     policy = CascadePolicy("c", M, E, L, {"mobile": 0.9, "escalate": 0.0}, {})  # edge keeps all it gets
     assert set(assigned(policy, out)[0].tolist()) == {Tier.MOBILE, Tier.EDGE}
+
+
+BASELINES = {"mobile_only": Tier.MOBILE, "edge_only": Tier.EDGE, "cloud_only": Tier.CLOUD}
+
+
+@pytest.mark.parametrize("mode", ["dimee", *BASELINES])
+def test_a_plan_says_all_a_request_in_its_mode_needs(data, mode):
+    out, cluster = data
+    z, mobile_probs, edge_probs = out.z, out.probs(M), out.probs(E)
+    everywhere = {tier: np.full(len(cluster), tier) for tier in BASELINES.values()}
+    # the cascade at 0.9: mobile keeps cluster 0 (sure), edge gets the rest and hands cluster 2 (unsure) to cloud
+    cascade = CascadePolicy("c", M, E, L, {"mobile": 0.9, "escalate": 0.9}, {})
+    plan = cascade.plan(mode)
+    assert (plan.skips_mobile, plan.decides, plan.keeps_hidden) == (mode == "cloud_only", mode == "dimee",
+                                                                    mode != "mobile_only")
+    tiers, escalated = plan.tiers(z, mobile_probs), plan.escalated(edge_probs)
+    if mode == "dimee":
+        np.testing.assert_array_equal(tiers, np.where(cluster == 0, Tier.MOBILE, Tier.EDGE))
+        np.testing.assert_array_equal(escalated, cluster == 2)
+        assert plan.escalate_below == 0.9
+        np.testing.assert_array_equal(np.where((tiers == Tier.EDGE) & escalated, Tier.CLOUD, tiers),
+                                      assigned(cascade, out)[0])  # served as evaluated
+    else:
+        np.testing.assert_array_equal(tiers, everywhere[BASELINES[mode]])
+        assert not escalated.any() and plan.escalate_below is None  # a baseline never escalates
+    # every text to cloud: as token ids, in mode dimee too, and nothing escalates
+    plan = CloudOnlyPolicy("n", M, E, L, {}, {}).plan(mode)
+    assert (plan.skips_mobile, plan.decides) == (mode in ("dimee", "cloud_only"), mode == "dimee")
+    assert plan.escalate_below is None and not plan.escalated(edge_probs).any()
+    np.testing.assert_array_equal(plan.tiers(z, mobile_probs), everywhere[BASELINES.get(mode, Tier.CLOUD)])
 
 
 def test_score_by_hand(data):
