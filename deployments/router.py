@@ -17,7 +17,6 @@ model, timeouts) come from Serve's `user_config` and change without a restart.
 """
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import time
@@ -27,11 +26,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.serve import metrics
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, parse_classify, truncated, validation_detail
+from deployments.metrics import RouterMetrics
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, Prediction, RouterConfig,
                                  TierReply, TierRequest, Tokens)
 from deployments.tier import TierRunner, threads_from_cpu_share
@@ -161,23 +160,7 @@ class Router:
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
         self.boundaries = boundaries_info(load_policies(args.artifact)[1], self.manifest.num_layers)
-        self.requests = metrics.Counter("dimee_requests", "classify requests, by mode", tag_keys=("mode",))
-        self.answers = metrics.Counter("dimee_answers", "predictions by answering tier and outcome "
-                                       "(normal, fallback, degraded, escalated)", tag_keys=("mode", "tier", "outcome"))
-        self.decisions = metrics.Counter("dimee_routing_decisions", "tier chosen by the DIMEE policy, per sample",
-                                         tag_keys=("tier",))
-        self.hop_failures = metrics.Counter("dimee_hop_failures", "tier calls that failed or timed out",
-                                            tag_keys=("tier", "reason"))
-        self.shed = metrics.Counter("dimee_shed_requests", "requests refused with 503: the ingress's texts in "
-                                    "flight (tier=ingress) or an edge or cloud queue was full",
-                                    tag_keys=("tier",))
-        self.answer_cost = metrics.Histogram(
-            "dimee_answer_cost", "each answer's cost under the active cost model (unit: abstract, or ms per text "
-            "at one text per request from a cluster profile): mean = sum / count, to compare with the prediction",
-            boundaries=[0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=("mode", "unit"))
-        # for /v1/info, since this replica started: shed and failed calls; answers and summed cost by (mode, unit)
-        self.since_start = {"shed": collections.Counter(), "hop_failures": collections.Counter(),
-                            "answers": collections.Counter(), "cost": collections.Counter()}
+        self.metrics = RouterMetrics()
         self.texts_in_flight = 0
         # Tiers Serve's controller reports with no running replica (a lost node, a replica being
         # replaced) are not called: a call there waits out its timeout; refreshed in the background.
@@ -245,11 +228,7 @@ class Router:
             "config_error": self.config_error,
             "replicas": {t.label: n for t, n in replicas.items()},
             "no_live_replica": [t.label for t, n in sorted(replicas.items()) if n == 0],
-            # this replica's counts since it started: busy tiers (503) apart from failed ones (fallback)
-            "shed": dict(self.since_start["shed"]),
-            "hop_failures": {f"{tier}/{reason}": n for (tier, reason), n in self.since_start["hop_failures"].items()},
-            "served_cost": {f"{mode}/{unit}": {"answers": n, "mean": self.since_start["cost"][mode, unit] / n}
-                            for (mode, unit), n in self.since_start["answers"].items()},
+            **self.metrics.since_start(),  # this replica's counts since it started
         }
 
     # The body is parsed by hand (deployments/http.py) for one-sentence errors; the schema is declared
@@ -284,7 +263,7 @@ class Router:
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
     async def classify_admitted(self, body: ClassifyRequest, s: Settings, deadline: float) -> list[Prediction]:
-        self.requests.inc(tags={"mode": body.mode})
+        self.metrics.request(body.mode)
         max_length = self.manifest.max_length
         enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
         cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
@@ -292,18 +271,12 @@ class Router:
                                       s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
-            outcome = ("degraded" if answer.degraded else "fallback" if answer.fallback
-                       else "escalated" if answer.escalated else "normal")
-            self.answers.inc(tags={"mode": body.mode, "tier": answer.tier, "outcome": outcome})
-            self.answer_cost.observe(answer.cost, tags={"mode": body.mode, "unit": s.cost.unit})
-            self.since_start["answers"][body.mode, s.cost.unit] += 1
-            self.since_start["cost"][body.mode, s.cost.unit] += answer.cost
+        self.metrics.answered(body.mode, answers, s.cost.unit)
         return answers
 
     def refuse(self, where: str, detail: str) -> HTTPException:
         """503 with Retry-After for a request the cluster has no room for now, counted by where."""
-        self.shed.inc(tags={"tier": where})
-        self.since_start["shed"][where] += 1
+        self.metrics.shed(where)
         return HTTPException(503, detail, headers={"Retry-After": str(self.args.retry_after_s)})
 
     async def call(self, tier: Tier, request: TierRequest, s: Settings, deadline: float) -> TierReply | None:
@@ -326,8 +299,7 @@ class Router:
                 reason = "error"
                 log.warning("%s tier call failed after %.0f ms: %r", tier.label,
                             (time.perf_counter() - began) * 1000, err)
-        self.hop_failures.inc(tags={"tier": tier.label, "reason": reason})
-        self.since_start["hop_failures"][tier.label, reason] += 1
+        self.metrics.hop_failed(tier, reason)
         return None
 
     def refresh_no_replica(self, every_s: float = 1.0) -> None:
@@ -348,7 +320,7 @@ class Router:
     async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
         if plan.skips_mobile:
             if plan.decides:
-                self.decisions.inc(len(tokens.input_ids), tags={"tier": Tier.CLOUD.label})
+                self.metrics.decided(np.full(len(tokens.input_ids), Tier.CLOUD))
             cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
                 return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
@@ -357,8 +329,7 @@ class Router:
         mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=plan.keeps_hidden))
         tiers = plan.tiers(mobile.z, mobile.probs)
         if plan.decides:
-            for tier, count in zip(*np.unique(tiers, return_counts=True)):
-                self.decisions.inc(int(count), tags={"tier": Tier(tier).label})
+            self.metrics.decided(tiers)
         answers = self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"])
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (Tier.EDGE, Tier.CLOUD)]

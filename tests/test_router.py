@@ -81,3 +81,27 @@ def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
     assert info["chosen_by"] == "calibration" and info["unit"] == "ms" and info["candidates"] >= 15
     assert info["cloud_only_cost"] == pytest.approx(10 + 4 + 6 * 2)
     assert info["kind"] == doc["boundaries"]["chosen_by"] and info["expected_cost"] > 10
+
+
+def test_the_ingress_counts_what_info_shows_since_start():
+    from deployments.metrics import RouterMetrics
+    from deployments.schemas import Prediction
+    from dimee_models.tiers import Tier
+
+    m = RouterMetrics()  # Serve's metrics record without a cluster, into nothing
+    assert m.since_start() == {"shed": {}, "hop_failures": {}, "served_cost": {}}
+    m.request("dimee")
+    m.decided(np.array([Tier.MOBILE, Tier.EDGE, Tier.EDGE]))
+    for where in ("ingress", "cloud", "cloud"):
+        m.shed(where)
+    m.hop_failed(Tier.EDGE, "timeout")
+
+    def answer(tier: str, cost: float, **flags) -> Prediction:
+        return Prediction(label="pos", label_id=0, confidence=0.9, tier=tier, exit_layer=2, cost=cost, **flags)
+
+    m.answered("dimee", [answer("mobile", 0.2), answer("cloud", 1.1, escalated=True)], "abstract")
+    m.answered("cloud_only", [answer("mobile", 0.2, degraded=True)], "ms")
+    assert m.since_start() == {
+        "shed": {"ingress": 1, "cloud": 2}, "hop_failures": {"edge/timeout": 1},
+        "served_cost": {"dimee/abstract": {"answers": 2, "mean": pytest.approx(0.65)},
+                        "cloud_only/ms": {"answers": 1, "mean": pytest.approx(0.2)}}}
