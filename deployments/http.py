@@ -1,5 +1,5 @@
-"""Request input without Ray: the classify body parsed by hand into one-sentence 4xx errors, the
-optional API key, and which texts the tokenizer truncated."""
+"""Request input without Ray: the classify body parsed by hand into one-sentence 4xx errors and
+tokenized, with which texts the tokenizer truncated; the optional API key."""
 
 from __future__ import annotations
 
@@ -7,14 +7,33 @@ import hmac
 import json
 from collections.abc import Mapping
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 from pydantic import ValidationError
 
-from deployments.schemas import ClassifyRequest
+from deployments.schemas import ClassifyRequest, Tokens
 
 API_KEY_HEADER = "X-API-Key"
 JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
               type(None): "null"}
+
+
+async def read_classify(request: Request, tokenizer, *, max_body_bytes: int, max_texts: int, max_length: int,
+                        text_pair: bool) -> tuple[ClassifyRequest, Tokens, list[bool]]:
+    """The classify body, checked against the server's limits and the model, and tokenized: the
+    body, its token ids, and which texts were cut to max_length."""
+    if int(request.headers.get("content-length") or 0) > max_body_bytes:  # refuse before reading it
+        raise HTTPException(413, f"the body is {request.headers['content-length']} bytes, over the limit of "
+                                 f"{max_body_bytes} bytes")
+    body = parse_classify(await request.body(), request.headers.get("content-type"), max_body_bytes)
+    if len(body.texts) > max_texts:
+        raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {max_texts}")
+    if body.text_pairs is not None and not text_pair:
+        raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
+    if body.text_pairs is None and text_pair:
+        raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
+    enc = tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
+    cut = truncated(tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
+    return body, Tokens(enc["input_ids"], enc.get("token_type_ids")), cut
 
 
 def parse_classify(body: bytes, content_type: str | None, max_body_bytes: int) -> ClassifyRequest:

@@ -29,7 +29,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.http import check_api_key, parse_classify, truncated, validation_detail
+from deployments.http import check_api_key, read_classify, validation_detail
 from deployments.metrics import RouterMetrics
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, Prediction, RouterConfig,
                                  TierReply, TierRequest, Tokens)
@@ -37,7 +37,7 @@ from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest, public_model_name
-from dimee_models.policy import CentroidPolicy, Plan, Policy, load_policies
+from dimee_models.policy import CentroidPolicy, Mode, Plan, Policy, load_policies
 from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
@@ -237,16 +237,9 @@ class Router:
         "content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}, "required": True}})
     async def classify(self, request: Request) -> ClassifyResponse:
         check_api_key(self.api_key, request.headers)
-        if int(request.headers.get("content-length") or 0) > self.args.max_body_bytes:  # refuse before reading it
-            raise HTTPException(413, f"the body is {request.headers['content-length']} bytes, over the limit of "
-                                     f"{self.args.max_body_bytes} bytes")
-        body = parse_classify(await request.body(), request.headers.get("content-type"), self.args.max_body_bytes)
-        if len(body.texts) > self.args.max_texts:
-            raise HTTPException(422, f"too many texts: {len(body.texts)} > the limit of {self.args.max_texts}")
-        if body.text_pairs is not None and not self.manifest.text_pair:
-            raise HTTPException(422, "text_pairs was sent but this model classifies single texts")
-        if body.text_pairs is None and self.manifest.text_pair:
-            raise HTTPException(422, "this model classifies sentence pairs: send text_pairs, one per text")
+        body, tokens, cut = await read_classify(request, self.tokenizer, max_body_bytes=self.args.max_body_bytes,
+                                                max_texts=self.args.max_texts, max_length=self.manifest.max_length,
+                                                text_pair=self.manifest.text_pair)
         s = self.settings
         deadline = time.monotonic() + s.request_timeout_s
         # Admission by texts, the unit the tiers' work grows with (Serve's bounded queues count
@@ -257,21 +250,18 @@ class Router:
                                          f"the limit is {s.max_texts_in_flight}): retry later")
         self.texts_in_flight += n
         try:
-            answers = await self.classify_admitted(body, s, deadline)
+            answers = await self.classify_admitted(body.mode, tokens, cut, s, deadline)
         finally:
             self.texts_in_flight -= n
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
-    async def classify_admitted(self, body: ClassifyRequest, s: Settings, deadline: float) -> list[Prediction]:
-        self.metrics.request(body.mode)
-        max_length = self.manifest.max_length
-        enc = self.tokenizer(body.texts, body.text_pairs, truncation=True, max_length=max_length)
-        cut = truncated(self.tokenizer, body.texts, body.text_pairs, enc["input_ids"], max_length)
-        answers = await self.run_mode(s.policy.plan(body.mode), Tokens(enc["input_ids"], enc.get("token_type_ids")),
-                                      s, deadline)
+    async def classify_admitted(self, mode: Mode, tokens: Tokens, cut: list[bool], s: Settings,
+                                deadline: float) -> list[Prediction]:
+        self.metrics.request(mode)
+        answers = await self.run_mode(s.policy.plan(mode), tokens, s, deadline)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
-        self.metrics.answered(body.mode, answers, s.cost.unit)
+        self.metrics.answered(mode, answers, s.cost.unit)
         return answers
 
     def refuse(self, where: str, detail: str) -> HTTPException:

@@ -1,5 +1,6 @@
 """Bad input to /v1/classify gets a clear 4xx, the API key is checked, long texts are flagged: no cluster."""
 
+import asyncio
 import json
 
 import pytest
@@ -8,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
 from transformers import AutoTokenizer
 
-from deployments.http import check_api_key, parse_classify, truncated
+from deployments.http import check_api_key, parse_classify, read_classify, truncated
 from deployments.router import api, one_sentence_422
 from dimee_models.train import resolve_backbone
 
@@ -73,8 +74,6 @@ def test_a_good_body_is_parsed(content_type):
 
 
 def test_fastapis_own_422s_are_one_sentence_too():
-    import asyncio
-
     exc = RequestValidationError([{"loc": ("body", "texts", 0), "msg": "Input should be a valid string",
                                    "type": "string_type"}])
     response = asyncio.run(one_sentence_422(None, exc))
@@ -132,3 +131,46 @@ def test_a_long_pair_alone_is_flagged_truncated(tokenizer):
     texts, pairs = ["short", "short"], ["short", "pair " * 100]
     ids = tokenizer(texts, pairs, truncation=True, max_length=16)["input_ids"]
     assert truncated(tokenizer, texts, pairs, ids, 16) == [False, True]
+
+
+def read(tokenizer, body: bytes, headers: dict[str, str] | None = None, text_pair: bool = False, max_length: int = 16):
+    """read_classify on a request as the ingress gets it; a body read after a refusing header fails the test."""
+    from starlette.requests import Request
+
+    headers = {"content-type": JSON, "content-length": str(len(body)), **(headers or {})}
+
+    async def receive() -> dict:
+        assert int(headers["content-length"]) <= LIMIT, "the body was read although its length is over the limit"
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/classify",
+             "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    return asyncio.run(read_classify(Request(scope, receive), tokenizer, max_body_bytes=LIMIT, max_texts=3,
+                                     max_length=max_length, text_pair=text_pair))
+
+
+@pytest.mark.parametrize("body,headers,text_pair,status,message", [
+    (doc({"texts": ["a"]}), {"content-length": str(LIMIT + 1)}, False, 413,
+     f"the body is {LIMIT + 1} bytes, over the limit of {LIMIT} bytes"),
+    (doc({"texts": ["a"]}), {"content-type": "text/plain"}, False, 415,
+     "Content-Type must be application/json, not text/plain"),
+    (doc({"texts": ["a", "b", "c", "d"]}), {}, False, 422, "too many texts: 4 > the limit of 3"),
+    (doc({"texts": ["a"], "text_pairs": ["b"]}), {}, False, 422,
+     "text_pairs was sent but this model classifies single texts"),
+    (doc({"texts": ["a"]}), {}, True, 422, "this model classifies sentence pairs: send text_pairs, one per text"),
+])
+def test_a_body_the_server_or_model_cannot_take_is_refused(tokenizer, body, headers, text_pair, status, message):
+    with pytest.raises(HTTPException) as exc:
+        read(tokenizer, body, headers, text_pair)
+    assert exc.value.status_code == status and exc.value.detail == message
+
+
+@pytest.mark.parametrize("pairs", [None, ["x", "y"]])
+def test_a_good_body_is_read_tokenized_and_flagged_truncated(tokenizer, pairs):
+    texts = ["short", "word " * 100]
+    body, tokens, cut = read(tokenizer, doc({"texts": texts, "text_pairs": pairs, "mode": "edge_only"}),
+                             text_pair=pairs is not None)
+    assert body.texts == texts and body.text_pairs == pairs and body.mode == "edge_only"
+    enc = tokenizer(texts, pairs, truncation=True, max_length=16)
+    assert tokens.input_ids == enc["input_ids"] and tokens.token_type_ids == enc.get("token_type_ids")
+    assert cut == [False, True]
