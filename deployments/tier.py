@@ -64,7 +64,7 @@ class TierRunner:
         self.end = manifest.tier_exits[tier]
         self.source = {manifest.exits.mobile: Tier.MOBILE, manifest.exits.edge: Tier.EDGE}  # who stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
-        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # None: no Ray
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
         self.requests_served = 0  # shown by describe(): which tiers a request reached
         self.compute_ms = metrics.Histogram(

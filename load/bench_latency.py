@@ -21,9 +21,10 @@ import requests
 import torch
 
 from deployments import local_cluster
+from deployments.schemas import HiddenArrays, TierRequest, Tokens
+from deployments.tier import TierRunner
 from dimee_models import artifact
 from dimee_models.manifest import Manifest
-from dimee_models.model import HiddenState
 from dimee_models.tiers import TIER_NAMES, Tier
 from load.client import CLASSIFY, DEFAULT_URL, INFO
 
@@ -57,37 +58,32 @@ def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, l
 
 
 def layer_compute(directory: Path, manifest: Manifest, texts: list[str]) -> dict[str, np.ndarray]:
-    """Per text (median of REPS), ms of PARTS: the router's tokenizer call, then each tier's forward as
-    TierModel._forward runs it (tensors in, run_layers, exit, softmax to numpy)."""
+    """Per text (median of REPS), ms of PARTS: the router's tokenizer call, then each tier's forward
+    by the tiers' own code (`TierRunner`, without Ray), one torch thread as in a 0.5-CPU replica."""
     torch.set_num_threads(1)
-    tok, mods = artifact.load_tokenizer(directory), {t.label: artifact.load_tier(directory, t, manifest) for t in Tier}
-    m, e, n = manifest.tier_exits.values()
+    tok, runners = artifact.load_tokenizer(directory), {t: TierRunner(str(directory), t) for t in Tier}
 
-    def tier(name: str, end: int, ids=None, hidden=None, start: int = m) -> HiddenState:
-        state = (mods[name].embed(torch.as_tensor(ids), torch.ones(ids.shape, dtype=torch.long)) if hidden is None
-                 else HiddenState(torch.from_numpy(hidden[0].copy()), torch.from_numpy(hidden[1].copy()), start))
-        state = mods[name].run_layers(state, end)
-        mods[name].exit(state).logits.softmax(-1).numpy()
-        return state
+    def tier(t: Tier, given: Tokens | HiddenArrays) -> HiddenArrays:
+        start = 0 if isinstance(given, Tokens) else given.layer
+        [reply] = runners[t]._forward([TierRequest(given, keep_hidden=True)], [given], start, 1)
+        return reply.hidden
 
     def once(text: str) -> list[float]:
         t = [time.perf_counter()]
-        ids = np.asarray(tok([text], None, truncation=True, max_length=manifest.max_length)["input_ids"])
+        ids = Tokens(tok([text], None, truncation=True, max_length=manifest.max_length)["input_ids"])
         t.append(time.perf_counter())
-        state = tier("mobile", m, ids=ids)
-        hidden = (state.hidden.numpy(), state.attention_mask.numpy())
+        hidden = tier(Tier.MOBILE, ids)
         t.append(time.perf_counter())
-        edge = tier("edge", e, hidden=hidden)
+        edge = tier(Tier.EDGE, hidden)
         t.append(time.perf_counter())
-        for kw in ({"ids": ids}, {"hidden": hidden}, {"hidden": (edge.hidden.numpy(), edge.attention_mask.numpy()), "start": e}):
-            tier("cloud", n, **kw)
+        for given in (ids, hidden, edge):
+            tier(Tier.CLOUD, given)
             t.append(time.perf_counter())
         return list(np.diff(t) * 1000)
 
-    with torch.inference_mode():
-        for text in texts[:WARMUP]:
-            once(text)
-        per_text = np.array([np.median([once(text) for _ in range(REPS)], axis=0) for text in texts])
+    for text in texts[:WARMUP]:
+        once(text)
+    per_text = np.array([np.median([once(text) for _ in range(REPS)], axis=0) for text in texts])
     return dict(zip(PARTS, per_text.T))
 
 

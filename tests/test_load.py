@@ -169,3 +169,14 @@ def test_the_autoscaling_assessment_by_hand():
     assert a["tiers"]["cloud"] == {"first": 1, "max": 2, "scaled_up_at_s": 70, "back_down_at_s": 260,
                                    "p50_before_up_ms": 400.0, "p50_from_60s_after_up_ms": 180.0}
     assert a["tiers"]["edge"] == {"first": 1, "max": 1, "scaled_up_at_s": None, "back_down_at_s": None}
+
+
+def test_the_latency_benchmark_times_the_tiers_own_code_without_ray(served_artifact):
+    import ray
+
+    from dimee_models import artifact
+    from load.bench_latency import PARTS, layer_compute
+
+    parts = layer_compute(served_artifact, artifact.read_manifest(served_artifact), ["a film.", "a long, dull film."])
+    assert set(parts) == set(PARTS) and all(len(v) == 2 and (v > 0).all() for v in parts.values())
+    assert not ray.is_initialized()
