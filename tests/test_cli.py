@@ -255,8 +255,10 @@ def test_the_http_port_check_is_for_heads_on_this_machine():
 def start_bare_ray(env: dict) -> tuple[subprocess.Popen, str]:
     """A Ray cluster of one node with no tier label, owned by a driver process (gone with it)."""
     driver = subprocess.Popen(
-        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False, "
-         "_temp_dir='/tmp/ray_cli_test'); print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(600)"],
+        # SIGINT ends it even where it was started ignoring SIGINT (as a background job's children are)
+        [sys.executable, "-c", "import ray, signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); "
+         "ray.init(address='local', num_cpus=1, include_dashboard=False, _temp_dir='/tmp/ray_cli_test'); "
+         "print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(600)"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     return driver, driver.stdout.readline().strip()
 
