@@ -1,6 +1,6 @@
 """For which mu does the reward-based operating-point selection of DIMEE mean something?
 
-For every artifact and mu (other costs at their CostModel defaults), calibrate the routers on the
+For every artifact and mu (other costs at their CostModel defaults), calibrate the policies on the
 calibration split's cached outputs (in memory only; nothing in the artifact is written), take the
 reward-selected policies 'dimee' (nearest centroid) and 'dimee_learned', and report their
 thresholds, their tier fractions on calibration, and their test accuracy, accuracy drop vs the final
@@ -47,7 +47,7 @@ def sweep(directory: Path, mus: list[float], max_drop_pp: float) -> list[dict]:
             o = score(test, pol.route(test.z, test.probs(test.mobile_exit)), cost)
             cal_frac = fractions(cal, pol)
             rows.append({
-                "artifact": directory.name, "mu": mu, "router": name, "thresholds": pol.thresholds,
+                "artifact": directory.name, "mu": mu, "policy": name, "thresholds": pol.thresholds,
                 "calibration_fraction": cal_frac, "test_fraction": dict(zip(TIER_NAMES, o.fractions)),
                 "degenerate": max(cal_frac.values()) >= 0.95,
                 "test_accuracy": o.accuracy, "test_final_exit_accuracy": test_ref,
@@ -58,14 +58,14 @@ def sweep(directory: Path, mus: list[float], max_drop_pp: float) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'artifact':12s} {'mu':>5s} {'router':14s} {'thresholds':22s} {'mobile':>7s} {'edge':>7s}"
+    head = (f"{'artifact':12s} {'mu':>5s} {'policy':14s} {'thresholds':22s} {'mobile':>7s} {'edge':>7s}"
             f" {'cloud':>7s} {'test acc':>8s} {'drop pp':>8s} {'saved':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         th = " ".join(f"{k}={v:.3f}" for k, v in r["thresholds"].items())
         f = r["calibration_fraction"]
         flag = " *" if r["degenerate"] else ""
-        lines.append(f"{r['artifact']:12s} {r['mu']:5.2f} {r['router']:14s} {th:22s} {f['mobile']:7.1%}"
+        lines.append(f"{r['artifact']:12s} {r['mu']:5.2f} {r['policy']:14s} {th:22s} {f['mobile']:7.1%}"
                      f" {f['edge']:7.1%} {f['cloud']:7.1%} {r['test_accuracy']:8.4f} {r['test_drop_pp']:8.2f}"
                      f" {r['test_cost_reduction']:7.1%}{flag}")
     lines.append("fractions: calibration split; * = one tier >= 95% (degenerate); "

@@ -1,8 +1,8 @@
-"""Why the routers behave as they do: two measurements behind docs/RESULTS.md section 2.
+"""Why the policies behave as they do: two measurements behind docs/RESULTS.md section 2.
 
 1. How well each mobile-side estimate ranks "this exit agrees with the final exit" (AUC): the
-   mobile confidence alone, the `learned` router's regressions (z + the exit's probabilities) and
-   the `escalate` router's (the exit's probabilities only), cross-fitted on the calibration split.
+   mobile confidence alone, the `learned` policy's regressions (z + the exit's probabilities) and
+   the `escalate` policy's (the exit's probabilities only), cross-fitted on the calibration split.
 2. Edge/final disagreements per split, and how many of them (and of the edge's losses: edge wrong,
    final right) an escalation threshold on the edge confidence sends on to cloud.
 
@@ -37,7 +37,7 @@ def ranking(directory: Path) -> list[str]:
     lines = [f"{directory.name}: AUC for 'agrees with the final exit' on calibration (n={len(targets)}, 5-fold cross-fitted)"]
     estimates = {"mobile confidence": np.stack([probs.max(-1)] * 2, axis=1)}
     for kind in ("learned", "escalate"):
-        estimates[f"{kind} router"] = cross_fitted_scores(policy_features(kind, cal.z, probs), targets, 5, 0)
+        estimates[f"{kind} policy"] = cross_fitted_scores(policy_features(kind, cal.z, probs), targets, 5, 0)
     for name, scores in estimates.items():
         lines.append(f"  {name:18s} mobile exit {auc(scores[:, 0], targets[:, 0]):.3f}   "
                      f"edge exit {auc(scores[:, 1], targets[:, 1]):.3f}")

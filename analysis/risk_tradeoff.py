@@ -8,7 +8,7 @@ default cost model; nothing in the artifact is written.
 Then, what a larger calibration split would buy: at N calibration samples the bound certifies at
 most k*(N) losses (the largest k with P(Bin(N, budget) <= k) <= delta), an empirical loss rate of
 k*/N. The saving at that loss rate is estimated on the pooled outputs (calibration + test) by the
-cheapest setting of each router whose pooled loss rate is within it: an estimate, not a test.
+cheapest setting of each policy whose pooled loss rate is within it: an estimate, not a test.
 
 Reproduce (from the repository root, venv active):
     python -m analysis.risk_tradeoff artifacts/rt-polarity artifacts/trec6 --resamples 50 \
@@ -65,7 +65,7 @@ def by_calibration_size(pooled: ExitOutputs, cost: CostModel, budget_pp: float, 
     for n in SIZES:
         k = certified_losses(n, budget_pp / 100, delta)
         rate = max(k, 0) / n
-        cuts = {c.variant: 1 - c.outcomes[choose(c.outcomes, 0.0, rate * 100, strict=True).constrained].cost / base
+        cuts = {c.name: 1 - c.outcomes[choose(c.outcomes, 0.0, rate * 100, strict=True).constrained].cost / base
                 for c in candidates} if k >= 0 else {}
         rows.append({"calibration_size": n, "certified_losses": k, "loss_rate_pp": rate * 100, "estimated_cut": cuts})
     return rows

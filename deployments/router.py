@@ -97,9 +97,10 @@ def boundaries_info(doc: dict, num_layers: int) -> dict:
     if chosen is None:
         return {"chosen_by": "training"}
     cost = CostModel(**doc["cost_model"])
-    [best] = [c for c in chosen["candidates"] if (c["variant"], c["mobile"], c["edge"])
+    # artifacts tuned before 2026-12-05 call a candidate's policy "variant"
+    [best] = [c for c in chosen["candidates"] if (c.get("policy", c.get("variant")), c["mobile"], c["edge"])
               == (chosen["chosen_by"], chosen["mobile"], chosen["edge"])]
-    return {"chosen_by": "calibration", "kind": chosen["chosen_by"], "candidates": len(chosen["candidates"]),
+    return {"chosen_by": "calibration", "policy": chosen["chosen_by"], "candidates": len(chosen["candidates"]),
             "choice_share": chosen["choice_share"], "unit": cost.unit, "expected_cost": best["cost"],
             "cloud_only_cost": cost.path_costs(chosen["mobile"], chosen["edge"], num_layers)["cloud_only"]}
 

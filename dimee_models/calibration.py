@@ -1,10 +1,10 @@
-"""Calibration: every router kind's settings scored on the calibration split's cached exit
+"""Calibration: every policy kind's settings scored on the calibration split's cached exit
 outputs (dimee_models/outputs.py), each kind's reward-best setting and the cheapest within the
 accuracy budget (risk-controlled with a delta), the tier boundaries, the policy served by
 default, and the policies saved in the artifact.
 
 Thresholds are chosen on the calibration split with K-fold cross-fitting: every calibration
-sample is routed by a router fitted without it, so the choice is not tuned on its own fit.
+sample is routed by a policy fitted without it, so the choice is not tuned on its own fit.
 
 Tier boundaries: which layer the mobile tier exits at, and the edge tier.
 
@@ -48,7 +48,7 @@ ESCALATE_GRID = np.round(np.linspace(0.4, 1.0, 25), 3)
 CHOICE_SHARE = 0.3  # of the calibration rows, to choose the boundaries; the rest certify
 
 
-# routers -----------------------------------------------------------------------------------------
+# policy kinds --------------------------------------------------------------------------------------
 
 
 def pools(conf: np.ndarray, alpha: float) -> np.ndarray:
@@ -165,10 +165,10 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Candidates:
-    """One router kind's threshold settings, scored on the calibration split: what `calibrate`
+    """One policy kind's threshold settings, scored on the calibration split: what `calibrate`
     chooses from (once per budget and delta, without refitting)."""
 
-    variant: str  # the name of its policies: dimee, dimee_learned, dimee_escalate (+ _constrained)
+    name: str  # the name of its policies: dimee, dimee_learned, dimee_escalate, ... (+ _constrained)
     outcomes: list[Outcome]  # the grid's settings, then any that only risk control's path has
     grid: int  # how many of the outcomes are the grid's: the reward and the point estimate choose there
     strict: bool  # the point-estimate budget holds the losses alone (see `choose`)
@@ -217,7 +217,7 @@ def threshold_grid(scores: np.ndarray, points: int) -> np.ndarray:
 
 def learned_candidates(out: ExitOutputs, cost: CostModel, k: int, seed: int,
                        cls: type[LearnedPolicy] = LearnedPolicy) -> Candidates:
-    """The `learned` router, or with cls=EscalatePolicy the `escalate` one (its own features, plus
+    """The `learned` policy, or with cls=EscalatePolicy the `escalate` one (its own features, plus
     the edge-confidence threshold below which edge hands on to cloud)."""
     x = cls.features(out.z, out.probs(out.mobile_exit))
     targets = agreement_targets(out)
@@ -329,7 +329,7 @@ def direct_cascade_candidates(out: ExitOutputs, cost: CostModel) -> Candidates:
 
 
 def score_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int = 0) -> list[Candidates]:
-    """Every router kind's settings scored on `out`: the expensive part of calibration."""
+    """Every policy kind's settings scored on `out`: the expensive part of calibration."""
     return [centroid_candidates(out, cost, k, seed), learned_candidates(out, cost, k, seed),
             learned_candidates(out, cost, k, seed, cls=EscalatePolicy), cascade_candidates(out, cost),
             direct_cascade_candidates(out, cost)]
@@ -337,7 +337,7 @@ def score_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int = 
 
 def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0,
               delta: float | None = None, candidates: list[Candidates] | None = None) -> Calibration:
-    """Every router kind's reward-best and constrained policy; `delta` makes the constrained
+    """Every policy kind's reward-best and constrained policy; `delta` makes the constrained
     choice risk-controlled (None: the point estimate on the calibration split). `candidates`:
     `score_candidates(out, cost, k, seed)` computed once for several budgets or deltas."""
     candidates = candidates or score_candidates(out, cost, k, seed)
@@ -349,9 +349,9 @@ def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: in
         if delta is not None:
             controlled = choose(c.outcomes, reference, max_drop_pp, delta=delta, path=c.path)
             constrained, risk = controlled.constrained, controlled.risk
-        policies[c.variant] = c.make(c.variant, point.by_reward, None)
-        policies[f"{c.variant}_constrained"] = c.make(f"{c.variant}_constrained", constrained, risk)
-        curves[c.variant] = c.curve
+        policies[c.name] = c.make(c.name, point.by_reward, None)
+        policies[f"{c.name}_constrained"] = c.make(f"{c.name}_constrained", constrained, risk)
+        curves[c.name] = c.curve
     for name, pol in policies.items():
         tiers, _ = pol.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))
         fractions = np.bincount(tiers, minlength=3) / len(out.labels)
@@ -410,13 +410,13 @@ def boundary_pairs(num_layers: int, mobile: tuple[int, int] | None = None,
 class BoundaryChoice:
     mobile_exit: int
     edge_exit: int
-    variant: str  # the cascade kind that chose them: dimee_cascade or dimee_direct_cascade
+    policy: str  # the cascade that chose them: dimee_cascade or dimee_direct_cascade
     certify_rows: np.ndarray  # calibration rows the choice did not see: the guarantee is certified on these
     candidates: list[dict]  # each candidate's point estimate on the choice rows
 
     def to_json(self, pairs: list[tuple[int, int]]) -> dict:
         return {"pairs": [list(p) for p in pairs], "mobile": self.mobile_exit, "edge": self.edge_exit,
-                "chosen_by": self.variant, "choice_share": CHOICE_SHARE, "certify_rows": int(len(self.certify_rows)),
+                "chosen_by": self.policy, "choice_share": CHOICE_SHARE, "certify_rows": int(len(self.certify_rows)),
                 "candidates": self.candidates}
 
 
@@ -434,15 +434,15 @@ def choose_boundaries(out: ExitOutputs, cost: CostModel, pairs: list[tuple[int, 
         first_of_m = not any(f["mobile"] == m for f in found)  # the two-tier cascade does not depend on e
         for c in [cascade_candidates(at, cost)] + ([direct_cascade_candidates(at, cost)] if first_of_m else []):
             o = c.outcomes[choose(c.outcomes[:c.grid], reference, max_drop_pp, c.strict).constrained]
-            found.append({"variant": c.variant, "mobile": m, "edge": e, "cost": o.cost, "losses": o.loss_count,
+            found.append({"policy": c.name, "mobile": m, "edge": e, "cost": o.cost, "losses": o.loss_count,
                           "tier_fraction": dict(zip(("mobile", "edge", "cloud"), o.fractions))})
     for m in {f["mobile"] for f in found}:  # the two-tier cascade never reaches edge: give it the best edge
-        three = [f for f in found if f["mobile"] == m and f["variant"] == "dimee_cascade"]
+        three = [f for f in found if f["mobile"] == m and f["policy"] == "dimee_cascade"]
         for f in found:
-            if f["mobile"] == m and f["variant"] == "dimee_direct_cascade":
+            if f["mobile"] == m and f["policy"] == "dimee_direct_cascade":
                 f["edge"] = min(three, key=lambda t: t["cost"])["edge"]
     best = min(found, key=lambda f: (f["cost"], -f["mobile"]))
-    return BoundaryChoice(best["mobile"], best["edge"], best["variant"], np.sort(order[cut:]), found)
+    return BoundaryChoice(best["mobile"], best["edge"], best["policy"], np.sort(order[cut:]), found)
 
 
 # the served default ------------------------------------------------------------------------------
@@ -459,8 +459,8 @@ GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_cons
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
                   seed: int = 0, default: str | None = None, candidates: list[Candidates] | None = None,
                   pairs: list[tuple[int, int]] | None = None) -> tuple[Calibration, str]:
-    """Every router calibrated on `out`, and the policy to serve by default: with
-    the point estimate, the cheapest constrained router on these outputs (never the test split);
+    """Every policy kind calibrated on `out`, and the policy to serve by default: with
+    the point estimate, the cheapest constrained policy on these outputs (never the test split);
     with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
     unless no split is cheaper than cloud-only (`no_split_if_cheaper`). With several boundary
     `pairs`, a share of `out` chooses the tier boundaries first (`choose_boundaries`) and
@@ -482,7 +482,7 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
         default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
     else:
-        order = ((f"{chosen.variant}_constrained",) if chosen else ()) + GUARANTEED_PREFERENCE
+        order = ((f"{chosen.policy}_constrained",) if chosen else ()) + GUARANTEED_PREFERENCE
         default = next((name for name in order if cal.policies[name].risk.guaranteed), order[0])
     return cal, no_split_if_cheaper(out, cal, cost, default, delta, max_drop_pp)
 
@@ -539,7 +539,7 @@ def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: s
 def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
                     default: str | None = None, delta: float | None = DEFAULT_DELTA,
                     pairs: list[tuple[int, int]] | None = None) -> dict:
-    """Calibrate every router on the calibration split and store the policies in the artifact; with
+    """Calibrate every policy kind on the calibration split and store the policies in the artifact; with
     boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits."""
     manifest = artifact.read_manifest(directory)
     out = split_outputs(directory, "calibration", manifest)

@@ -1,6 +1,6 @@
 """DIMEE routing policies: decide per sample, from what the mobile tier computed, where to answer.
 
-Four routers share one interface, used by offline evaluation and by the serving router alike:
+Four policy kinds share one interface, used by offline evaluation and by the serving ingress alike:
 `Policy.route(z, mobile_probs) -> tier ids` (0 mobile, 1 edge, 2 cloud) decides on mobile, and
 `Policy.escalate(edge_probs)` says which samples answered on edge go on to cloud after all.
 `Policy.plan(mode)` puts both together for one request's mode (and whether it skips the mobile
@@ -8,10 +8,10 @@ slice), for the serving ingress and offline prediction alike.
 
 - `centroid` (the method of docs/METHOD.md section 5): pools EASY / MEDIUM / HARD from confidence
   thresholds at alpha, one centroid of the mobile embedding z per pool, nearest centroid wins.
-- `learned` (our variant): two logistic regressions on mobile-side features (z and the mobile
+- `learned` (ours): two logistic regressions on mobile-side features (z and the mobile
   exit's probabilities) estimate whether the mobile exit and the edge exit would agree with the
   final exit; thresholds on those estimates.
-- `escalate` (our variant): the same regressions on the mobile exit's probabilities alone (z made
+- `escalate` (ours): the same regressions on the mobile exit's probabilities alone (z made
   them worse: docs/RESULTS.md), and an edge that is unsure (edge confidence below a threshold)
   hands its layer-e hidden state on to cloud.
 - `cascade`: the confidence cascade served: the mobile exit keeps what it is sure of, edge the
@@ -44,7 +44,7 @@ POLICY_JSON, POLICY_TENSORS = "policy.json", "policy.safetensors"
 
 @dataclass(frozen=True)
 class Policy:
-    """A calibrated router, stored in the artifact; one subclass per kind (`POLICY_KINDS`)."""
+    """A calibrated policy, stored in the artifact; one subclass per kind (`POLICY_KINDS`)."""
 
     kind: ClassVar[str]
     escalates: ClassVar[bool] = False  # an edge answer may go on to cloud (edge's confidence decides)
@@ -134,7 +134,7 @@ class LearnedPolicy(Policy):
 
     @staticmethod
     def features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
-        return router_features(z, mobile_probs)
+        return embedding_features(z, mobile_probs)
 
     def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         scores = learned_scores(self.tensors, self.features(z, mobile_probs))
@@ -204,7 +204,7 @@ def nearest_centroid(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return dist.argmin(-1)
 
 
-def router_features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
+def embedding_features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
     """Mobile-side features: the embedding, the exit's probabilities, its confidence and entropy."""
     entropy = -(mobile_probs * np.log(np.clip(mobile_probs, 1e-12, 1.0))).sum(-1, keepdims=True)
     return np.concatenate([z, mobile_probs, mobile_probs.max(-1, keepdims=True), entropy], axis=1)

@@ -20,7 +20,7 @@ from functools import lru_cache
 import numpy as np
 
 DEFAULT_DELTA = 0.1  # `dimee calibrate --delta`: the budget holds on new data with probability >= 90%
-# The path of a threshold applied alike to every gate of a router, from "nobody passes" down;
+# The path of a threshold applied alike to every gate of a policy, from "nobody passes" down;
 # dense near 1, where a tight budget stops.
 RISK_PATH = np.round(np.concatenate([[1.01], np.linspace(1.0, 0.9, 41), np.linspace(0.89, 0.0, 90)]), 4)
 

@@ -59,7 +59,7 @@ def test_the_boundaries_go_where_the_exits_become_good_and_the_guarantee_uses_un
     policy = cal.policies[default]
     assert policy.mobile_exit == 4 and policy.risk.guaranteed
     assert policy.risk.n == len(choice.certify_rows)  # certified on the rows the choice did not see
-    assert cal.boundaries["mobile"] == 4 and cal.boundaries["chosen_by"] == choice.variant
+    assert cal.boundaries["mobile"] == 4 and cal.boundaries["chosen_by"] == choice.policy
     tiers, _ = policy.assign(out.at(4, policy.edge_exit).z, out.probs(4), out.probs(policy.edge_exit))
     assert (tiers == Tier.MOBILE).mean() > 0.95
 
@@ -73,7 +73,7 @@ def test_bounds_keep_the_mobile_exit_where_the_device_can_hold_it():
 def test_where_hops_are_dear_the_two_tier_cascade_wins_and_where_every_split_loses_cloud_only_is_served():
     out = outputs(good_from=4, hard=0.2)
     dear_edge = CostModel(o_1=5.0)
-    assert choose_boundaries(out, dear_edge, boundary_pairs(L), 0.3).variant == "dimee_direct_cascade"
+    assert choose_boundaries(out, dear_edge, boundary_pairs(L), 0.3).policy == "dimee_direct_cascade"
     dear_layers = CostModel(lambda_mobile=10.0)  # mobile's layers dearer than cloud-only: no split pays
     _, default = calibration.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L))
     assert default == calibration.NO_SPLIT

@@ -10,7 +10,7 @@ from dimee_models.cost import CostModel
 from dimee_models.outputs import ExitOutputs
 from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, CloudOnlyPolicy, EscalatePolicy,
                                  LearnedPolicy, Policy, exit_features, load_policies, nearest_centroid,
-                                 router_features)
+                                 embedding_features)
 from dimee_models.tiers import Tier
 
 H, L, M, E = 8, 6, 2, 4
@@ -103,7 +103,7 @@ def test_learned_routing_is_per_sample(data):
     probs = out.probs(M)
     targets = np.stack([cluster == 0, cluster <= 1], axis=1).astype(np.float64)
     policy = LearnedPolicy("l", M, E, L, {"mobile": 0.5, "edge": 0.5},
-                    fit_learned(router_features(out.z, probs), targets))
+                    fit_learned(embedding_features(out.z, probs), targets))
     batch = policy.route(out.z, probs)
     assert (batch == cluster).mean() > 0.95
     alone = [int(policy.route(out.z[i:i + 1], probs[i:i + 1])[0]) for i in range(0, len(cluster), 7)]

@@ -80,7 +80,7 @@ def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
     info = boundaries_info(doc, 6)
     assert info["chosen_by"] == "calibration" and info["unit"] == "ms" and info["candidates"] >= 15
     assert info["cloud_only_cost"] == pytest.approx(10 + 4 + 6 * 2)
-    assert info["kind"] == doc["boundaries"]["chosen_by"] and info["expected_cost"] > 10
+    assert info["policy"] == doc["boundaries"]["chosen_by"] and info["expected_cost"] > 10
 
 
 def test_the_ingress_counts_what_info_shows_since_start():
