@@ -450,7 +450,7 @@ def choose_boundaries(out: ExitOutputs, cost: CostModel, pairs: list[tuple[int, 
 
 # With a guarantee, the served default is the first guaranteed policy in this order, fixed in
 # advance: taking the cheapest of several guaranteed ones would take the one its calibration data
-# flattered most, and it held the budget on fewer redraws than each kind alone (docs/RESULTS.md §8).
+# flattered most, and it held the budget on fewer redraws than each kind alone (docs/METHOD.md §6).
 # Where calibration chose the boundaries, the kind that chose them comes first.
 GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_constrained",
                          "dimee_escalate_constrained", "dimee_learned_constrained", "dimee_constrained")
