@@ -63,6 +63,7 @@ class Settings:
     hop_timeout_s: float
     request_timeout_s: float
     max_texts_in_flight: int
+    boundaries: dict  # where the served artifact's model is cut and why, for /v1/info
 
 
 def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> Settings:
@@ -87,7 +88,8 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> S
         policy = dataclasses.replace(policy, thresholds=dict(config.thresholds), risk=None)
     cost = config.cost_model or CostModel(**doc["cost_model"])
     return Settings(policy, cost, cost.path_costs(manifest.exits.mobile, manifest.exits.edge, manifest.num_layers),
-                    config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight)
+                    config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight,
+                    boundaries_info(doc, manifest.num_layers))
 
 
 def boundaries_info(doc: dict, num_layers: int) -> dict:
@@ -97,7 +99,7 @@ def boundaries_info(doc: dict, num_layers: int) -> dict:
     if chosen is None:
         return {"chosen_by": "training"}
     cost = CostModel(**doc["cost_model"])
-    # artifacts tuned before 2026-12-05 call a candidate's policy "variant"
+    # artifacts tuned before the rename call a candidate's policy "variant"
     [best] = [c for c in chosen["candidates"] if (c.get("policy", c.get("variant")), c["mobile"], c["edge"])
               == (chosen["chosen_by"], chosen["mobile"], chosen["edge"])]
     return {"chosen_by": "calibration", "policy": chosen["chosen_by"], "candidates": len(chosen["candidates"]),
@@ -160,7 +162,6 @@ class Router:
         self.model_name = public_model_name(self.manifest.backbone, self.manifest.dataset.name)
         self.config_error: str | None = None
         self.settings = build_settings(RouterConfig(), args, self.manifest)
-        self.boundaries = boundaries_info(load_policies(args.artifact)[1], self.manifest.num_layers)
         self.metrics = RouterMetrics()
         self.texts_in_flight = 0
         # Tiers Serve's controller reports with no running replica (a lost node, a replica being
@@ -218,7 +219,7 @@ class Router:
             "model": self.model_name,
             "labels": self.labels,
             "exit_layers": self.exit_layers,
-            "boundaries": self.boundaries,
+            "boundaries": s.boundaries,
             "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds,
                        "risk": s.policy.risk.to_json() if s.policy.risk else None},
             "cost_model": s.cost.model_dump(),
