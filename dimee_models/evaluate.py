@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dimee_models import artifact
-from dimee_models.calibration import ALPHA_GRID, Outcome, centroids_of, pools, score
+from dimee_models.calibration import ALPHA_GRID, Outcome, centroids_of, escalation_can_help, pools, score
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.outputs import ExitOutputs, split_outputs
 from dimee_models.policy import CascadePolicy, Mode, Policy, load_policies, nearest_centroid
@@ -113,8 +113,9 @@ def plot(path: Path, cal: ExitOutputs, out: ExitOutputs, cost: CostModel, method
     dimee = [score(out, nearest_centroid(out.z, centroids_of(cal.z, pools(cal.tier_confidences, a))), cost)
              for a in ALPHA_GRID]
     mobile_probs, edge_probs = out.probs(out.mobile_exit), out.probs(out.edge_exit)
-    sweep = [CascadePolicy("sweep", out.mobile_exit, out.edge_exit, out.num_layers, {"mobile": t, "escalate": t}, {})
-             for t in RISK_PATH]  # the served cascade with one threshold for both gates, as risk control walks it
+    up = escalation_can_help(out)  # as the served cascade: one threshold for both gates, as risk control walks it
+    sweep = [CascadePolicy("sweep", out.mobile_exit, out.edge_exit, out.num_layers,
+                           {"mobile": t, "escalate": t if up else 0.0}, {}) for t in RISK_PATH]
     cascade = [score(out, tiers, cost, paths)
                for tiers, paths in (policy.assign(out.z, mobile_probs, edge_probs) for policy in sweep)]
     fig, ax = plt.subplots(figsize=(7, 5))
