@@ -103,7 +103,7 @@ def boundaries_info(doc: dict, num_layers: int) -> dict:
     [best] = [c for c in chosen["candidates"] if (c.get("policy", c.get("variant")), c["mobile"], c["edge"])
               == (chosen["chosen_by"], chosen["mobile"], chosen["edge"])]
     return {"chosen_by": "calibration", "policy": chosen["chosen_by"], "candidates": len(chosen["candidates"]),
-            "choice_share": chosen["choice_share"], "unit": cost.unit, "expected_cost": best["cost"],
+            "chosen_on": chosen.get("chosen_on", "calibration"), "unit": cost.unit, "expected_cost": best["cost"],
             "cloud_only_cost": cost.path_costs(chosen["mobile"], chosen["edge"], num_layers)["cloud_only"]}
 
 

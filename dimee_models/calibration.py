@@ -15,11 +15,11 @@ user's bounds allow, under the calibration's cost model (milliseconds from a clu
 the paper's abstract units).
 
 Choosing the best of K certified settings on the same data would be a winner's curse: the choice
-favours the candidate its data flattered. So the calibration split is cut in two, seeded: the
-first part (CHOICE_SHARE) chooses the boundaries and the cascade kind by the point estimate of
-the losses; the guarantee is then certified on the second part alone, which the choice never saw,
-at the full delta (Learn then Test with a data split). `dimee evaluate --resamples` makes the
-choice inside every redraw.
+favours the candidate its data flattered. So the boundaries and the cascade kind are chosen on
+other data, the training split's outputs (by the point estimate of the losses), and the guarantee
+is certified on the whole calibration split, which the choice never saw, at the full delta (Learn
+then Test with the choice made before the calibration data are seen). `dimee evaluate --resamples`
+recalibrates every redraw the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from dimee_models.tiers import TIER_NAMES, Tier
 
 ALPHA_GRID = np.round(np.concatenate([np.linspace(0.5, 0.9, 17), np.linspace(0.91, 1.0, 37)]), 4)
 ESCALATE_GRID = np.round(np.linspace(0.4, 1.0, 25), 3)
-CHOICE_SHARE = 0.3  # of the calibration rows, to choose the boundaries; the rest certify
 
 
 # policy kinds --------------------------------------------------------------------------------------
@@ -411,26 +410,23 @@ class BoundaryChoice:
     mobile_exit: int
     edge_exit: int
     policy: str  # the cascade that chose them: dimee_cascade or dimee_direct_cascade
-    certify_rows: np.ndarray  # calibration rows the choice did not see: the guarantee is certified on these
-    candidates: list[dict]  # each candidate's point estimate on the choice rows
+    choice_rows: int  # training-split rows the choice was made on
+    candidates: list[dict]  # each candidate's point estimate on those rows
 
     def to_json(self, pairs: list[tuple[int, int]]) -> dict:
         return {"pairs": [list(p) for p in pairs], "mobile": self.mobile_exit, "edge": self.edge_exit,
-                "chosen_by": self.policy, "choice_share": CHOICE_SHARE, "certify_rows": int(len(self.certify_rows)),
+                "chosen_by": self.policy, "chosen_on": "train", "choice_rows": self.choice_rows,
                 "candidates": self.candidates}
 
 
-def choose_boundaries(out: ExitOutputs, cost: CostModel, pairs: list[tuple[int, int]], max_drop_pp: float,
-                      seed: int = 0) -> BoundaryChoice:
+def choose_boundaries(choice: ExitOutputs, cost: CostModel, pairs: list[tuple[int, int]],
+                      max_drop_pp: float) -> BoundaryChoice:
     """The pair and cascade kind whose cheapest setting within the budget (point estimate, losses
-    alone) costs least on a seeded CHOICE_SHARE of `out`'s rows; ties go to the deeper mobile exit."""
-    order = np.random.default_rng(seed).permutation(len(out.labels))
-    cut = int(round(CHOICE_SHARE * len(order)))
-    part = out.take(np.sort(order[:cut]))
-    reference = float((part.tier_predictions[:, 2] == part.labels).mean())
+    alone) costs least on `choice` (the training split's outputs); ties go to the deeper mobile exit."""
+    reference = float((choice.tier_predictions[:, 2] == choice.labels).mean())
     found = []
     for m, e in pairs:
-        at = part.at(m, e)
+        at = choice.at(m, e)
         first_of_m = not any(f["mobile"] == m for f in found)  # the two-tier cascade does not depend on e
         for c in [cascade_candidates(at, cost)] + ([direct_cascade_candidates(at, cost)] if first_of_m else []):
             o = c.outcomes[choose(c.outcomes[:c.grid], reference, max_drop_pp, c.strict).constrained]
@@ -442,7 +438,7 @@ def choose_boundaries(out: ExitOutputs, cost: CostModel, pairs: list[tuple[int, 
             if f["mobile"] == m and f["policy"] == "dimee_direct_cascade":
                 f["edge"] = min(three, key=lambda t: t["cost"])["edge"]
     best = min(found, key=lambda f: (f["cost"], -f["mobile"]))
-    return BoundaryChoice(best["mobile"], best["edge"], best["policy"], np.sort(order[cut:]), found)
+    return BoundaryChoice(best["mobile"], best["edge"], best["policy"], len(choice.labels), found)
 
 
 # the served default ------------------------------------------------------------------------------
@@ -458,17 +454,21 @@ GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_cons
 
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
                   seed: int = 0, default: str | None = None, candidates: list[Candidates] | None = None,
-                  pairs: list[tuple[int, int]] | None = None) -> tuple[Calibration, str]:
+                  pairs: list[tuple[int, int]] | None = None,
+                  choice: ExitOutputs | None = None) -> tuple[Calibration, str]:
     """Every policy kind calibrated on `out`, and the policy to serve by default: with
     the point estimate, the cheapest constrained policy on these outputs (never the test split);
     with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
     unless no split is cheaper than cloud-only (`no_split_if_cheaper`). With several boundary
-    `pairs`, a share of `out` chooses the tier boundaries first (`choose_boundaries`) and
-    the rest is calibrated on, at the chosen exits (`Calibration.boundaries` says which)."""
+    `pairs`, the `choice` outputs (the training split's) choose the tier boundaries first
+    (`choose_boundaries`) and all of `out` is calibrated on, at the chosen exits
+    (`Calibration.boundaries` says which)."""
     chosen = None
     if pairs is not None and len(pairs) > 1:
-        chosen = choose_boundaries(out, cost, pairs, max_drop_pp, seed)
-        out, candidates = out.take(chosen.certify_rows).at(chosen.mobile_exit, chosen.edge_exit), None
+        if choice is None:
+            raise ValueError("choosing among several tier boundaries needs the outputs to choose on (the training split's)")
+        chosen = choose_boundaries(choice, cost, pairs, max_drop_pp)
+        out, candidates = out.at(chosen.mobile_exit, chosen.edge_exit), None
     elif pairs is not None and pairs[0] != out.tier_exits()[:2]:
         out, candidates = out.at(*pairs[0]), None
     cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
@@ -543,7 +543,8 @@ def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds:
     boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits."""
     manifest = artifact.read_manifest(directory)
     out = split_outputs(directory, "calibration", manifest)
-    cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs)
+    choice = split_outputs(directory, "train", manifest) if pairs is not None and len(pairs) > 1 else None
+    cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs, choice=choice)
     exits = Exits(mobile=cal.policies[default].mobile_exit, edge=cal.policies[default].edge_exit)
     if exits != manifest.exits:
         tiers = artifact.write_tiers(directory, artifact.load_full(directory, manifest), exits.mobile, exits.edge)

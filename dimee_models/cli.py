@@ -232,8 +232,8 @@ def cmd_calibrate(args) -> int:
     if "boundaries" in doc:
         b = doc["boundaries"]
         print(f"tier boundaries: mobile exit {b['mobile']}, edge exit {b['edge']} (chosen by {b['chosen_by']} among "
-              f"{len(b['pairs'])} pairs on {b['choice_share']:.0%} of the calibration split; the guarantee is "
-              f"certified on the other {b['certify_rows']} samples)")
+              f"{len(b['pairs'])} pairs on {b['choice_rows']} rows of the training split; the guarantee is "
+              f"certified on the calibration split, which the choice did not see)")
     print(f"default serving policy: {doc['default']}")
     for warning in doc["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -1,5 +1,10 @@
 """The model's outputs on a split as arrays (`ExitOutputs`), computed once and cached in the
-artifact (`split_outputs`): what calibration and evaluation read instead of running the model."""
+artifact (`split_outputs`): what calibration and evaluation read instead of running the model.
+
+The training split's outputs are what the tier boundaries are chosen on (dimee_models/calibration.py):
+a data set the calibration split's guarantee does not depend on. The model has seen these texts, so
+they only choose, never certify; the first TRAIN_ROWS of the (shuffled) training split are enough
+for that and bound the forward pass it costs on a large training set."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from safetensors.numpy import load_file, save_file
 from dimee_models import artifact
 from dimee_models.manifest import Manifest
 from dimee_models.train import batches, model_inputs
+
+TRAIN_ROWS = 4000  # of the training split, to choose the tier boundaries on
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,8 @@ class ExitOutputs:
 def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = None) -> ExitOutputs:
     """Every exit's logits and the mobile embedding on a split, computed once and cached in the
     artifact (`outputs/<part>.safetensors`, listed in the manifest)."""
-    if part not in ("calibration", "test"):
-        raise ValueError(f"outputs are only computed for the calibration and test splits, not {part!r}")
+    if part not in ("train", "calibration", "test"):
+        raise ValueError(f"outputs are computed for the train, calibration and test splits, not {part!r}")
     root = Path(directory)
     manifest = manifest or artifact.read_manifest(root)
     m, e = manifest.exits.mobile, manifest.exits.edge
@@ -87,6 +94,8 @@ def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = 
             return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e,
                                arrays["z_layers"])
     ds = artifact.load_split(root, part, manifest)
+    if part == "train":
+        ds = ds.subset(range(min(len(ds), TRAIN_ROWS)))
     model, tokenizer = artifact.load_full(root, manifest), artifact.load_tokenizer(root)
     logits, z = [], []
     with torch.inference_mode():

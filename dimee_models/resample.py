@@ -13,7 +13,7 @@ import numpy as np
 from dimee_models.cost import CostModel
 from dimee_models.calibration import calibrate_all, score, score_candidates
 from dimee_models.evaluate import method_assignments
-from dimee_models.outputs import ExitOutputs
+from dimee_models.outputs import ExitOutputs, split_outputs
 from dimee_models.policy import load_policies
 
 
@@ -41,10 +41,11 @@ def summarize(drops_pp: np.ndarray, cuts: np.ndarray, oracle_cuts: np.ndarray, b
 
 def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_drop_pp: float,
               deltas: list[float | None], k: int, seed: int = 0, folds: int = 5,
-              pairs: list[tuple[int, int]] | None = None) -> dict:
+              pairs: list[tuple[int, int]] | None = None, choice: ExitOutputs | None = None) -> dict:
     """{delta: {"methods": {name: summary}, "default_choices": {policy: redraws}}}; the method
     `served_default` is whichever policy the default chooser picked on each redraw. With boundary
-    `pairs`, each redraw chooses its own boundaries too (counted in `default_choices` as name@m/e)."""
+    `pairs`, each redraw is calibrated at the boundaries the `choice` outputs (the training split's)
+    choose, as `dimee calibrate` does (counted in `default_choices` as name@m/e)."""
     pooled = calibration.concat(test)
     base = cost.path_costs(test.mobile_exit, test.edge_exit, test.num_layers)["cloud_only"]
     found = {delta: defaultdict(list) for delta in deltas}  # delta -> method -> [(drop pp, cut)]
@@ -55,7 +56,7 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
         reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
         for delta in deltas:
             cal, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
-                                                  candidates=candidates, pairs=pairs)
+                                         candidates=candidates, pairs=pairs, choice=choice)
             served = cal.policies[default]
             choices[delta][f"{default}@{served.mobile_exit}/{served.edge_exit}" if pairs else default] += 1
             rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, seed)
@@ -84,7 +85,8 @@ def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test:
     pairs = [tuple(p) for p in doc["boundaries"]["pairs"]] if "boundaries" in doc else None
     stored = CostModel(**doc["cost_model"])
     cost = stored if stored.unit == "ms" else CostModel(**result["cost_model"])
-    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs)[delta]
+    choice = split_outputs(directory, "train") if pairs is not None else None
+    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs, choice)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}
     return {**result, "methods": methods, "resampled": {

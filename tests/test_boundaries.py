@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dimee_models import calibration
-from dimee_models.calibration import CHOICE_SHARE, boundary_pairs, choose_boundaries, parse_layers
+from dimee_models.calibration import boundary_pairs, choose_boundaries, parse_layers
 from dimee_models.cost import CostModel
 from dimee_models.outputs import ExitOutputs
 from dimee_models.tiers import Tier
@@ -50,23 +50,34 @@ def test_outputs_move_to_other_exits():
         ExitOutputs(out.logits, out.z, out.labels, 2, 4).at(3, 4)
 
 
-def test_the_boundaries_go_where_the_exits_become_good_and_the_guarantee_uses_unseen_rows():
-    out = outputs(good_from=4)
-    choice = choose_boundaries(out, CostModel(), boundary_pairs(L), 0.3)
+def test_the_boundaries_are_chosen_on_other_rows_and_the_guarantee_uses_every_calibration_row():
+    train, out = outputs(good_from=4, seed=1), outputs(good_from=4)
+    choice = choose_boundaries(train, CostModel(), boundary_pairs(L), 0.3)
     assert choice.mobile_exit == 4  # the shallowest exit that is right: cheapest within the budget
-    assert len(choice.certify_rows) == len(out.labels) - round(CHOICE_SHARE * len(out.labels))
-    cal, default = calibration.calibrate_all(out, CostModel(), 0.3, 0.1, pairs=boundary_pairs(L))
+    assert choice.choice_rows == len(train.labels)
+    cal, default = calibration.calibrate_all(out, CostModel(), 0.3, 0.1, pairs=boundary_pairs(L), choice=train)
     policy = cal.policies[default]
     assert policy.mobile_exit == 4 and policy.risk.guaranteed
-    assert policy.risk.n == len(choice.certify_rows)  # certified on the rows the choice did not see
+    assert policy.risk.n == len(out.labels)  # certified on all of the calibration rows: the choice saw none
     assert cal.boundaries["mobile"] == 4 and cal.boundaries["chosen_by"] == choice.policy
+    assert cal.boundaries["chosen_on"] == "train"
     tiers, _ = policy.assign(out.at(4, policy.edge_exit).z, out.probs(4), out.probs(policy.edge_exit))
     assert (tiers == Tier.MOBILE).mean() > 0.95
 
 
+def test_the_choice_follows_the_rows_it_is_given_not_the_calibration_rows():
+    """Boundaries chosen where the training rows put them, although the calibration rows would
+    choose otherwise: the calibration rows only certify."""
+    cal, default = calibration.calibrate_all(outputs(good_from=4), CostModel(), 0.3, 0.1, pairs=boundary_pairs(L),
+                                             choice=outputs(good_from=5, seed=1))
+    assert cal.policies[default].mobile_exit == 5
+    with pytest.raises(ValueError, match="training split"):
+        calibration.calibrate_all(outputs(), CostModel(), 0.3, 0.1, pairs=boundary_pairs(L))
+
+
 def test_bounds_keep_the_mobile_exit_where_the_device_can_hold_it():
     cal, default = calibration.calibrate_all(outputs(good_from=4), CostModel(), 0.3, 0.1,
-                                             pairs=boundary_pairs(L, (1, 2)))
+                                             pairs=boundary_pairs(L, (1, 2)), choice=outputs(good_from=4, seed=1))
     assert cal.policies[default].mobile_exit <= 2
 
 
@@ -75,7 +86,7 @@ def test_where_hops_are_dear_the_two_tier_cascade_wins_and_where_every_split_los
     dear_edge = CostModel(o_1=5.0)
     assert choose_boundaries(out, dear_edge, boundary_pairs(L), 0.3).policy == "dimee_direct_cascade"
     dear_layers = CostModel(lambda_mobile=10.0)  # mobile's layers dearer than cloud-only: no split pays
-    _, default = calibration.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L))
+    _, default = calibration.calibrate_all(out, dear_layers, 0.3, 0.1, pairs=boundary_pairs(L), choice=out)
     assert default == calibration.NO_SPLIT
 
 

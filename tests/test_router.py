@@ -79,6 +79,7 @@ def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
     doc = run_calibration(out, cost, 0.3, pairs=[(m, e) for m in range(1, 6) for e in range(m + 1, 7)])
     info = boundaries_info(doc, 6)
     assert info["chosen_by"] == "calibration" and info["unit"] == "ms" and info["candidates"] >= 15
+    assert info["chosen_on"] == "train" and (out / "outputs" / "train.safetensors").is_file()
     assert info["cloud_only_cost"] == pytest.approx(10 + 4 + 6 * 2)
     assert info["policy"] == doc["boundaries"]["chosen_by"] and info["expected_cost"] > 10
 
