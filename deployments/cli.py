@@ -14,7 +14,7 @@ from dimee_models import cli as model_cli
 from dimee_models.tiers import TIER_NAMES, Tier
 
 DEFAULT_ARTIFACT = Path("artifacts/default")
-QUICK_EPOCHS = 2  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
+QUICK_EPOCHS = 3  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
 METRICS_HELP = ("with up: also start a Prometheus server on http://127.0.0.1:9090 scraping every node (import "
                 "deployments/grafana/dimee.json into Grafana to look at it); `dimee down` stops it")
 

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from transformers import AutoModel, BertConfig
 from dimee_models import artifact
 from dimee_models.model import ExitOutput, MultiExitEncoder
 from dimee_models.tiers import Tier
-from dimee_models.train import TrainConfig, distill_loss, train, weighted_exit_loss
+from dimee_models.train import TrainConfig, distill_loss, length_grouped, train, weighted_exit_loss
 
 
 def fake_exit(logits: torch.Tensor, layer: int) -> ExitOutput:
@@ -26,6 +27,18 @@ def test_weighted_loss_weighs_deeper_exits_more():
     ce = [F.cross_entropy(o.logits, labels).item() for o in outputs]
     expected = (1 * ce[0] + 2 * ce[1] + 3 * ce[2]) / 6
     assert weighted_exit_loss(outputs, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_length_grouped_batches_cover_every_text_once_and_pad_little():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 80, 1000)
+    order = length_grouped(lengths, 32, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(1000))
+    batches = [order[k : k + 32] for k in range(0, 1000, 32)]
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    at_random = sum(lengths[b].max() * len(b) for b in np.array_split(rng.permutation(1000), range(32, 1000, 32)))
+    assert padded < 1.1 * lengths.sum() < 0.7 * at_random
+    assert not (order == length_grouped(lengths, 32, np.random.default_rng(2))).all()  # reshuffled
 
 
 def test_weighted_loss_only_over_given_exits():
