@@ -572,6 +572,36 @@ def test_a_model_trained_on_hostile_texts_is_served_as_offline(cluster, served_a
         assert abs(got["confidence"] - want["confidence"]) < 1e-4
 
 
+def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, served_artifact, tmp_path):
+    """An artifact whose boundaries calibration moved (chosen on its training split among mobile
+    exit 3 and edge exit 5 or 6): the tiers are cut there, and every mode answers as offline."""
+    import shutil
+
+    from dimee_models import artifact
+    from dimee_models.calibration import boundary_pairs, run_calibration
+    from dimee_models.cost import CostModel
+
+    moved = shutil.copytree(served_artifact, tmp_path / "moved")
+    doc = run_calibration(moved, CostModel(), 0.3, pairs=boundary_pairs(6, (3, 3), (5, 6)))
+    exits = artifact.read_manifest(moved).exits
+    assert exits.mobile == 3 and exits.edge in (5, 6) and doc["boundaries"]["chosen_on"] == "train"
+    texts = artifact.load_split(moved, "test").texts[:16] + THREE_WAY_TEXTS
+    deploy(serve_config(moved, {"mobile": 1, "edge": 1, "cloud": 1}, policy=None), tmp_path)
+    try:
+        wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["exit_layers"]["mobile"] == 3, 120,
+                 "the moved tiers serving")
+        served = {mode: classify(cluster, texts, mode) for mode in ("dimee", "mobile_only", "edge_only")}
+    finally:
+        deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path)
+    for mode, predictions in served.items():
+        for got, want in zip(predictions, predict_texts(moved, texts, mode)):
+            assert (got["tier"], got["label_id"], got["exit_layer"]) == (want["tier"], want["label_id"],
+                                                                         want["exit_layer"]), mode
+            assert abs(got["confidence"] - want["confidence"]) < 1e-4, mode
+    assert {p["exit_layer"] for p in served["mobile_only"]} == {3}
+    assert {p["exit_layer"] for p in served["edge_only"]} == {exits.edge}
+
+
 def test_an_api_key_guards_the_api_when_set(cluster, served_artifact, tmp_path):
     config = serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1})
     config["applications"][0]["args"]["api_key"] = "s3cret"
