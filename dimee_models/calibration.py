@@ -36,7 +36,8 @@ from safetensors.numpy import save_file
 from dimee_models import artifact
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.manifest import Exits, PolicyRef
-from dimee_models.outputs import ExitOutputs, split_outputs
+from dimee_models.data import read_texts
+from dimee_models.outputs import ExitOutputs, split_outputs, text_outputs
 from dimee_models.policy import (EDGE_CLOUD, POLICY_JSON, POLICY_TENSORS, CascadePolicy, CentroidPolicy, CloudOnlyPolicy,
                                  DirectCascadePolicy, EscalatePolicy, LearnedPolicy, Policy, learned_scores,
                                  nearest_centroid, threshold_route)
@@ -117,31 +118,45 @@ def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarra
 @dataclass(frozen=True)
 class Choice:
     by_reward: int  # index of the outcome with the best reward
-    constrained: int  # index of the cheapest outcome within the accuracy budget
-    risk: RiskBound | None  # what the risk-controlled choice guarantees (None: point estimate)
+    constrained: int  # index of the cheapest outcome within the accuracy budget (point estimate)
 
 
-def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float, strict: bool = False,
-           delta: float | None = None, path: list[int] | None = None) -> Choice:
-    """The outcome with the best reward, and the cheapest outcome within the accuracy budget.
-    With `delta`, "within" is risk-controlled (dimee_models/risk.py): fixed-sequence testing
-    along `path` (indices of outcomes, safest first, fixed before the data are seen) certifies
-    the loss rate within the budget with probability >= 1 - delta. Without, it is the point estimate on the
-    calibration split: the accuracy drop, or with `strict` the losses alone, so that samples the
-    final exit gets wrong and a cheaper exit happens to get right cannot pay for errors; if nothing
-    meets the budget, the most accurate outcome is taken."""
+def choose(outcomes: list[Outcome], reference_accuracy: float, max_drop_pp: float, strict: bool = False) -> Choice:
+    """The outcome with the best reward, and the cheapest outcome within the accuracy budget by the
+    point estimate on the calibration split: the accuracy drop, or with `strict` the losses alone,
+    so that samples the final exit gets wrong and a cheaper exit happens to get right cannot pay for
+    errors; if nothing meets the budget, the most accurate outcome is taken (risk control instead:
+    `certify`)."""
     best_reward = int(np.argmax([o.reward for o in outcomes]))
-    if delta is not None:
-        constrained, bound = fixed_sequence(path, [o.cost for o in outcomes], [o.loss_count for o in outcomes],
-                                            outcomes[0].n, max_drop_pp / 100, delta)
-        return Choice(best_reward, constrained, bound)
     drops = [o.losses if strict else reference_accuracy - o.accuracy for o in outcomes]
     feasible = [i for i, d in enumerate(drops) if d <= max_drop_pp / 100 + 1e-12]
     if feasible:
         constrained = min(feasible, key=lambda i: (outcomes[i].cost, -outcomes[i].accuracy))
     else:
         constrained = int(np.argmax([o.accuracy for o in outcomes]))
-    return Choice(best_reward, constrained, None)
+    return Choice(best_reward, constrained)
+
+
+def disagreements(policy: Policy, out: ExitOutputs) -> int:
+    """Samples of `out` (at the policy's exits) the policy answers otherwise than the final exit."""
+    tiers, _ = policy.assign(out.z, out.probs(policy.mobile_exit), out.probs(policy.edge_exit))
+    return int((out.tier_predictions[np.arange(len(tiers)), tiers] != out.tier_predictions[:, 2]).sum())
+
+
+def certify(c: Candidates, max_drop_pp: float, delta: float,
+            unlabeled: ExitOutputs | None = None) -> tuple[int, RiskBound]:
+    """Risk control (dimee_models/risk.py): fixed-sequence testing along `c.path` (fixed before the
+    data are seen, safest first) certifies the loss rate within the budget with probability >= 1 -
+    delta; the index of the cheapest setting certified, and its bound. `unlabeled` rows (at the
+    calibration's exits) add to the test, each counting when the setting's answer differs from the
+    final exit's."""
+    losses, n = [o.loss_count for o in c.outcomes], c.outcomes[0].n
+    if unlabeled is not None:
+        for i in c.path:
+            losses[i] += disagreements(c.make(c.name, i, None), unlabeled)
+        n += len(unlabeled.labels)
+    return fixed_sequence(c.path, [o.cost for o in c.outcomes], losses, n, max_drop_pp / 100, delta,
+                          0 if unlabeled is None else len(unlabeled.labels))
 
 
 def folds(n: int, k: int, seed: int) -> list[np.ndarray]:
@@ -335,9 +350,11 @@ def score_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int = 
 
 
 def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: int = 5, seed: int = 0,
-              delta: float | None = None, candidates: list[Candidates] | None = None) -> Calibration:
+              delta: float | None = None, candidates: list[Candidates] | None = None,
+              unlabeled: ExitOutputs | None = None) -> Calibration:
     """Every policy kind's reward-best and constrained policy; `delta` makes the constrained
-    choice risk-controlled (None: the point estimate on the calibration split). `candidates`:
+    choice risk-controlled (None: the point estimate on the calibration split), certified on `out`
+    and the `unlabeled` rows too if given (`certify`). `candidates`:
     `score_candidates(out, cost, k, seed)` computed once for several budgets or deltas."""
     candidates = candidates or score_candidates(out, cost, k, seed)
     reference = float((out.tier_predictions[:, 2] == out.labels).mean())
@@ -346,8 +363,7 @@ def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: in
         point = choose(c.outcomes[:c.grid], reference, max_drop_pp, c.strict)
         constrained, risk = point.constrained, None
         if delta is not None:
-            controlled = choose(c.outcomes, reference, max_drop_pp, delta=delta, path=c.path)
-            constrained, risk = controlled.constrained, controlled.risk
+            constrained, risk = certify(c, max_drop_pp, delta, unlabeled)
         policies[c.name] = c.make(c.name, point.by_reward, None)
         policies[f"{c.name}_constrained"] = c.make(f"{c.name}_constrained", constrained, risk)
         curves[c.name] = c.curve
@@ -454,15 +470,15 @@ GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_cons
 
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
                   seed: int = 0, default: str | None = None, candidates: list[Candidates] | None = None,
-                  pairs: list[tuple[int, int]] | None = None,
-                  choice: ExitOutputs | None = None) -> tuple[Calibration, str]:
+                  pairs: list[tuple[int, int]] | None = None, choice: ExitOutputs | None = None,
+                  unlabeled: ExitOutputs | None = None) -> tuple[Calibration, str]:
     """Every policy kind calibrated on `out`, and the policy to serve by default: with
     the point estimate, the cheapest constrained policy on these outputs (never the test split);
     with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
     unless no split is cheaper than cloud-only (`no_split_if_cheaper`). With several boundary
     `pairs`, the `choice` outputs (the training split's) choose the tier boundaries first
     (`choose_boundaries`) and all of `out` is calibrated on, at the chosen exits
-    (`Calibration.boundaries` says which)."""
+    (`Calibration.boundaries` says which). `unlabeled` outputs add to the guarantee (`certify`)."""
     chosen = None
     if pairs is not None and len(pairs) > 1:
         if choice is None:
@@ -471,7 +487,8 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
         out, candidates = out.at(chosen.mobile_exit, chosen.edge_exit), None
     elif pairs is not None and pairs[0] != out.tier_exits()[:2]:
         out, candidates = out.at(*pairs[0]), None
-    cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates)
+    cal = calibrate(out, cost, max_drop_pp, folds, seed, delta, candidates,
+                    None if unlabeled is None else unlabeled.at(out.mobile_exit, out.edge_exit))
     if chosen is not None:
         cal.boundaries = chosen.to_json(pairs)
     if default is not None:
@@ -538,18 +555,27 @@ def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: s
 
 def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
                     default: str | None = None, delta: float | None = DEFAULT_DELTA,
-                    pairs: list[tuple[int, int]] | None = None) -> dict:
+                    pairs: list[tuple[int, int]] | None = None, unlabeled: Path | None = None) -> dict:
     """Calibrate every policy kind on the calibration split and store the policies in the artifact; with
-    boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits."""
+    boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits; with an
+    `unlabeled` file of texts (`data.read_texts`), certified on those too."""
     manifest = artifact.read_manifest(directory)
     out = split_outputs(directory, "calibration", manifest)
     choice = split_outputs(directory, "train", manifest) if pairs is not None and len(pairs) > 1 else None
-    cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs, choice=choice)
+    extra = {"delta": delta, "folds": folds}
+    texts = None
+    if unlabeled is not None:
+        if delta is None:
+            raise ValueError("--unlabeled texts add to the guarantee: they need a --delta")
+        texts = text_outputs(directory, read_texts(unlabeled), manifest)
+        extra["unlabeled"] = {"file": str(Path(unlabeled).resolve()), "rows": len(texts.labels)}
+    cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs, choice=choice,
+                                 unlabeled=texts)
     exits = Exits(mobile=cal.policies[default].mobile_exit, edge=cal.policies[default].edge_exit)
     if exits != manifest.exits:
         tiers = artifact.write_tiers(directory, artifact.load_full(directory, manifest), exits.mobile, exits.edge)
         manifest = manifest.model_copy(update={"exits": exits, "tiers": tiers})
-    doc = save_policies(directory, cal, cost, default, max_drop_pp, {"delta": delta, "folds": folds})
+    doc = save_policies(directory, cal, cost, default, max_drop_pp, extra)
     policy = PolicyRef(default=default, file="policy.json")
     artifact.write_manifest(directory, manifest.model_copy(update={"policy": policy}))
     return doc

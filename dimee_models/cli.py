@@ -173,6 +173,10 @@ def add_calibrate(sub) -> None:
                    help="risk control: the budget must hold on new data with probability >= 1 - delta (default "
                         f"{DEFAULT_DELTA}); `none`: the point estimate on the calibration split, as in the paper")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-fitting folds on the calibration split")
+    p.add_argument("--unlabeled", type=Path, default=None, metavar="FILE",
+                   help="unlabelled texts the model has not seen (one per line, or a CSV's `text` column): the "
+                        "guarantee is certified on them too, each counting where an answer differs from the final "
+                        "exit's; more samples, a tighter bound")
     p.add_argument("--default-policy", default=None,
                    help="policy the server uses by default (default: the first guaranteed of the cascade, "
                         "escalate, learned, centroid *_constrained; with --delta none the cheapest on calibration)")
@@ -219,7 +223,8 @@ def cmd_calibrate(args) -> int:
         raise ValueError("--cost-profile sets every cost from the measured profile: drop --cost-config and the "
                          "per-cost flags (only --mu may be added)")
     doc = run_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
-                          default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir))
+                          default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir),
+                          unlabeled=args.unlabeled)
     print(f"cost model: {json.dumps(doc['cost_model'])}")
     print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
     for name, pol in doc["policies"].items():
@@ -227,7 +232,9 @@ def cmd_calibrate(args) -> int:
         if "risk" in pol:
             r = pol["risk"]
             held = "guaranteed" if r["guaranteed"] else "NOT guaranteed (no setting passed; the safest is taken)"
-            print(f"  {'':28s} {r['losses']}/{r['n']} losses, loss rate <= {r['loss_ucb_pp']:.2f} pp with "
+            unlabeled = r.get("unlabeled", 0)
+            labels = f" ({unlabeled} of them unlabelled: answers unlike the final exit's)" if unlabeled else ""
+            print(f"  {'':28s} {r['losses']}/{r['n']} losses{labels}, loss rate <= {r['loss_ucb_pp']:.2f} pp with "
                   f"probability {1 - r['delta']:.0%}: {held}")
     if "boundaries" in doc:
         b = doc["boundaries"]

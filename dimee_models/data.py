@@ -183,6 +183,27 @@ def load_file(
     return _classification_from_records(f"{kind}:{path}", file, records, text_column, text_pair_column, label_column)
 
 
+def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
+    """Unlabelled texts: a CSV's `text_column` (a file ending in .csv, with a header row), else one
+    text per line; empty texts are skipped."""
+    file = Path(path)
+    if file.suffix.lower() == ".csv":
+        rows = _read_csv(file)
+        if rows and text_column not in rows[0]:
+            raise DatasetError(f"{file}: no column {text_column!r} (it has {sorted(rows[0])})")
+        texts = [(row[text_column] or "").strip() for row in rows]
+    else:
+        try:
+            with _open(file) as f:
+                texts = [line.strip() for line in f.read().split("\n")]
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"{file}: not UTF-8 text: {err}") from None
+    texts = [t for t in texts if t]
+    if not texts:
+        raise DatasetError(f"{file}: no texts")
+    return texts
+
+
 def _open(path: Path):
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")

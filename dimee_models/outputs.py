@@ -17,6 +17,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dimee_models import artifact
+from dimee_models.data import TextDataset
 from dimee_models.manifest import Manifest
 from dimee_models.train import batches, model_inputs
 
@@ -96,6 +97,23 @@ def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = 
     ds = artifact.load_split(root, part, manifest)
     if part == "train":
         ds = ds.subset(range(min(len(ds), TRAIN_ROWS)))
+    arrays = _compute(root, manifest, ds)
+    cache.parent.mkdir(exist_ok=True)
+    save_file(arrays, cache)
+    artifact.write_manifest(root, manifest)
+    return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
+
+
+def text_outputs(directory: str | Path, texts: list[str], manifest: Manifest | None = None) -> ExitOutputs:
+    """The same outputs for unlabelled texts (labels -1), not cached."""
+    root = Path(directory)
+    manifest = manifest or artifact.read_manifest(root)
+    arrays = _compute(root, manifest, TextDataset("unlabeled", texts, [-1] * len(texts), manifest.labels))
+    m, e = manifest.exits.mobile, manifest.exits.edge
+    return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
+
+
+def _compute(root: Path, manifest: Manifest, ds: TextDataset) -> dict[str, np.ndarray]:
     model, tokenizer = artifact.load_full(root, manifest), artifact.load_tokenizer(root)
     logits, z = [], []
     with torch.inference_mode():
@@ -103,8 +121,4 @@ def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = 
             outs = model(**model_inputs(enc))
             logits.append(torch.stack([o.logits for o in outs], dim=1))  # (B, L, C)
             z.append(torch.stack([o.pooled for o in outs], dim=1))  # (B, L, H): any layer can be the mobile exit
-    arrays = {"logits": torch.cat(logits).numpy(), "z_layers": torch.cat(z).numpy(), "labels": np.asarray(ds.labels)}
-    cache.parent.mkdir(exist_ok=True)
-    save_file(arrays, cache)
-    artifact.write_manifest(root, manifest)
-    return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
+    return {"logits": torch.cat(logits).numpy(), "z_layers": torch.cat(z).numpy(), "labels": np.asarray(ds.labels)}

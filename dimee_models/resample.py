@@ -13,7 +13,8 @@ import numpy as np
 from dimee_models.cost import CostModel
 from dimee_models.calibration import calibrate_all, score, score_candidates
 from dimee_models.evaluate import method_assignments
-from dimee_models.outputs import ExitOutputs, split_outputs
+from dimee_models.data import read_texts
+from dimee_models.outputs import ExitOutputs, split_outputs, text_outputs
 from dimee_models.policy import load_policies
 
 
@@ -41,11 +42,13 @@ def summarize(drops_pp: np.ndarray, cuts: np.ndarray, oracle_cuts: np.ndarray, b
 
 def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_drop_pp: float,
               deltas: list[float | None], k: int, seed: int = 0, folds: int = 5,
-              pairs: list[tuple[int, int]] | None = None, choice: ExitOutputs | None = None) -> dict:
+              pairs: list[tuple[int, int]] | None = None, choice: ExitOutputs | None = None,
+              unlabeled: ExitOutputs | None = None) -> dict:
     """{delta: {"methods": {name: summary}, "default_choices": {policy: redraws}}}; the method
     `served_default` is whichever policy the default chooser picked on each redraw. With boundary
     `pairs`, each redraw is calibrated at the boundaries the `choice` outputs (the training split's)
-    choose, as `dimee calibrate` does (counted in `default_choices` as name@m/e)."""
+    choose, as `dimee calibrate` does (counted in `default_choices` as name@m/e). `unlabeled`
+    outputs add to every redraw's guarantee, as they did to the artifact's."""
     pooled = calibration.concat(test)
     base = cost.path_costs(test.mobile_exit, test.edge_exit, test.num_layers)["cloud_only"]
     found = {delta: defaultdict(list) for delta in deltas}  # delta -> method -> [(drop pp, cut)]
@@ -56,7 +59,7 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
         reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
         for delta in deltas:
             cal, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
-                                         candidates=candidates, pairs=pairs, choice=choice)
+                                         candidates=candidates, pairs=pairs, choice=choice, unlabeled=unlabeled)
             served = cal.policies[default]
             choices[delta][f"{default}@{served.mobile_exit}/{served.edge_exit}" if pairs else default] += 1
             rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, seed)
@@ -78,15 +81,17 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
 def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test: ExitOutputs, k: int,
                   seed: int = 0) -> dict:
     """`dimee evaluate --resamples K`: the evaluation `result` with each method's summary over K
-    redraws, recalibrated as the artifact was (its budget, delta, folds, boundary candidates, and its
-    cost model if in ms, as `dimee up` calibrates, else the result's abstract one)."""
+    redraws, recalibrated as the artifact was (its budget, delta, folds, boundary candidates, unlabelled
+    texts, and its cost model if in ms, as `dimee up` calibrates, else the result's abstract one)."""
     _, doc = load_policies(directory)
     delta, budget = doc.get("delta"), doc["max_accuracy_drop_pp"]
     pairs = [tuple(p) for p in doc["boundaries"]["pairs"]] if "boundaries" in doc else None
     stored = CostModel(**doc["cost_model"])
     cost = stored if stored.unit == "ms" else CostModel(**result["cost_model"])
     choice = split_outputs(directory, "train") if pairs is not None else None
-    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs, choice)[delta]
+    unlabeled = text_outputs(directory, read_texts(doc["unlabeled"]["file"])) if "unlabeled" in doc else None
+    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs, choice,
+                      unlabeled)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}
     return {**result, "methods": methods, "resampled": {

@@ -2,7 +2,11 @@
 probability at least 1 - delta over the calibration data.
 
 A sample's loss is 1 when the final exit answers it right and the policy's answer is wrong, so
-the loss rate bounds the accuracy drop against cloud-only from above. The choice is Learn then
+the loss rate bounds the accuracy drop against cloud-only from above. An unlabelled sample counts
+1 when the policy's answer differs from the final exit's, which is 1 whenever a loss is: so each
+such count is a Bernoulli variable whose mean is at least the loss rate, their sum over labelled
+and unlabelled samples together is stochastically at least Bin(n, loss rate), and the same test
+stays valid with both kinds of sample in n. The choice is Learn then
 Test (Angelopoulos et al. 2021, as CALM and "Fast yet Safe" apply it to early exits) with
 fixed-sequence testing: settings are tested along a path fixed in advance, from the safest on;
 each test rejects "loss rate > budget" when the binomial tail P(Bin(n, budget) <= losses) is at
@@ -56,16 +60,17 @@ class RiskBound:
     delta: float
     budget_pp: float
     n: int  # calibration samples
-    losses: int  # of them, answered right by the final exit and wrong by the chosen setting
+    losses: int  # of them, answered right by the final exit and wrong by the chosen setting (unlabelled: differently)
     loss_ucb_pp: float  # upper confidence bound on the loss rate, percentage points
     guaranteed: bool  # False: no setting passed, the safest one was taken
+    unlabeled: int = 0  # of the n samples, those without a label: certified by agreement with the final exit
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
 def fixed_sequence(order: list[int], costs: list[float], losses: list[int], n: int, budget: float,
-                   delta: float) -> tuple[int, RiskBound]:
+                   delta: float, unlabeled: int = 0) -> tuple[int, RiskBound]:
     """Index of the cheapest setting that fixed-sequence testing along `order` (safest first, fixed
     before the losses are seen) certifies for the budget (a fraction), and its bound; if even the
     first fails, the first, marked not guaranteed."""
@@ -75,5 +80,6 @@ def fixed_sequence(order: list[int], costs: list[float], losses: list[int], n: i
             break
         if not passed or costs[i] < costs[chosen]:
             chosen, passed = i, True
-    bound = RiskBound(delta, budget * 100, n, losses[chosen], loss_ucb(losses[chosen], n, delta) * 100, passed)
+    bound = RiskBound(delta, budget * 100, n, losses[chosen], loss_ucb(losses[chosen], n, delta) * 100, passed,
+                      unlabeled)
     return chosen, bound

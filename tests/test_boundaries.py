@@ -100,3 +100,36 @@ def test_an_edge_at_the_last_layer_hands_nothing_on_to_cloud():
         _, paths = policy.assign(out.z, out.probs(3), out.probs(6))
         assert not (paths == calibration.EDGE_CLOUD).any(), name
     assert (cal.policies["dimee_cascade_constrained"].assign(out.z, out.probs(3), out.probs(6))[0] == Tier.EDGE).mean() > 0.9
+
+
+def unlabeled(out: ExitOutputs, disagree: float = 0.0, seed: int = 2) -> ExitOutputs:
+    """`out` without labels; on a `disagree` share, the final exit answers the other class, surely."""
+    rng = np.random.default_rng(seed)
+    logits = out.logits.copy()
+    flip = np.flatnonzero(rng.random(len(out.labels)) < disagree)
+    logits[flip, -1] = logits[flip, -1, ::-1]
+    return ExitOutputs(logits, out.z, np.full(len(out.labels), -1), out.mobile_exit, out.edge_exit, out.z_layers)
+
+
+def test_unlabeled_texts_that_agree_with_the_final_exit_certify_what_too_few_labels_cannot():
+    """600 labelled rows cannot certify 0.3 pp even with no loss ((1 - 0.003)^600 > 0.1); 1,000
+    unlabelled rows on which the exits agree with the final exit can, and are counted apart."""
+    out = outputs(600, good_from=4).at(4, 6)
+    alone = calibration.calibrate(out, CostModel(), 0.3, delta=0.1).policies["dimee_direct_cascade_constrained"]
+    assert not alone.risk.guaranteed
+    more = unlabeled(outputs(1000, good_from=4, seed=1).at(4, 6))
+    cal = calibration.calibrate(out, CostModel(), 0.3, delta=0.1, unlabeled=more)
+    policy = cal.policies["dimee_direct_cascade_constrained"]
+    assert policy.risk.guaranteed and policy.risk.n == 1600 and policy.risk.unlabeled == 1000
+    tiers, _ = policy.assign(out.z, out.probs(4), out.probs(6))
+    assert (tiers == Tier.MOBILE).mean() > 0.95
+
+
+def test_unlabeled_texts_where_the_exits_disagree_with_the_final_exit_count_against_the_guarantee():
+    out = outputs(600, good_from=4).at(4, 6)
+    more = unlabeled(outputs(1000, good_from=4, seed=1).at(4, 6), disagree=0.05)
+    assert calibration.disagreements(calibration.DirectCascadePolicy("p", 4, 6, 6, {"mobile": 0.0}, {}), more) > 30
+    policy = calibration.calibrate(out, CostModel(), 0.3, delta=0.1, unlabeled=more).policies[
+        "dimee_direct_cascade_constrained"]
+    tiers, _ = policy.assign(out.z, out.probs(4), out.probs(6))
+    assert (tiers == Tier.MOBILE).mean() < 0.05  # confident exits that disagree: nothing certified on mobile

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dimee_models.data import DatasetError, TextDataset, load_dataset, split
+from dimee_models.data import DatasetError, TextDataset, load_dataset, read_texts, split
 
 
 @pytest.mark.parametrize("name, size, labels, counts", [
@@ -181,3 +181,19 @@ def test_rows_round_trip():
     assert back == ds
     sub = ds.subset(np.array([1]))
     assert (sub.texts, sub.labels, sub.text_pairs) == (["b"], [0], ["q"])
+
+
+def test_unlabeled_texts_from_lines_or_a_csv_column(tmp_path):
+    lines = tmp_path / "texts.txt"
+    lines.write_text("a fine film\n\n  the plot, a mess  \n", encoding="utf-8")
+    assert read_texts(lines) == ["a fine film", "the plot, a mess"]
+    table = tmp_path / "texts.csv"
+    table.write_text('review,id\n"a fine film, truly",1\n,2\n', encoding="utf-8")
+    assert read_texts(table, "review") == ["a fine film, truly"]
+    with pytest.raises(DatasetError, match="no column 'text'"):
+        read_texts(table)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DatasetError, match="no texts"):
+        read_texts(tmp_path / "empty.txt")
+    with pytest.raises(DatasetError, match="not found"):
+        read_texts(tmp_path / "missing.txt")

@@ -264,6 +264,21 @@ def test_resamples_of_an_artifact_calibrated_in_ms_recalibrate_in_ms(calibrated,
     assert resampled["cost_unit"] == "ms" and all("@" in name for name in resampled["default_choices"])
 
 
+def test_cli_calibrate_with_unlabeled_texts_certifies_on_them_and_resamples_with_them(base, tmp_path, capsys):
+    out = shutil.copytree(base, tmp_path / "unl")
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("\n".join(texts(50, 3).texts) + "\n")
+    assert main(["calibrate", str(out), "--unlabeled", str(unlabeled)]) == 0
+    assert "50 of them unlabelled" in capsys.readouterr().out
+    doc = json.loads((out / "policy.json").read_text())
+    assert doc["unlabeled"] == {"file": str(unlabeled.resolve()), "rows": 50}
+    assert all(p["risk"]["n"] == 40 + 50 and p["risk"]["unlabeled"] == 50
+               for p in doc["policies"].values() if "risk" in p and p["kind"] != "cloud_only")
+    assert main(["evaluate", str(out), "--resamples", "2"]) == 0
+    assert main(["calibrate", str(out), "--unlabeled", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+
+
 def test_cli_errors(base, capsys):
     assert main(["calibrate", str(base), "--mu", "-1"]) == 2
     err = capsys.readouterr().err

@@ -50,11 +50,11 @@ def test_the_bound_holds_on_new_data_where_the_point_estimate_does_not():
         losses = [(u < r).mean() for r in rates]
         outcomes = [Outcome(0.9, c, 0.0, (0, 0, 1), loss, n) for c, loss in zip(costs, losses)]
         point = choose(outcomes, 0.9, budget * 100, strict=True).constrained
-        bound = choose(outcomes, 0.9, budget * 100, delta=delta, path=list(range(30)))
+        bound, risk = fixed_sequence(list(range(30)), costs, [o.loss_count for o in outcomes], n, budget, delta)
         over_point += rates[point] > budget
-        over_bound += rates[bound.constrained] > budget
-        chosen_bound.append(bound.constrained)
-        assert bound.risk.guaranteed
+        over_bound += rates[bound] > budget
+        chosen_bound.append(bound)
+        assert risk.guaranteed
     assert over_point / 400 > 0.3
     assert over_bound / 400 <= delta
     assert np.mean(chosen_bound) > 3  # the bound is not the trivial "always the safest"
