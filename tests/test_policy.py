@@ -4,8 +4,8 @@ calibration, choice of operating point, persistence."""
 import numpy as np
 import pytest
 
-from dimee_models.calibration import (ALPHA_GRID, Outcome, calibrate, centroids_of, choose, fit_learned, pools,
-                                      save_policies, score)
+from dimee_models.calibration import (ALPHA_GRID, Candidates, Outcome, calibrate, centroids_of, certify, choose,
+                                      fit_learned, pools, save_policies, score)
 from dimee_models.cost import CostModel
 from dimee_models.outputs import ExitOutputs
 from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, CloudOnlyPolicy, EscalatePolicy,
@@ -237,7 +237,6 @@ def test_choose_max_reward_and_cheapest_feasible():
 
     def chosen(*args, **kwargs) -> tuple[int, int]:
         choice = choose(*args, **kwargs)
-        assert choice.risk is None  # a point estimate guarantees nothing
         return choice.by_reward, choice.constrained
 
     # budget 1 pp below 0.90: 1, 2 and 3 qualify (0.89 exactly on the edge); 1 and 2 tie on cost, 2 is more accurate
@@ -251,17 +250,18 @@ def test_choose_max_reward_and_cheapest_feasible():
     assert chosen(o, 0.80, 1.0, strict=True) == (0, 3)
 
 
-def test_choose_with_delta_takes_the_cheapest_setting_the_bound_certifies():
+def test_certify_takes_the_cheapest_setting_the_bound_certifies():
     # 0 losses of 100 certify a loss rate <= 3 pp at delta 0.05 (1 - 0.97**100 = 0.95); 2 of 100 do not
     o = [Outcome(0.9, 1.0, 0.0, (0, 0, 1), 0.0, 100), Outcome(0.9, 0.5, 0.0, (0, 1, 0), 0.0, 100),
          Outcome(0.9, 0.2, 0.0, (1, 0, 0), 0.02, 100)]
-    choice = choose(o, 0.9, 3.0, delta=0.05, path=[0, 1, 2])
-    assert choice.constrained == 1 and choice.risk.guaranteed and choice.risk.losses == 0 and choice.risk.n == 100
-    assert choice.risk.loss_ucb_pp == pytest.approx(100 * (1 - 0.05 ** (1 / 100)), rel=1e-6)
+    settings = Candidates("x", o, 3, True, [], lambda *args: None, [0, 1, 2])
+    constrained, risk = certify(settings, 3.0, 0.05)
+    assert constrained == 1 and risk.guaranteed and risk.losses == 0 and risk.n == 100 and risk.unlabeled == 0
+    assert risk.loss_ucb_pp == pytest.approx(100 * (1 - 0.05 ** (1 / 100)), rel=1e-6)
     assert choose(o, 0.9, 3.0).constrained == 2  # the point estimate: 2 pp <= 3 pp
     # nothing certified (100 samples cannot show 1 pp): the safest setting, marked not guaranteed
-    choice = choose(o, 0.9, 1.0, delta=0.05, path=[0, 1, 2])
-    assert choice.constrained == 0 and not choice.risk.guaranteed
+    constrained, risk = certify(settings, 1.0, 0.05)
+    assert constrained == 0 and not risk.guaranteed
 
 
 def test_save_load_round_trip(data, cal, tmp_path):
