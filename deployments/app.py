@@ -13,6 +13,7 @@ import ray
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from deployments.live_risk import RiskMonitor
 from deployments.placement import check_placement
 from deployments.router import Router
 from deployments.schemas import AppArgs, TierOptions
@@ -61,4 +62,4 @@ def build_app(args: AppArgs) -> Application:
     # The ingress runs the mobile slice on the mobile nodes, so an EASY sample needs no tier hop.
     return Router.options(**deployment_options(args, Tier.MOBILE),
                           user_config=args.router.model_dump(mode="json", exclude_none=True)).bind(
-        tier_deployment(args, Tier.EDGE), tier_deployment(args, Tier.CLOUD), args)
+        tier_deployment(args, Tier.EDGE), tier_deployment(args, Tier.CLOUD), RiskMonitor.bind(), args)

@@ -32,6 +32,13 @@ def _port(value: str) -> int:
     return port
 
 
+def _share(value: str) -> float:
+    share = float(value)
+    if not 0 <= share <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return share
+
+
 def add_serve_flags(p) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
     p.add_argument("--wait-for-nodes", type=float, default=0, metavar="SECONDS",
@@ -55,6 +62,12 @@ def add_serve_flags(p) -> None:
                    help="a request's deadline, across all its tier calls (default 3)")
     p.add_argument("--max-texts-in-flight", type=model_cli._positive_int, default=None, metavar="N",
                    help="texts each ingress replica works on at once; a request past it gets 503 (default 64)")
+    p.add_argument("--shadow-rate", type=_share, default=None, metavar="SHARE",
+                   help="share of routed samples checked against the final exit after their answer has gone out, "
+                        "for the live bound (default 0.02; 0: off)")
+    p.add_argument("--on-drift", choices=("tighten", "alarm"), default=None,
+                   help="when the live bound shows the budget broken: step back to a safer setting (tighten, the "
+                        "default) or only report it (alarm)")
     p.add_argument("--cost-profile", type=Path, default=None, metavar="FILE",
                    help="report each answer's cost in ms from this cluster profile (`dimee profile`) instead of the "
                         "policy's cost model; the metric dimee_answer_cost and /v1/info's served_cost show the mean")
@@ -233,7 +246,8 @@ def cmd_serve(args) -> int:
 
     artifact.read_manifest(args.dir)  # before any cluster work: a wrong path is refused in a second
     router = {k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout),
-                                ("max_texts_in_flight", args.max_texts_in_flight)) if v is not None}
+                                ("max_texts_in_flight", args.max_texts_in_flight), ("shadow_rate", args.shadow_rate),
+                                ("on_drift", args.on_drift)) if v is not None}
     if args.cost_profile is not None:
         from dimee_models.profile import latency_cost_model, read_profile
 

@@ -8,6 +8,10 @@ Hidden states leave this process only as references into Ray's object store (mob
 cloud; edge to cloud on escalation): the tier that needs one fetches it from the process that
 computed it.
 
+A share of the samples answered early is checked afterwards against the final exit (shadow checks,
+deployments/live_risk.py): the live bound on the served risk, and the step back to a safer setting
+when it shows drift.
+
 Every tier call has a timeout, and a request one deadline for all its calls. A failed or late
 edge sends its samples to cloud (`fallback`); a failed or late cloud leaves them with the deepest
 exit already computed (`degraded`). A *busy* tier is not a failed one: when its bounded queue is
@@ -30,6 +34,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.http import check_api_key, read_classify, validation_detail
+from deployments.live_risk import LiveRisk
 from deployments.metrics import RouterMetrics
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, Prediction, RouterConfig,
                                  TierReply, TierRequest, Tokens)
@@ -38,6 +43,7 @@ from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest, public_model_name
 from dimee_models.policy import CentroidPolicy, Mode, Plan, Policy, load_policies
+from dimee_models.risk import DEFAULT_DELTA
 from dimee_models.tiers import Tier
 
 log = logging.getLogger("ray.serve")
@@ -51,6 +57,9 @@ async def one_sentence_422(request: Request, exc: RequestValidationError) -> JSO
 
 
 TIER_WEIGHTS = ("mobile.safetensors", "edge.safetensors", "cloud.safetensors")
+# Shadow checks never compete with requests: at most one in flight per replica, none while the
+# texts in flight are past this share of the text budget (both dropped and counted).
+SHADOW_CALLS, SHADOW_ROOM = 1, 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,8 @@ class Settings:
     request_timeout_s: float
     max_texts_in_flight: int
     boundaries: dict  # where the served artifact's model is cut and why, for /v1/info
+    shadow_rate: float
+    watch: dict  # what the live bound watches (deployments/live_risk.py): the policy, its path, budget, delta
 
 
 def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> Settings:
@@ -87,9 +98,14 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> S
         # the stored guarantee was for the calibrated thresholds, not these
         policy = dataclasses.replace(policy, thresholds=dict(config.thresholds), risk=None)
     cost = config.cost_model or CostModel(**doc["cost_model"])
+    risk = policy.risk
+    watch = {"artifact": str(source), "policy": name, "thresholds": policy.thresholds,
+             "path_index": policy.path_index(), "on_drift": config.on_drift,
+             "budget_pp": risk.budget_pp if risk else doc["max_accuracy_drop_pp"],
+             "delta": risk.delta if risk else doc.get("delta") or DEFAULT_DELTA}
     return Settings(policy, cost, cost.path_costs(manifest.exits.mobile, manifest.exits.edge, manifest.num_layers),
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight,
-                    boundaries_info(doc, manifest.num_layers))
+                    boundaries_info(doc, manifest.num_layers), config.shadow_rate, watch)
 
 
 def boundaries_info(doc: dict, num_layers: int) -> dict:
@@ -145,7 +161,7 @@ async def measure_tiers(mobile: TierRunner, handles: dict, rows: list[list[int]]
 @serve.deployment
 @serve.ingress(api)
 class Router:
-    def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, args: AppArgs):
+    def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, monitor: DeploymentHandle, args: AppArgs):
         # Set here, not by the environment of whichever process built the app (a handle carries that).
         self.handles = {t: h.options(_by_reference=args.transport == "actor") for t, h in ((Tier.EDGE, edge),
                                                                                           (Tier.CLOUD, cloud))}
@@ -168,6 +184,13 @@ class Router:
         # replaced) are not called: a call there waits out its timeout; refreshed in the background.
         self.no_replica: set[Tier] = set()
         self.no_replica_checked = 0.0
+        self.monitor = monitor
+        self.live: dict = {"state": "ok", "samples": 0, "disagreements": 0, "path_index": None}
+        self.live_checked = 0.0
+        self.stepped: tuple[Policy, int, Policy] | None = None  # (calibrated policy, path index, the policy there)
+        self.shadow_in_flight = 0
+        self.shadow_tasks: set[asyncio.Task] = set()
+        self.rng = np.random.default_rng()
 
     def reconfigure(self, config: dict) -> None:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
@@ -204,34 +227,50 @@ class Router:
                 if Tier.of_deployment(d) is not None}
 
     @api.get("/healthz")
-    def healthz(self) -> dict:
+    async def healthz(self) -> dict:
         """200 while this ingress answers; `degraded` names the tiers with no live replica, whose
-        samples are answered by fallback (edge) or from an earlier exit (cloud) meanwhile."""
-        down = [t.label for t, n in sorted(self.live_replicas().items()) if n == 0]
-        return {"status": "degraded" if down else "ok", "no_live_replica": down}
+        samples are answered by fallback (edge) or from an earlier exit (cloud) meanwhile, and shows
+        the live bound when it is not `ok` (drift: tightened or alarm)."""
+        down = [t.label for t, n in sorted((await asyncio.to_thread(self.live_replicas)).items()) if n == 0]
+        live = await self.live_risk()
+        return {"status": "degraded" if down or live["state"] != "ok" else "ok", "no_live_replica": down,
+                **({"live_risk": live} if live["state"] != "ok" else {})}
 
     @api.get("/v1/info")
-    def info(self, request: Request) -> dict:
+    async def info(self, request: Request) -> dict:
         check_api_key(self.api_key, request.headers)
-        replicas = self.live_replicas()
+        replicas = await asyncio.to_thread(self.live_replicas)
         s = self.settings
+        policy, _ = self.routing_policy(s)
         return {
             "model": self.model_name,
             "labels": self.labels,
             "exit_layers": self.exit_layers,
             "boundaries": s.boundaries,
-            "policy": {"name": s.policy.name, "kind": s.policy.kind, "thresholds": s.policy.thresholds,
-                       "risk": s.policy.risk.to_json() if s.policy.risk else None},
+            "policy": {"name": policy.name, "kind": policy.kind, "thresholds": policy.thresholds,
+                       "risk": policy.risk.to_json() if policy.risk else None},
             "cost_model": s.cost.model_dump(),
             "hop_timeout_s": s.hop_timeout_s,
             "request_timeout_s": s.request_timeout_s,
             "max_texts_in_flight": s.max_texts_in_flight,
+            "shadow_rate": s.shadow_rate,
+            "live_risk": await self.live_risk(),
             "texts_in_flight": self.texts_in_flight,
             "config_error": self.config_error,
             "replicas": {t.label: n for t, n in replicas.items()},
             "no_live_replica": [t.label for t, n in sorted(replicas.items()) if n == 0],
             **self.metrics.since_start(),  # this replica's counts since it started
         }
+
+    async def live_risk(self) -> dict:
+        """The live bound as the monitor has it now (this replica's last copy if it cannot be reached)."""
+        try:
+            self.live = await asyncio.wait_for(self.monitor.state.remote(), 10)
+        except Exception as err:
+            log.warning("could not read the live bound from the monitor: %r", err)
+        watch = self.settings.watch
+        live = self.live if self.live.get("watch") == watch else LiveRisk.fresh(watch)
+        return {k: v for k, v in live.items() if k != "watch"}
 
     # The body is parsed by hand (deployments/http.py) for one-sentence errors; the schema is declared
     # here so that /docs still shows it.
@@ -260,7 +299,9 @@ class Router:
     async def classify_admitted(self, mode: Mode, tokens: Tokens, cut: list[bool], s: Settings,
                                 deadline: float) -> list[Prediction]:
         self.metrics.request(mode)
-        answers = await self.run_mode(s.policy.plan(mode), tokens, s, deadline)
+        self.refresh_live()
+        policy, at = self.routing_policy(s)
+        answers = await self.run_mode(policy.plan(mode), tokens, s, deadline, at)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
         self.metrics.answered(mode, answers, s.cost.unit)
@@ -309,13 +350,17 @@ class Router:
                 log.warning("could not read the replicas per tier from Serve: %r", err)
         asyncio.get_running_loop().create_task(refresh())
 
-    async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings, deadline: float) -> list[Prediction]:
+    async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings, deadline: float,
+                       at: int | None) -> list[Prediction]:
         if plan.skips_mobile:
             if plan.decides:
                 self.metrics.decided(np.full(len(tokens.input_ids), Tier.CLOUD))
             cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
-                return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
+                answers = self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
+                if plan.decides:
+                    self.audit(answers, None, s, at)
+                return answers
             mobile = await self.mobile_batch(TierRequest(tokens))
             return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True)
         mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=plan.keeps_hidden))
@@ -336,7 +381,68 @@ class Router:
         for rows, predictions in results:
             for row, prediction in zip(rows, predictions):
                 answers[row] = prediction
+        if plan.decides:
+            self.audit(answers, mobile.hidden, s, at)
         return answers
+
+    def routing_policy(self, s: Settings) -> tuple[Policy, int | None]:
+        """The policy to route with and its index on the risk path: the calibrated one, or the
+        setting the live bound stepped to (deployments/live_risk.py) while it watches these settings."""
+        at = self.live.get("path_index")
+        if self.live.get("watch") != s.watch or at is None or at == s.watch["path_index"]:
+            return s.policy, s.watch["path_index"]
+        if self.stepped is None or self.stepped[0] is not s.policy or self.stepped[1] != at:
+            self.stepped = (s.policy, at, s.policy.at_path(at))
+        return self.stepped[2], at
+
+    def refresh_live(self, every_s: float = 1.0) -> None:
+        """Start a background read of the live bound (and the setting to serve), at most every `every_s`."""
+        if time.monotonic() - self.live_checked < every_s:
+            return
+        self.live_checked = time.monotonic()
+        self.background(self.live_risk())
+
+    def background(self, work) -> None:
+        """Run `work` after the answer has gone out; a reference is kept until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.shadow_tasks.add(task)
+        task.add_done_callback(self.shadow_tasks.discard)
+
+    def audit(self, answers: list[Prediction], hidden: HiddenArrays | None, s: Settings, at: int | None) -> None:
+        """Shadow checks of a random `shadow_rate` share of one request's routed samples (degraded
+        answers aside: they are no policy's). Whether a request's audit is dropped for room is decided
+        before anything about its samples is looked at, so that dropping cannot bias the bound."""
+        rows = [int(r) for r in np.flatnonzero(self.rng.random(len(answers)) < s.shadow_rate)
+                if not answers[r].degraded]
+        if not rows:
+            return
+        if self.shadow_in_flight >= SHADOW_CALLS or self.texts_in_flight > SHADOW_ROOM * s.max_texts_in_flight:
+            self.metrics.shadow("dropped", len(rows))
+            return
+        self.shadow_in_flight += 1
+        self.background(self.shadow(rows, answers, hidden, s, at))
+
+    async def shadow(self, rows: list[int], answers: list[Prediction], hidden: HiddenArrays | None, s: Settings,
+                     at: int | None) -> None:
+        """The final exit on the audited rows answered early, from the mobile hidden state (cloud runs
+        the layers after mobile's), compared with what was answered; the counts go to the monitor."""
+        early = [r for r in rows if answers[r].tier != Tier.CLOUD.label]
+        try:
+            disagreements = 0
+            if early:
+                request = TierRequest(self.mobile.store(hidden, early))
+                reply = await asyncio.wait_for(self.handles[Tier.CLOUD].remote(request), s.hop_timeout_s)
+                final = reply.probs.argmax(-1)
+                disagreements = sum(int(f) != answers[r].label_id for f, r in zip(final, early))
+            self.live = await asyncio.wait_for(self.monitor.record.remote(s.watch, at, len(rows), disagreements), 10)
+            self.metrics.shadow("disagreed", disagreements)
+            self.metrics.shadow("agreed", len(early) - disagreements)
+            self.metrics.shadow("answered_on_cloud", len(rows) - len(early))
+        except Exception as err:  # cloud's queue full or late, a failed replica, the monitor away: dropped
+            self.metrics.shadow("dropped", len(rows))
+            log.info("shadow check of %d samples dropped: %r", len(rows), err)
+        finally:
+            self.shadow_in_flight -= 1
 
     async def offload(self, tier: Tier, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
                       plan: Plan, s: Settings, deadline: float) -> tuple[list[int], list[Prediction]]:

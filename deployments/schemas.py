@@ -134,6 +134,12 @@ class RouterConfig(BaseModel):
     max_texts_in_flight: int = Field(
         64, ge=1, description="texts this ingress replica works on at once; a request that would go past it gets "
                               "503 with Retry-After at once (one request is always admitted, whatever its size)")
+    shadow_rate: float = Field(
+        0.02, ge=0, le=1, description="share of routed samples audited against the final exit after their answer "
+                                      "has gone out (shadow checks, for the live bound); 0 turns them off")
+    on_drift: Literal["tighten", "alarm"] = Field(
+        "tighten", description="when the live bound shows the budget broken: step back to a safer setting of "
+                               "the served policy (tighten), or only report it (alarm)")
 
 
 # between deployments -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ torch). Fitting and choosing them is calibration's (dimee_models/calibration.py)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from dimee_models.cost import PATHS
-from dimee_models.risk import RiskBound
+from dimee_models.risk import RISK_PATH, RiskBound
 from dimee_models.tiers import Tier
 
 # A request's mode: route with the served `Policy`, or a baseline that sends every sample to one tier.
@@ -49,6 +50,8 @@ class Policy:
     kind: ClassVar[str]
     escalates: ClassVar[bool] = False  # an edge answer may go on to cloud (edge's confidence decides)
     from_tokens: ClassVar[bool] = False  # DIMEE's routing sends the token ids to cloud: no mobile slice runs
+    # the thresholds risk control's path moves together (calibration.py); none: a policy with no such path
+    path_gates: ClassVar[tuple[str, ...]] = ()
     name: str
     mobile_exit: int
     edge_exit: int
@@ -81,6 +84,22 @@ class Policy:
         tiers = self.route(z, mobile_probs)
         up = (tiers == Tier.EDGE) & self.escalate(edge_probs)
         return np.where(up, Tier.CLOUD, tiers), np.where(up, EDGE_CLOUD, tiers)
+
+    def path_index(self) -> int | None:
+        """Where the calibrated thresholds sit on risk control's path (RISK_PATH), or None: no path
+        (centroid, cloud-only), or thresholds not set by risk control."""
+        if not self.path_gates or self.risk is None:
+            return None
+        [at] = np.flatnonzero(np.isclose(RISK_PATH, self.thresholds["mobile"])).tolist() or [None]
+        return at
+
+    def at_path(self, index: int) -> Policy:
+        """This policy with its path's gates at RISK_PATH[index] (a safer setting at a lower index;
+        index 0 answers nothing early). A gate off the path where calibration chose (a cascade's
+        escalation where it cannot help, at 0) stays where it is."""
+        moving = [g for g in self.path_gates if self.thresholds[g] == self.thresholds["mobile"]]
+        thresholds = {**self.thresholds, **{g: float(RISK_PATH[index]) for g in moving}}
+        return dataclasses.replace(self, thresholds=thresholds)
 
     def to_json(self) -> dict:
         return {
@@ -131,6 +150,7 @@ class LearnedPolicy(Policy):
     with the final exit, from z and the mobile exit's probabilities."""
 
     kind = "learned"
+    path_gates = ("mobile", "edge")
 
     @staticmethod
     def features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
@@ -146,6 +166,7 @@ class EscalatePolicy(LearnedPolicy):
 
     kind = "escalate"
     escalates = True
+    path_gates = ("mobile", "escalate")
 
     @staticmethod
     def features(z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
@@ -159,6 +180,7 @@ class CascadePolicy(Policy):
 
     kind = "cascade"
     escalates = True
+    path_gates = ("mobile", "escalate")
 
     def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         return np.where(mobile_probs.max(-1) >= self.thresholds["mobile"], Tier.MOBILE, Tier.EDGE)
@@ -170,6 +192,7 @@ class DirectCascadePolicy(Policy):
     costs (edge near cloud, or every hop on loopback), it is the cheaper split."""
 
     kind = "direct_cascade"
+    path_gates = ("mobile",)
 
     def route(self, z: np.ndarray, mobile_probs: np.ndarray) -> np.ndarray:
         return np.where(mobile_probs.max(-1) >= self.thresholds["mobile"], Tier.MOBILE, Tier.CLOUD)

@@ -83,3 +83,39 @@ def fixed_sequence(order: list[int], costs: list[float], losses: list[int], n: i
     bound = RiskBound(delta, budget * 100, n, losses[chosen], loss_ucb(losses[chosen], n, delta) * 100, passed,
                       unlabeled)
     return chosen, bound
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def mixture_log_wealth(ones: int, n: int, p: float, prior_mean: float) -> float:
+    """ln M_n(p), Robbins' mixture martingale for n Bernoulli observations with `ones` ones against
+    the rate p: the Beta(1, b) mixture's likelihood (prior mean `prior_mean`) over p's. Under rate p
+    its expectation is 1 at every n, so by Ville's inequality it reaches 1/delta at any n, ever,
+    with probability at most delta."""
+    b = (1 - prior_mean) / prior_mean
+    log_p = ones * math.log(p) if ones else 0.0
+    log_q = (n - ones) * math.log1p(-p) if n > ones else 0.0
+    return _log_beta(1 + ones, b + n - ones) - _log_beta(1, b) - log_p - log_q
+
+
+def confidence_sequence(ones: int, n: int, delta: float, prior_mean: float) -> tuple[float, float]:
+    """(lower, upper) bound on a Bernoulli rate after n observations, valid at every n at once with
+    probability >= 1 - delta (a confidence sequence: watched continuously, it is wrong at some n
+    with probability <= delta, where a fixed-n interval recomputed at every sample is not): the
+    rates whose mixture martingale is below 1/delta. The martingale is convex in p with its
+    minimum (<= 1) at ones / n, so each end is found by bisection."""
+    if n == 0:
+        return 0.0, 1.0
+    level, mid = math.log(1 / delta), ones / n
+
+    def end(inside: float, outside: float) -> float:
+        for _ in range(60):
+            p = (inside + outside) / 2
+            inside, outside = (p, outside) if mixture_log_wealth(ones, n, p, prior_mean) < level else (inside, p)
+        return outside
+
+    low = 0.0 if ones == 0 else end(mid, 1e-12)
+    high = 1.0 if ones == n else end(mid, 1 - 1e-12)
+    return low, high

@@ -18,7 +18,9 @@ from deployments.local_cluster import ray_cli
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.calibration import run_calibration
-from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CentroidPolicy, CloudOnlyPolicy, Policy, load_policies
+from dimee_models.policy import (POLICY_JSON, POLICY_TENSORS, CentroidPolicy, CloudOnlyPolicy, DirectCascadePolicy,
+                                  Policy, load_policies)
+from dimee_models.risk import RiskBound
 from dimee_models.tiers import Tier
 from dimee_models.train import TrainConfig, train
 
@@ -57,8 +59,10 @@ def served_artifact(tmp_path_factory) -> Path:
     """The default backbone briefly fine-tuned on rt-polarity, calibrated for real, plus a policy
     `three_way` whose centroids are the embeddings of THREE_WAY_TEXTS (mobile, edge, cloud), so a
     request with those texts is guaranteed to split across all three tiers, and a policy
-    `escalating` that sends every sample to edge and escalates the less sure of ESCALATE_TEXTS; and
-    `no_split`, which sends every text to cloud."""
+    `escalating` that sends every sample to edge and escalates the less sure of ESCALATE_TEXTS;
+    `no_split`, which sends every text to cloud; and `drifting`, a two-tier cascade that keeps every
+    text on mobile, stored as if risk control had certified it, which the live bound finds broken
+    (this barely trained model's mobile exit disagrees with its final exit often)."""
     out = tmp_path_factory.mktemp("artifact") / "rt"
     train(TrainConfig(dataset="rt-polarity", epochs=1, max_train_samples=32, batch_size=16, max_length=32,
                       splits=(0.9, 0.05, 0.05)), out)
@@ -78,6 +82,7 @@ def served_artifact(tmp_path_factory) -> Path:
     add_policy(out, dataclasses.replace(escalate, name="escalating", thresholds={
         "mobile": 1.01, "edge": 0.0, "escalate": float(conf[gap] + conf[gap + 1]) / 2}))
     add_policy(out, CloudOnlyPolicy("no_split", 2, 4, 6, {}, {}))
+    add_policy(out, DirectCascadePolicy("drifting", 2, 4, 6, {"mobile": 0.0}, {}, RiskBound(0.1, 0.3, 100, 0, 2.3, True)))
     return out
 
 
@@ -123,6 +128,9 @@ def add_policy(directory: Path, policy: Policy) -> None:
     assert policy.name in load_policies(directory)[0]
 
 
+SHADOW = {"shadow_rate": 1.0, "on_drift": "alarm"}
+
+
 def serve_config(directory: Path, replicas: dict[str, int], policy: str | None = "three_way") -> dict:
     doc = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "serve_config.yaml").read_text())
     doc["http_options"]["port"] = PORT
@@ -131,6 +139,10 @@ def serve_config(directory: Path, replicas: dict[str, int], policy: str | None =
     # whether they do depends on event-loop timing); a lone request pays it only on mobile and edge.
     app["args"].update({"artifact": str(directory), "policy": policy,
                         "mobile": {"batch_wait_timeout_s": 0.02}, "edge": {"batch_wait_timeout_s": 0.02}})
+    # Every routed sample shadow-checked, so every test runs with shadow checks at their most; drift
+    # only reported, since tightening would change the answers tests expect of this barely trained model.
+    router = next(d for d in app["deployments"] if d["name"] == "Router")
+    router["user_config"].update(SHADOW)
     for entry in app["deployments"]:
         tier = Tier.of_deployment(entry["name"])
         if tier.label in replicas:

@@ -19,7 +19,7 @@ from ray.util.state import list_actors
 from deployments.schemas import HiddenArrays, HiddenRef, RouterConfig, TierRequest, Tokens
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
-from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, THREE_WAY_TEXTS, deploy, serve_config
+from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, SHADOW, THREE_WAY_TEXTS, deploy, serve_config
 
 pytestmark = pytest.mark.cluster
 
@@ -52,7 +52,7 @@ def test_each_tier_runs_on_the_node_with_its_label(cluster):
     """The ingress (which is the mobile tier) on the mobile node, edge and cloud on theirs."""
     nodes = {n["NodeID"]: n["Labels"].get("dimee.io/tier") for n in ray.nodes() if n["Alive"]}
     placed = replicas()
-    assert set(placed) == {tier.deployment for tier in Tier}  # no separate mobile deployment
+    assert set(placed) == {tier.deployment for tier in Tier} | {"RiskMonitor"}  # no separate mobile deployment
     for tier in Tier:
         for replica in placed[tier.deployment]:
             assert nodes[replica["node"]] == tier.label, (tier, replica)
@@ -82,21 +82,26 @@ def test_a_batch_split_across_three_tiers_comes_back_in_order_and_matches_offlin
     assert {p["cost"] for p in served[:3]} == {0.2, 0.6, 1.1}
 
 
-def test_an_easy_sample_never_leaves_the_ingress(cluster):
+def test_an_easy_sample_never_leaves_the_ingress(cluster, served_artifact, tmp_path):
     """The ingress runs the mobile slice itself: a mobile answer costs no tier call, a MEDIUM sample
-    exactly one (edge), a HARD one exactly one (cloud)."""
+    exactly one (edge), a HARD one exactly one (cloud). With shadow checks, a sample answered early
+    goes on to cloud once more, for the audit, after its answer (shadow_rate 0: never)."""
     from ray import serve
 
     def served() -> dict[str, int]:
         return {t.label: serve.get_deployment_handle(t.deployment, app_name="dimee").describe.remote()
                 .result(timeout_s=60)["requests_served"] for t in Tier}
 
-    for text, tier, calls in zip(THREE_WAY_TEXTS, ("mobile", "edge", "cloud"),
-                                 ({"mobile": 1}, {"mobile": 1, "edge": 1}, {"mobile": 1, "cloud": 1})):
-        before = served()
-        assert classify(cluster, [text])[0]["tier"] == tier
-        after = served()
-        assert {t: after[t] - before[t] for t in after} == {"mobile": 0, "edge": 0, "cloud": 0} | calls, tier
+    expected = ({"mobile": 1}, {"mobile": 1, "edge": 1}, {"mobile": 1, "cloud": 1})
+    for shadow_rate in (0.0, 1.0):
+        deploy(router_config(served_artifact, {"shadow_rate": shadow_rate}), tmp_path)
+        for text, tier, calls in zip(THREE_WAY_TEXTS, ("mobile", "edge", "cloud"), expected):
+            before = served()
+            assert classify(cluster, [text])[0]["tier"] == tier
+            audit = {"cloud": calls.get("cloud", 0) + 1} if shadow_rate and tier != "cloud" else {}
+            wait_for(lambda: {t: n - before[t] for t, n in served().items()} == {"mobile": 0, "edge": 0, "cloud": 0}
+                     | calls | audit, 30, f"the tier calls of a {tier} answer at shadow rate {shadow_rate}")
+    deploy(router_config(served_artifact, {}), tmp_path)
 
 
 @pytest.mark.parametrize("mode,tier,layer", [("cloud_only", "cloud", 6), ("edge_only", "edge", 4),
@@ -157,7 +162,11 @@ def test_info_health_and_docs(cluster):
     assert info["labels"] == ["negative", "positive"] and info["policy"]["name"] == "three_way"
     assert info["policy"]["risk"] is None  # a hand-made policy: no guarantee
     assert info["replicas"] == {"mobile": 1, "edge": 1, "cloud": 1}
-    assert requests.get(f"{cluster}/healthz", timeout=30).json() == {"status": "ok", "no_live_replica": []}
+    health = requests.get(f"{cluster}/healthz", timeout=30).json()
+    # every routed sample is shadow-checked here (conftest.SHADOW): the live bound may show drift already
+    assert health == {"status": "ok", "no_live_replica": []} or (
+        health["status"] == "degraded" and health["no_live_replica"] == [] and health["live_risk"]["state"] == "alarm")
+    assert info["shadow_rate"] == 1.0 and info["live_risk"]["budget_pp"] == 0.3
     assert requests.get(f"{cluster}/docs", timeout=30).status_code == 200
 
 
@@ -294,7 +303,7 @@ class Traffic:
 def router_config(served_artifact, user_config: dict) -> dict:
     config = serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1})
     router = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Router")
-    router["user_config"] = user_config
+    router["user_config"] = {**SHADOW, **user_config}
     return config
 
 
@@ -600,6 +609,56 @@ def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, se
             assert abs(got["confidence"] - want["confidence"]) < 1e-4, mode
     assert {p["exit_layer"] for p in served["mobile_only"]} == {3}
     assert {p["exit_layer"] for p in served["edge_only"]} == {exits.edge}
+
+
+def live_risk(url: str) -> dict:
+    return requests.get(f"{url}/v1/info", timeout=30).json()["live_risk"]
+
+
+def test_shadow_checks_count_every_routed_sample_against_the_final_exit(cluster, served_artifact):
+    """With shadow_rate 1, each routed sample of THREE_WAY_TEXTS (one per tier) is audited after its
+    answer: the live bound gains 3 samples per request, and a disagreement exactly where the answer
+    differs from the final exit's offline; answers are as offline meanwhile."""
+    offline = predict_texts(served_artifact, THREE_WAY_TEXTS, policy_name="three_way")
+    final = [p["label_id"] for p in predict_texts(served_artifact, THREE_WAY_TEXTS, "cloud_only")]
+    before = live_risk(cluster)
+    for _ in range(4):
+        served = classify(cluster, THREE_WAY_TEXTS)
+        assert [(p["tier"], p["label_id"]) for p in served] == [(p["tier"], p["label_id"]) for p in offline]
+    wait_for(lambda: live_risk(cluster)["samples"] == before["samples"] + 12, 60, "12 shadow-checked samples")
+    after = live_risk(cluster)
+    assert after["disagreements"] - before["disagreements"] == 4 * sum(
+        p["label_id"] != f for p, f in zip(offline, final))
+    assert after["lcb_pp"] <= 100 * after["disagreements"] / after["samples"] <= after["ucb_pp"]
+
+
+def test_drift_steps_the_served_setting_back_along_its_risk_path_live(cluster, served_artifact, tmp_path):
+    """`drifting` keeps every text on mobile, stored as certified (conftest); shadow checks find
+    mobile's answers differ from the final exit's, and with on_drift tighten the router steps back
+    to a safer threshold, without a restart, visible in /v1/info, and answers by it."""
+    from dimee_models import artifact
+
+    texts = artifact.load_split(served_artifact, "test").texts[:64]
+    deploy(router_config(served_artifact, {"policy": "drifting", "on_drift": "tighten"}), tmp_path)
+    try:
+        deadline = time.time() + 120
+        while live_risk(cluster)["state"] == "ok" and time.time() < deadline:
+            classify(cluster, texts[:16])
+        info = requests.get(f"{cluster}/v1/info", timeout=30).json()
+        live, threshold = info["live_risk"], info["policy"]["thresholds"]["mobile"]
+        assert live["state"] == "tightened" and live["calibrated_threshold"] == 0.0, live
+        assert threshold == live["threshold"] > 0 and live["changes"][0]["from"] == 0.0
+        healthz = requests.get(f"{cluster}/healthz", timeout=30).json()
+        assert healthz["status"] == "degraded" and healthz["live_risk"]["state"] == "tightened"
+        time.sleep(1.5)  # the ingress reads the setting to serve at most every second
+        before = live_risk(cluster)["threshold"]
+        served = [p["tier"] for p in classify(cluster, texts)]
+        offline = predict_texts(served_artifact, texts, "mobile_only")
+        # (this request's own shadow checks may step again, after it was routed)
+        assert served in [["mobile" if o["confidence"] >= t else "cloud" for o in offline]
+                          for t in (before, live_risk(cluster)["threshold"])]
+    finally:
+        deploy(router_config(served_artifact, {}), tmp_path)
 
 
 def test_an_api_key_guards_the_api_when_set(cluster, served_artifact, tmp_path):

@@ -90,12 +90,15 @@ def test_the_ingress_counts_what_info_shows_since_start():
     from dimee_models.tiers import Tier
 
     m = RouterMetrics()  # Serve's metrics record without a cluster, into nothing
-    assert m.since_start() == {"shed": {}, "hop_failures": {}, "served_cost": {}}
+    assert m.since_start() == {"shed": {}, "shadow_checks": {}, "hop_failures": {}, "served_cost": {}}
     m.request("dimee")
     m.decided(np.array([Tier.MOBILE, Tier.EDGE, Tier.EDGE]))
     for where in ("ingress", "cloud", "cloud"):
         m.shed(where)
     m.hop_failed(Tier.EDGE, "timeout")
+    m.shadow("agreed", 3)
+    m.shadow("dropped", 0)  # nothing to count: not shown
+    m.shadow("dropped", 2)
 
     def answer(tier: str, cost: float, **flags) -> Prediction:
         return Prediction(label="pos", label_id=0, confidence=0.9, tier=tier, exit_layer=2, cost=cost, **flags)
@@ -103,6 +106,59 @@ def test_the_ingress_counts_what_info_shows_since_start():
     m.answered("dimee", [answer("mobile", 0.2), answer("cloud", 1.1, escalated=True)], "abstract")
     m.answered("cloud_only", [answer("mobile", 0.2, degraded=True)], "ms")
     assert m.since_start() == {
-        "shed": {"ingress": 1, "cloud": 2}, "hop_failures": {"edge/timeout": 1},
+        "shed": {"ingress": 1, "cloud": 2}, "shadow_checks": {"agreed": 3, "dropped": 2}, "hop_failures": {"edge/timeout": 1},
         "served_cost": {"dimee/abstract": {"answers": 2, "mean": pytest.approx(0.65)},
                         "cloud_only/ms": {"answers": 1, "mean": pytest.approx(0.2)}}}
+
+
+def test_the_live_bound_watches_the_served_policy_its_path_and_budget(served_artifact):
+    s = settings(served_artifact, {"policy": "drifting", "shadow_rate": 0.5, "on_drift": "alarm"})
+    assert s.shadow_rate == 0.5 and s.watch == {
+        "artifact": str(served_artifact), "policy": "drifting", "thresholds": {"mobile": 0.0}, "path_index": 131,
+        "on_drift": "alarm", "budget_pp": 0.3, "delta": 0.1}
+    assert settings(served_artifact, {"policy": "three_way"}).watch["path_index"] is None  # no path to step along
+    assert settings(served_artifact, {"policy": "drifting", "thresholds": {"mobile": 0.5}}).watch["path_index"] is None
+    assert settings(served_artifact, {}).shadow_rate == 0.02 and settings(served_artifact, {}).watch["on_drift"] == "tighten"
+
+
+@pytest.mark.parametrize("config, message", [({"shadow_rate": 1.5}, "shadow_rate"), ({"on_drift": "panic"}, "on_drift")])
+def test_bad_live_bound_settings_are_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig.model_validate(config)
+
+
+# a replica built without Serve (__new__, no __init__): Serve's ingress wrapper's async __del__ is never awaited
+@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
+def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
+    """Dropping is decided before a request's audited samples are looked at, and counted: the
+    bound must not lose early answers more often than cloud ones."""
+    import asyncio
+
+    from deployments.metrics import RouterMetrics
+    from deployments.router import Router
+    from deployments.schemas import Prediction
+
+    router = Router.func_or_class.__new__(Router.func_or_class)
+    router.rng, router.metrics, router.shadow_tasks = np.random.default_rng(0), RouterMetrics(), set()
+    router.shadow_in_flight, router.texts_in_flight = 0, 60
+    s = settings(served_artifact, {"shadow_rate": 1.0, "max_texts_in_flight": 64})
+    answers = [Prediction(label="a", label_id=0, confidence=1.0, tier=t, exit_layer=2, cost=1.0)
+               for t in ("mobile", "cloud")] + [Prediction(label="a", label_id=0, confidence=1.0, tier="cloud",
+                                                           exit_layer=2, cost=1.0, degraded=True)]
+    router.audit(answers, None, s, None)  # 60 of 64 texts in flight: past the shadow room
+    assert router.metrics.since_start()["shadow_checks"] == {"dropped": 2} and not router.shadow_tasks
+    router.texts_in_flight, router.shadow_in_flight = 1, 1  # one shadow check in flight already
+    router.audit(answers, None, s, None)
+    assert router.metrics.since_start()["shadow_checks"] == {"dropped": 4}
+
+    recorded = []
+
+    async def fake_shadow(rows, *args):
+        recorded.append(rows)
+    router.shadow_in_flight, router.shadow = 0, fake_shadow
+
+    async def audit_in_loop():
+        router.audit(answers, None, s, None)
+        await asyncio.gather(*router.shadow_tasks)
+    asyncio.run(audit_in_loop())
+    assert recorded == [[0, 1]] and router.shadow_in_flight == 1  # the degraded answer is no policy's
