@@ -65,6 +65,12 @@ def add_serve_flags(p) -> None:
     p.add_argument("--shadow-rate", type=_share, default=None, metavar="SHARE",
                    help="share of routed samples checked against the final exit after their answer has gone out, "
                         "for the live bound (default 0.02; 0: off)")
+    p.add_argument("--policy-artifact", type=Path, default=None, metavar="DIR",
+                   help="route with the policies of this recalibrated copy of the artifact (e.g. `dimee calibrate "
+                        "COPY --from-traffic LOG`); its tier weights must be the artifact's")
+    p.add_argument("--shadow-log", default=None, metavar="DIR",
+                   help="append the shadow-checked texts to this directory on the ingress nodes, for `dimee "
+                        "calibrate --from-traffic` (they hold what clients sent: off unless set)")
     p.add_argument("--on-drift", choices=("tighten", "alarm"), default=None,
                    help="when the live bound shows the budget broken: step back to a safer setting (tighten, the "
                         "default) or only report it (alarm)")
@@ -247,7 +253,9 @@ def cmd_serve(args) -> int:
     artifact.read_manifest(args.dir)  # before any cluster work: a wrong path is refused in a second
     router = {k: v for k, v in (("hop_timeout_s", args.hop_timeout), ("request_timeout_s", args.request_timeout),
                                 ("max_texts_in_flight", args.max_texts_in_flight), ("shadow_rate", args.shadow_rate),
-                                ("on_drift", args.on_drift)) if v is not None}
+                                ("shadow_log", args.shadow_log), ("on_drift", args.on_drift),
+                                ("policy_artifact", args.policy_artifact and str(args.policy_artifact.resolve())))
+              if v is not None}
     if args.cost_profile is not None:
         from dimee_models.profile import latency_cost_model, read_profile
 

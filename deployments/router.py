@@ -22,8 +22,10 @@ model, timeouts) come from Serve's `user_config` and change without a restart.
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -74,6 +76,7 @@ class Settings:
     max_texts_in_flight: int
     boundaries: dict  # where the served artifact's model is cut and why, for /v1/info
     shadow_rate: float
+    shadow_log: str | None
     watch: dict  # what the live bound watches (deployments/live_risk.py): the policy, its path, budget, delta
 
 
@@ -105,7 +108,7 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> S
              "delta": risk.delta if risk else doc.get("delta") or DEFAULT_DELTA}
     return Settings(policy, cost, cost.path_costs(manifest.exits.mobile, manifest.exits.edge, manifest.num_layers),
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight,
-                    boundaries_info(doc, manifest.num_layers), config.shadow_rate, watch)
+                    boundaries_info(doc, manifest.num_layers), config.shadow_rate, config.shadow_log, watch)
 
 
 def boundaries_info(doc: dict, num_layers: int) -> dict:
@@ -291,17 +294,20 @@ class Router:
                                          f"the limit is {s.max_texts_in_flight}): retry later")
         self.texts_in_flight += n
         try:
-            answers = await self.classify_admitted(body.mode, tokens, cut, s, deadline)
+            answers = await self.classify_admitted(body.mode, tokens, cut, s, deadline, body.texts, body.text_pairs)
         finally:
             self.texts_in_flight -= n
         return ClassifyResponse(predictions=answers, model=self.model_name)
 
-    async def classify_admitted(self, mode: Mode, tokens: Tokens, cut: list[bool], s: Settings,
-                                deadline: float) -> list[Prediction]:
+    async def classify_admitted(self, mode: Mode, tokens: Tokens, cut: list[bool], s: Settings, deadline: float,
+                                texts: list[str], pairs: list[str] | None) -> list[Prediction]:
         self.metrics.request(mode)
         self.refresh_live()
         policy, at = self.routing_policy(s)
-        answers = await self.run_mode(policy.plan(mode), tokens, s, deadline, at)
+        plan = policy.plan(mode)
+        answers, hidden = await self.run_mode(plan, tokens, s, deadline)
+        if plan.decides:
+            self.audit(answers, hidden, s, at, texts, pairs)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
         self.metrics.answered(mode, answers, s.cost.unit)
@@ -350,19 +356,17 @@ class Router:
                 log.warning("could not read the replicas per tier from Serve: %r", err)
         asyncio.get_running_loop().create_task(refresh())
 
-    async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings, deadline: float,
-                       at: int | None) -> list[Prediction]:
+    async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings,
+                       deadline: float) -> tuple[list[Prediction], HiddenArrays | None]:
+        """The answers, and the mobile hidden state if the mobile slice ran (for shadow checks)."""
         if plan.skips_mobile:
             if plan.decides:
                 self.metrics.decided(np.full(len(tokens.input_ids), Tier.CLOUD))
             cloud = await self.call(Tier.CLOUD, TierRequest(tokens), s, deadline)
             if cloud is not None:
-                answers = self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"])
-                if plan.decides:
-                    self.audit(answers, None, s, at)
-                return answers
+                return self.answer(cloud, Tier.CLOUD, s.path_cost["cloud_only"]), None
             mobile = await self.mobile_batch(TierRequest(tokens))
-            return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True)
+            return self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"], degraded=True), None
         mobile = await self.mobile_batch(TierRequest(tokens, keep_hidden=plan.keeps_hidden))
         tiers = plan.tiers(mobile.z, mobile.probs)
         if plan.decides:
@@ -381,9 +385,7 @@ class Router:
         for rows, predictions in results:
             for row, prediction in zip(rows, predictions):
                 answers[row] = prediction
-        if plan.decides:
-            self.audit(answers, mobile.hidden, s, at)
-        return answers
+        return answers, mobile.hidden
 
     def routing_policy(self, s: Settings) -> tuple[Policy, int | None]:
         """The policy to route with and its index on the risk path: the calibrated one, or the
@@ -408,7 +410,8 @@ class Router:
         self.shadow_tasks.add(task)
         task.add_done_callback(self.shadow_tasks.discard)
 
-    def audit(self, answers: list[Prediction], hidden: HiddenArrays | None, s: Settings, at: int | None) -> None:
+    def audit(self, answers: list[Prediction], hidden: HiddenArrays | None, s: Settings, at: int | None,
+              texts: list[str], pairs: list[str] | None) -> None:
         """Shadow checks of a random `shadow_rate` share of one request's routed samples (degraded
         answers aside: they are no policy's). Whether a request's audit is dropped for room is decided
         before anything about its samples is looked at, so that dropping cannot bias the bound."""
@@ -420,20 +423,20 @@ class Router:
             self.metrics.shadow("dropped", len(rows))
             return
         self.shadow_in_flight += 1
-        self.background(self.shadow(rows, answers, hidden, s, at))
+        self.background(self.shadow(rows, answers, hidden, s, at, texts, pairs))
 
     async def shadow(self, rows: list[int], answers: list[Prediction], hidden: HiddenArrays | None, s: Settings,
-                     at: int | None) -> None:
+                     at: int | None, texts: list[str], pairs: list[str] | None) -> None:
         """The final exit on the audited rows answered early, from the mobile hidden state (cloud runs
         the layers after mobile's), compared with what was answered; the counts go to the monitor."""
         early = [r for r in rows if answers[r].tier != Tier.CLOUD.label]
         try:
-            disagreements = 0
+            final = {r: answers[r].label_id for r in rows}  # cloud's answers are the final exit's
             if early:
                 request = TierRequest(self.mobile.store(hidden, early))
                 reply = await asyncio.wait_for(self.handles[Tier.CLOUD].remote(request), s.hop_timeout_s)
-                final = reply.probs.argmax(-1)
-                disagreements = sum(int(f) != answers[r].label_id for f, r in zip(final, early))
+                final.update(zip(early, (int(f) for f in reply.probs.argmax(-1))))
+            disagreements = sum(final[r] != answers[r].label_id for r in early)
             self.live = await asyncio.wait_for(self.monitor.record.remote(s.watch, at, len(rows), disagreements), 10)
             self.metrics.shadow("disagreed", disagreements)
             self.metrics.shadow("agreed", len(early) - disagreements)
@@ -441,8 +444,26 @@ class Router:
         except Exception as err:  # cloud's queue full or late, a failed replica, the monitor away: dropped
             self.metrics.shadow("dropped", len(rows))
             log.info("shadow check of %d samples dropped: %r", len(rows), err)
+            return
         finally:
             self.shadow_in_flight -= 1
+        if s.shadow_log:
+            try:
+                self.log_shadow(s.shadow_log, rows, answers, final, texts, pairs)
+            except OSError as err:  # the bound has the check; only the log lacks it
+                log.warning("could not append to the shadow log %s: %r", s.shadow_log, err)
+
+    def log_shadow(self, directory: str, rows: list[int], answers: list[Prediction], final: dict[int, int],
+                   texts: list[str], pairs: list[str] | None) -> None:
+        """The audited texts, a random sample of the traffic, for `dimee calibrate --from-traffic`: one
+        JSON line each in this replica's file of the shadow log directory."""
+        lines = [json.dumps({"text": texts[r], **({"text_pair": pairs[r]} if pairs else {}),
+                             "answer": answers[r].label_id, "final": final[r], "tier": answers[r].tier,
+                             "time": time.time()}) for r in rows]
+        path = Path(directory) / f"shadow-{serve.get_replica_context().replica_id.unique_id}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
 
     async def offload(self, tier: Tier, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
                       plan: Plan, s: Settings, deadline: float) -> tuple[list[int], list[Prediction]]:

@@ -177,6 +177,9 @@ def add_calibrate(sub) -> None:
                    help="unlabelled texts the model has not seen (one per line, or a CSV's `text` column): the "
                         "guarantee is certified on them too, each counting where an answer differs from the final "
                         "exit's; more samples, a tighter bound")
+    p.add_argument("--from-traffic", type=Path, default=None, metavar="DIR",
+                   help="the texts the service shadow-checked (the Router's shadow_log directory, or one of its "
+                        "files), a random sample of its traffic, as --unlabeled texts")
     p.add_argument("--default-policy", default=None,
                    help="policy the server uses by default (default: the first guaranteed of the cascade, "
                         "escalate, learned, centroid *_constrained; with --delta none the cheapest on calibration)")
@@ -215,6 +218,8 @@ def boundary_pairs_of(args, directory: Path) -> list[tuple[int, int]] | None:
 def cmd_calibrate(args) -> int:
     from dimee_models.calibration import run_calibration
 
+    if args.unlabeled is not None and args.from_traffic is not None:
+        raise ValueError("--unlabeled and --from-traffic: give one (merge the texts into one file for both)")
     if not 0 <= args.max_accuracy_drop <= 100:
         raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")
     if args.cost_profile is not None and (args.cost_config is not None or any(
@@ -224,7 +229,7 @@ def cmd_calibrate(args) -> int:
                          "per-cost flags (only --mu may be added)")
     doc = run_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
                           default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir),
-                          unlabeled=args.unlabeled)
+                          unlabeled=args.from_traffic or args.unlabeled)
     print(f"cost model: {json.dumps(doc['cost_model'])}")
     print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
     for name, pol in doc["policies"].items():

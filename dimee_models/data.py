@@ -184,10 +184,22 @@ def load_file(
 
 
 def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
-    """Unlabelled texts: a CSV's `text_column` (a file ending in .csv, with a header row), else one
-    text per line; empty texts are skipped."""
+    """Unlabelled texts: a CSV's `text_column` (a file ending in .csv, with a header row), a JSON
+    lines file's (.jsonl, as the serving ingress's shadow log writes), every .jsonl file of a
+    directory (a shadow log directory), else one text per line; empty texts are skipped."""
     file = Path(path)
-    if file.suffix.lower() == ".csv":
+    if file.is_dir():
+        files = sorted(file.glob("*.jsonl"))
+        if not files:
+            raise DatasetError(f"{file}: no .jsonl files (a shadow log directory holds shadow-*.jsonl)")
+        return [t for f in files for t in read_texts(f, text_column)]
+    if file.suffix.lower() == ".jsonl":
+        texts = []
+        for i, record in enumerate(_read_jsonl(file), start=1):
+            if not isinstance(record.get(text_column), str):
+                raise DatasetError(f"{file}: record {i} has no text field {text_column!r}")
+            texts.append(record[text_column].strip())
+    elif file.suffix.lower() == ".csv":
         rows = _read_csv(file)
         if rows and text_column not in rows[0]:
             raise DatasetError(f"{file}: no column {text_column!r} (it has {sorted(rows[0])})")

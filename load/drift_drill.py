@@ -28,17 +28,24 @@ from dimee_models.evaluate import predict_texts
 from load.client import CLASSIFY, DEFAULT_URL, INFO
 
 
-def negated(text: str, rng: random.Random) -> str:
-    return text  # placeholder replaced below
+def rebuttal(text: str, label: int, others: dict[int, list[str]], rng: random.Random) -> str:
+    """The text after a quoted opinion of another label that it rebuts: its label stays the text's
+    own (the writer's). The opinion the early exits read first pulls them the other way, and
+    rt-polarity has few such texts: on the default model's first 600 test texts, offline, the
+    served gates kept 70% of these early and 1.5% of all answers differed from the final exit's,
+    each a loss (5x the 0.3 pp budget). Shuffled or misspelt words, a negating prefix and a cut
+    to four words did not break the gates there (0.00-0.17 pp)."""
+    return f"critics said: {rng.choice(others[label])} i disagree. {text}"
 
 
-SHIFTS = {}
+SHIFTS = {"rebuttal": rebuttal}
 
 
 def drill_texts(directory: Path, shift: str, before: int, after: int, per_request: int,
                 seed: int) -> list[tuple[str, list[str], list[int]]]:
     """(phase, texts, labels) per request: test-split texts drawn with replacement, the shifted ones transformed."""
     test = artifact.load_split(directory, "test")
+    others = {y: [t for t, other in zip(test.texts, test.labels) if other != y] for y in set(test.labels)}
     rng = random.Random(seed)
     requests_ = []
     for phase, count in (("before", before), ("shifted", after)):
@@ -47,7 +54,7 @@ def drill_texts(directory: Path, shift: str, before: int, after: int, per_reques
             texts = [test.texts[r] for r in rows]
             labels = [test.labels[r] for r in rows]
             if phase == "shifted":
-                texts = [SHIFTS[shift](t, y, test, rng) for t, y in zip(texts, labels)]
+                texts = [SHIFTS[shift](t, y, others, rng) for t, y in zip(texts, labels)]
             requests_.append((phase, texts, labels))
     return requests_
 
@@ -99,19 +106,21 @@ def totals(rows: list[dict]) -> dict:
 
 
 def summarize(timeline: list[dict]) -> dict:
+    """Per phase the truth (totals) beside what the live bound said at the phase's end; after the
+    state left ok, the truth per threshold served."""
+    live = ("state", "threshold", "samples", "disagreements", "ucb_pp", "lcb_pp")
+    before = [r for r in timeline if r["phase"] == "before"]
     shifted = [r for r in timeline if r["phase"] == "shifted"]
-    left = next((r for r in timeline if r["state"] != "ok"), None)
-    settled = [r for r in shifted if r["state"] != "ok" and r["threshold"] == shifted[-1]["threshold"]] if shifted else []
+    left = next((r for r in shifted if r["state"] != "ok"), None)
+    while_ok = [r for r in shifted if left is None or r["request"] < left["request"]]
+    after = [r for r in shifted if left is not None and r["request"] >= left["request"]]
     return {
-        "before": totals([r for r in timeline if r["phase"] == "before"]),
-        "shifted_while_ok": totals([r for r in shifted if r["state"] == "ok"]),
-        "shifted_at_last_setting": totals(settled),
-        "state_left_ok_at_request": None if left is None else left["request"],
-        "requests_after_shift_until_not_ok": None if left is None or not shifted else left["request"] - shifted[0]["request"] + 1,
-        "live_when_it_left_ok": left,
-        "states": sorted({r["state"] for r in timeline}),
-        "thresholds": sorted({r["threshold"] for r in timeline if r["threshold"] is not None}),
-        "last": timeline[-1],
+        "before": {**totals(before), "live_at_end": {k: before[-1][k] for k in live} if before else None},
+        "shifted_while_ok": {**totals(while_ok), "live_at_end": {k: while_ok[-1][k] for k in live} if while_ok else None},
+        "requests_after_shift_until_not_ok": None if left is None else len(while_ok) + 1,
+        "after_leaving_ok_by_threshold": {str(t): totals([r for r in after if r["threshold"] == t])
+                                          for t in dict.fromkeys(r["threshold"] for r in after)},
+        "last": {k: timeline[-1][k] for k in live} if timeline else None,
     }
 
 

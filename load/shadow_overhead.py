@@ -3,9 +3,8 @@ switched live (`serve deploy` of the same config with only that field changed: n
 restarts) between the rate under test and 0, in alternating order, so the machine's drift hits
 both alike. Reports each round's rps ratio (with / without) and their median.
 
-Reproduce (a local cluster, the app deployed from a Serve config file):
+Reproduce (a local cluster; the tool deploys the Serve config file itself):
     dimee cluster up
-    serve deploy docs/results/live-risk/serve_config.yaml
     python -m load.shadow_overhead --config docs/results/live-risk/serve_config.yaml --users 8 --duration 45 \\
         --rounds 2 --texts-per-request 1 --out runs/shadow-overhead-1
     dimee down
@@ -24,20 +23,21 @@ from pathlib import Path
 import requests
 import yaml
 
-from deployments.local_cluster import ray_cli
+from deployments.local_cluster import DASHBOARD_PORT, HEAD_IP, ray_cli
 from load.client import DEFAULT_URL, INFO
 from load.run import run_locust
 
 
-def deploy(config: dict, shadow_rate: float, url: str) -> None:
+def deploy(config: dict, shadow_rate: float, url: str, dashboard: str) -> None:
     """The config with the Router's shadow_rate set, deployed; returns once /v1/info serves it."""
     router = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Router")
     router.setdefault("user_config", {})["shadow_rate"] = shadow_rate
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
         yaml.safe_dump(config, f)
         f.flush()
-        subprocess.run([ray_cli("serve"), "deploy", f.name], check=True, capture_output=True, timeout=120)
-    deadline = time.time() + 120
+        subprocess.run([ray_cli("serve"), "deploy", "--address", dashboard, f.name], check=True, capture_output=True,
+                       timeout=120)
+    deadline = time.time() + 300  # the first deploy starts every replica
     while time.time() < deadline:
         try:
             if requests.get(f"{url}{INFO}", timeout=10).json()["shadow_rate"] == shadow_rate:
@@ -45,13 +45,14 @@ def deploy(config: dict, shadow_rate: float, url: str) -> None:
         except (requests.RequestException, KeyError, ValueError):
             pass
         time.sleep(1)
-    raise TimeoutError(f"shadow_rate {shadow_rate} not served within 120 s")
+    raise TimeoutError(f"shadow_rate {shadow_rate} not served within 300 s")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, required=True, help="the Serve config file the app was deployed with")
     p.add_argument("--host", default=DEFAULT_URL)
+    p.add_argument("--dashboard", default=f"http://{HEAD_IP}:{DASHBOARD_PORT}", help="the Ray dashboard serve deploy uses")
     p.add_argument("--shadow-rate", type=float, default=0.02, help="the rate under test (against 0)")
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--duration", type=float, default=45, help="seconds measured per run")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         rates = (args.shadow_rate, 0.0) if round_ % 2 == 0 else (0.0, args.shadow_rate)
         for rate in rates:
-            deploy(config, rate, args.host)
+            deploy(config, rate, args.host, args.dashboard)
             prefix = args.out / f"r{round_}_shadow{rate:g}"
             run_locust(args, "dimee", args.users, args.warmup, args.out / f"warmup_r{round_}_{rate:g}")
             run = run_locust(args, "dimee", args.users, args.duration, prefix)

@@ -180,6 +180,22 @@ def test_router_settings_are_refused_unless_positive(capsys):
     assert (args.hop_timeout, args.request_timeout, args.max_texts_in_flight) == (30.0, 45.0, 128)
 
 
+def test_live_bound_flags_are_checked_and_reach_the_router_config(capsys):
+    with pytest.raises(SystemExit) as exc:
+        serve_cli.main(["serve", "some/artifact", "--shadow-rate", "1.5"])
+    assert exc.value.code == 2 and "argument --shadow-rate: must be in [0, 1]" in capsys.readouterr().err
+    args = build_parser(serve_cli.add_commands).parse_args(["up", "--shadow-rate", "0", "--on-drift", "alarm",
+                                                            "--shadow-log", "/tmp/log", "--policy-artifact", "c"])
+    assert (args.shadow_rate, args.on_drift, args.shadow_log, args.policy_artifact) == (0.0, "alarm", "/tmp/log", Path("c"))
+
+
+def test_calibrate_takes_unlabeled_texts_or_traffic_not_both(tiny_artifact, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("a text\n")
+    code, _, err = run(["calibrate", str(tiny_artifact), "--unlabeled", str(tmp_path / "t.txt"),
+                        "--from-traffic", str(tmp_path)], capsys)
+    assert code != 0 and "--unlabeled and --from-traffic" in err
+
+
 def test_node_down_and_up_need_a_tier(capsys):
     for action in ("node-down", "node-up"):
         assert serve_cli.main(["cluster", action]) == 2  # refused before any Ray process is touched

@@ -615,12 +615,16 @@ def live_risk(url: str) -> dict:
     return requests.get(f"{url}/v1/info", timeout=30).json()["live_risk"]
 
 
-def test_shadow_checks_count_every_routed_sample_against_the_final_exit(cluster, served_artifact):
+def test_shadow_checks_count_every_routed_sample_against_the_final_exit(cluster, served_artifact, tmp_path):
     """With shadow_rate 1, each routed sample of THREE_WAY_TEXTS (one per tier) is audited after its
     answer: the live bound gains 3 samples per request, and a disagreement exactly where the answer
-    differs from the final exit's offline; answers are as offline meanwhile."""
+    differs from the final exit's offline; answers are as offline meanwhile. The shadow log holds
+    each audited text with both answers, for `dimee calibrate --from-traffic`."""
+    from dimee_models.data import read_texts
+
     offline = predict_texts(served_artifact, THREE_WAY_TEXTS, policy_name="three_way")
     final = [p["label_id"] for p in predict_texts(served_artifact, THREE_WAY_TEXTS, "cloud_only")]
+    deploy(router_config(served_artifact, {"shadow_log": str(tmp_path / "log")}), tmp_path)
     before = live_risk(cluster)
     for _ in range(4):
         served = classify(cluster, THREE_WAY_TEXTS)
@@ -630,6 +634,12 @@ def test_shadow_checks_count_every_routed_sample_against_the_final_exit(cluster,
     assert after["disagreements"] - before["disagreements"] == 4 * sum(
         p["label_id"] != f for p, f in zip(offline, final))
     assert after["lcb_pp"] <= 100 * after["disagreements"] / after["samples"] <= after["ucb_pp"]
+    logged = [json.loads(line) for f in (tmp_path / "log").glob("shadow-*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted(read_texts(tmp_path / "log")) == sorted(THREE_WAY_TEXTS * 4)
+    for record in logged:
+        i = THREE_WAY_TEXTS.index(record["text"])
+        assert (record["answer"], record["final"], record["tier"]) == (offline[i]["label_id"], final[i], offline[i]["tier"])
+    deploy(router_config(served_artifact, {}), tmp_path)
 
 
 def test_drift_steps_the_served_setting_back_along_its_risk_path_live(cluster, served_artifact, tmp_path):

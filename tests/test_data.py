@@ -197,3 +197,19 @@ def test_unlabeled_texts_from_lines_or_a_csv_column(tmp_path):
         read_texts(tmp_path / "empty.txt")
     with pytest.raises(DatasetError, match="not found"):
         read_texts(tmp_path / "missing.txt")
+
+
+def test_unlabeled_texts_from_a_shadow_log(tmp_path):
+    """The serving ingress's shadow log: a directory of JSON lines files, one per replica."""
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "shadow-a.jsonl").write_text('{"text": "a fine film", "answer": 1, "final": 1}\n\n', encoding="utf-8")
+    (log / "shadow-b.jsonl").write_text('{"text": " the plot, a mess ", "answer": 0, "final": 1}\n', encoding="utf-8")
+    (log / "notes.txt").write_text("not a log file")
+    assert read_texts(log) == ["a fine film", "the plot, a mess"]
+    assert read_texts(log / "shadow-b.jsonl") == ["the plot, a mess"]
+    (log / "shadow-c.jsonl").write_text('{"answer": 0}\n')
+    with pytest.raises(DatasetError, match="no text field 'text'"):
+        read_texts(log)
+    with pytest.raises(DatasetError, match="no .jsonl files"):
+        read_texts(tmp_path)

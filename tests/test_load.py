@@ -180,3 +180,35 @@ def test_the_latency_benchmark_times_the_tiers_own_code_without_ray(served_artif
     parts = layer_compute(served_artifact, artifact.read_manifest(served_artifact), ["a film.", "a long, dull film."])
     assert set(parts) == set(PARTS) and all(len(v) == 2 and (v > 0).all() for v in parts.values())
     assert not ray.is_initialized()
+
+
+def test_the_drift_drill_keeps_labels_shifts_after_the_switch_and_sums_the_truth(served_artifact):
+    from load.drift_drill import drill_texts, summarize
+
+    plan = drill_texts(served_artifact, "rebuttal", 3, 2, 4, seed=0)
+    assert [phase for phase, _, _ in plan] == ["before"] * 3 + ["shifted"] * 2
+    assert all("i disagree." not in t for _, texts, _ in plan[:3] for t in texts)
+    assert all(t.startswith("critics said: ") and "i disagree." in t for _, texts, _ in plan[3:] for t in texts)
+
+    def row(i, phase, state, threshold, disagree, served_right, final_right):
+        return {"request": i, "phase": phase, "texts": 10, "early": 8, "disagree": disagree, "served_right": served_right,
+                "final_right": final_right, "state": state, "threshold": threshold}
+    timeline = [row(0, "before", "ok", 0.73, 0, 9, 9), row(1, "shifted", "ok", 0.73, 2, 7, 9),
+                row(2, "shifted", "tightened", 0.93, 1, 7, 8), row(3, "shifted", "tightened", 0.9675, 0, 8, 8)]
+    for r in timeline:
+        r.update(samples=1, disagreements=0, ucb_pp=1.0, lcb_pp=0.0)
+    summary = summarize(timeline)
+    assert summary["requests_after_shift_until_not_ok"] == 2
+    assert summary["shifted_while_ok"]["drop_pp"] == 20.0 and summary["shifted_while_ok"]["disagreement_pp"] == 20.0
+    assert summary["shifted_while_ok"]["live_at_end"]["threshold"] == 0.73
+    assert summary["after_leaving_ok_by_threshold"]["0.93"]["drop_pp"] == 10.0
+    assert summary["after_leaving_ok_by_threshold"]["0.9675"]["drop_pp"] == 0.0
+    assert summary["before"]["served_accuracy"] == 0.9 and summary["last"]["state"] == "tightened"
+
+
+def test_the_drift_drill_refuses_a_missing_artifact(tmp_path, capsys):
+    from load.drift_drill import main
+
+    with pytest.raises(SystemExit):
+        main(["--artifact", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "--artifact" in capsys.readouterr().err

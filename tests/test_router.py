@@ -133,6 +133,7 @@ def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
     """Dropping is decided before a request's audited samples are looked at, and counted: the
     bound must not lose early answers more often than cloud ones."""
     import asyncio
+    import gc
 
     from deployments.metrics import RouterMetrics
     from deployments.router import Router
@@ -145,10 +146,10 @@ def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
     answers = [Prediction(label="a", label_id=0, confidence=1.0, tier=t, exit_layer=2, cost=1.0)
                for t in ("mobile", "cloud")] + [Prediction(label="a", label_id=0, confidence=1.0, tier="cloud",
                                                            exit_layer=2, cost=1.0, degraded=True)]
-    router.audit(answers, None, s, None)  # 60 of 64 texts in flight: past the shadow room
+    router.audit(answers, None, s, None, ["a", "b", "c"], None)  # 60 of 64 texts in flight: past the shadow room
     assert router.metrics.since_start()["shadow_checks"] == {"dropped": 2} and not router.shadow_tasks
     router.texts_in_flight, router.shadow_in_flight = 1, 1  # one shadow check in flight already
-    router.audit(answers, None, s, None)
+    router.audit(answers, None, s, None, ["a", "b", "c"], None)
     assert router.metrics.since_start()["shadow_checks"] == {"dropped": 4}
 
     recorded = []
@@ -158,7 +159,9 @@ def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
     router.shadow_in_flight, router.shadow = 0, fake_shadow
 
     async def audit_in_loop():
-        router.audit(answers, None, s, None)
+        router.audit(answers, None, s, None, ["a", "b", "c"], None)
         await asyncio.gather(*router.shadow_tasks)
     asyncio.run(audit_in_loop())
     assert recorded == [[0, 1]] and router.shadow_in_flight == 1  # the degraded answer is no policy's
+    del router, fake_shadow, audit_in_loop  # collected here, where the warning filter applies
+    gc.collect()
