@@ -4,12 +4,12 @@ is read from /v1/info. Since the texts are labelled and the final exit's answers
 offline (served == offline is tested), the true disagreement and accuracy drop of every request
 are known, to set beside what the live bound said.
 
-Reproduce (a deployment that shadow-checks a quarter of its samples, so the drill is short):
-    dimee up --shadow-rate 0.25
-    python -m load.drift_drill --artifact artifacts/default --before 150 --after 250 --out runs/drift
-    # no false alarm: a long run in distribution, every sample shadow-checked
+Reproduce (every sample shadow-checked, so that the drill is short; docs/RESULTS.md §8):
     dimee up --shadow-rate 1
-    python -m load.drift_drill --artifact artifacts/default --before 1300 --after 0 --out runs/steady
+    python -m load.drift_drill --artifact artifacts/default --before 50 --after 300 --out runs/drift
+    # no false alarm: a long run in distribution, on a fresh deployment
+    dimee up --shadow-rate 1
+    python -m load.drift_drill --artifact artifacts/default --before 650 --after 0 --texts-per-request 32 --out runs/steady
     dimee down
 """
 
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", default=DEFAULT_URL, help="the service's base URL")
     p.add_argument("--artifact", type=Path, required=True, help="the served artifact (its test split and final exit)")
     p.add_argument("--shift", choices=sorted(SHIFTS), default=next(iter(SHIFTS)), help="the shift after --before")
-    p.add_argument("--before", type=int, default=150, help="requests from the test split first")
-    p.add_argument("--after", type=int, default=250, help="requests of shifted texts then")
+    p.add_argument("--before", type=int, default=50, help="requests from the test split first")
+    p.add_argument("--after", type=int, default=300, help="requests of shifted texts then")
     p.add_argument("--texts-per-request", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="report directory (created)")
