@@ -216,6 +216,23 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
     return texts
 
 
+def read_labels(path: str | Path, text_column: str = "text", label_column: str = "label") -> list[int] | None:
+    """The integer labels of a .jsonl file of texts whose every record has one, in `read_texts`'
+    order (an experiment's held-out texts: analysis/heldout_texts.py); else None. Calibration never
+    reads them; `dimee evaluate --resamples` redraws such texts with the labelled splits."""
+    file = Path(path)
+    if file.suffix.lower() != ".jsonl":
+        return None
+    labels = []
+    for record in _read_jsonl(file):
+        if str(record.get(text_column, "")).strip():
+            label = record.get(label_column)
+            if not isinstance(label, int) or isinstance(label, bool):
+                return None
+            labels.append(label)
+    return labels
+
+
 def _open(path: Path):
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")

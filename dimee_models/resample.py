@@ -6,6 +6,7 @@ test split by luck shows here as the share of redraws on which it holds."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import numpy as np
 from dimee_models.cost import CostModel
 from dimee_models.calibration import calibrate_all, score, score_candidates
 from dimee_models.evaluate import method_assignments
-from dimee_models.data import read_texts
+from dimee_models.data import read_labels, read_texts
 from dimee_models.outputs import ExitOutputs, split_outputs, text_outputs
 from dimee_models.policy import load_policies
 
@@ -23,6 +24,12 @@ def partitions(n_calibration: int, n_test: int, k: int, seed: int) -> list[tuple
     rng = np.random.default_rng(seed)
     draws = [rng.permutation(n_calibration + n_test) for _ in range(k)]
     return [(d[:n_calibration], d[n_calibration:]) for d in draws]
+
+
+def redraws_unlabeled(unlabeled: ExitOutputs | None) -> bool:
+    """Whether `resampled` redraws the unlabelled texts with the labelled splits: their labels are
+    known (an experiment's held-out texts), so they can be test rows on another redraw."""
+    return unlabeled is not None and bool((unlabeled.labels >= 0).all())
 
 
 def summarize(drops_pp: np.ndarray, cuts: np.ndarray, oracle_cuts: np.ndarray, budget_pp: float) -> dict:
@@ -48,13 +55,22 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
     `served_default` is whichever policy the default chooser picked on each redraw. With boundary
     `pairs`, each redraw is calibrated at the boundaries the `choice` outputs (the training split's)
     choose, as `dimee calibrate` does (counted in `default_choices` as name@m/e). `unlabeled`
-    outputs add to every redraw's guarantee, as they did to the artifact's."""
+    outputs add to every redraw's guarantee, as they did to the artifact's. Where their labels are
+    known (`redraws_unlabeled`), each redraw draws them from the pool too: the guarantee is over
+    the draw of every text it certifies on, and fixed texts would judge it on one draw of them."""
     pooled = calibration.concat(test)
+    redraw = redraws_unlabeled(unlabeled)
+    if redraw:
+        pooled = pooled.concat(unlabeled)
+    n_cal, n_unlabeled = len(calibration.labels), len(unlabeled.labels) if redraw else 0
     base = cost.path_costs(test.mobile_exit, test.edge_exit, test.num_layers)["cloud_only"]
     found = {delta: defaultdict(list) for delta in deltas}  # delta -> method -> [(drop pp, cut)]
     choices = {delta: Counter() for delta in deltas}
-    for cal_rows, test_rows in partitions(len(calibration.labels), len(test.labels), k, seed):
-        cal_part, test_part = pooled.take(cal_rows), pooled.take(test_rows)
+    for cal_rows, rest in partitions(n_cal, len(pooled.labels) - n_cal, k, seed):
+        cal_part, test_part = pooled.take(cal_rows), pooled.take(rest[n_unlabeled:])
+        if redraw:
+            drawn = pooled.take(rest[:n_unlabeled])
+            unlabeled = replace(drawn, labels=np.full(n_unlabeled, -1))  # certified by agreement alone
         candidates = score_candidates(cal_part, cost, folds, seed) if pairs is None else None
         reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
         for delta in deltas:
@@ -89,20 +105,30 @@ def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test:
     stored = CostModel(**doc["cost_model"])
     cost = stored if stored.unit == "ms" else CostModel(**result["cost_model"])
     choice = split_outputs(directory, "train") if pairs is not None else None
-    unlabeled = text_outputs(directory, read_texts(doc["unlabeled"]["file"])) if "unlabeled" in doc else None
+    unlabeled = None
+    if "unlabeled" in doc:
+        file = doc["unlabeled"]["file"]
+        unlabeled = text_outputs(directory, read_texts(file))
+        labels = read_labels(file)
+        if labels is not None:
+            unlabeled = replace(unlabeled, labels=np.asarray(labels))
     found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs, choice,
                       unlabeled)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}
     return {**result, "methods": methods, "resampled": {
         "k": k, "seed": seed, "delta": delta, "budget_pp": budget, "cost_unit": cost.unit,
+        "unlabeled": None if unlabeled is None else "redrawn" if redraws_unlabeled(unlabeled) else "fixed",
         "served_default": found["methods"]["served_default"], "default_choices": found["default_choices"]}}
 
 
 def format_resampled(result: dict) -> str:
     r = result["resampled"]
+    unlabeled = {"fixed": "; the unlabelled texts the same in every redraw",
+                 "redrawn": "; the unlabelled texts (labels known) redrawn with them"}.get(r.get("unlabeled"), "")
     lines = [f"over {r['k']} redraws of the calibration/test partition (seed {r['seed']}), recalibrated with "
-             f"delta {r['delta']} and a budget of {r['budget_pp']} pp; saved: {r.get('cost_unit', 'abstract')} cost",
+             f"delta {r['delta']} and a budget of {r['budget_pp']} pp; saved: {r.get('cost_unit', 'abstract')} cost"
+             + unlabeled,
              f"{'method':34s} {'within':>7s} {'saved':>7s} {'p10-p90':>15s} {'drop pp':>8s} {'p90':>6s}"
              f" {'/oracle':>8s}"]
     rows = [(name, m["resampled"]) for name, m in result["methods"].items() if "resampled" in m]

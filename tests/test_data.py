@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dimee_models.data import DatasetError, TextDataset, load_dataset, read_texts, split
+from dimee_models.data import DatasetError, TextDataset, load_dataset, read_labels, read_texts, split
 
 
 @pytest.mark.parametrize("name, size, labels, counts", [
@@ -213,3 +213,17 @@ def test_unlabeled_texts_from_a_shadow_log(tmp_path):
         read_texts(log)
     with pytest.raises(DatasetError, match="no .jsonl files"):
         read_texts(tmp_path)
+
+
+def test_labels_of_held_out_texts_are_read_in_the_order_of_their_texts(tmp_path):
+    """analysis/heldout_texts.py keeps each held-out text's label, so that resampling can redraw them."""
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"text": "a fine film", "label": 1}\n{"text": "  ", "label": 0}\n{"text": "a mess", "label": 0}\n')
+    assert read_texts(held) == ["a fine film", "a mess"] and read_labels(held) == [1, 0]
+    log = tmp_path / "shadow-a.jsonl"
+    log.write_text('{"text": "a fine film", "label": 1}\n{"text": "a mess", "answer": 0}\n')
+    assert read_labels(log) is None  # one text without a label: none of them are known
+    (tmp_path / "t.txt").write_text("a fine film\n")
+    assert read_labels(tmp_path / "t.txt") is None
+    (tmp_path / "b.jsonl").write_text('{"text": "a fine film", "label": true}\n')
+    assert read_labels(tmp_path / "b.jsonl") is None

@@ -59,6 +59,38 @@ def test_no_redraw_calibrates_on_a_sample_it_tests(monkeypatch):
         assert sum(report[delta]["default_choices"].values()) == 3
 
 
+def test_unlabeled_texts_with_known_labels_are_redrawn_with_the_splits_and_certify_without_them(monkeypatch):
+    """Fixed unlabelled texts would judge the guarantee on one draw of them: with their labels known,
+    every redraw takes its calibration, unlabelled and test rows from the whole pool, and the
+    unlabelled ones reach calibration without labels."""
+    calibration, test, extra = outputs(60, 0, 0), outputs(40, 60, 1), outputs(50, 100, 2)
+    seen = []
+    real_calibrate, real_assign = resample.calibrate_all, resample.method_assignments
+
+    def calibrate_all(out, *args, unlabeled=None, **kwargs):
+        assert (unlabeled.labels == -1).all() and (out.labels >= 0).all()
+        seen.append((set(out.z[:, 0].astype(int)), set(unlabeled.z[:, 0].astype(int))))
+        return real_calibrate(out, *args, unlabeled=unlabeled, **kwargs)
+
+    def method_assignments(out, *args, **kwargs):
+        seen.append(set(out.z[:, 0].astype(int)))
+        return real_assign(out, *args, **kwargs)
+
+    monkeypatch.setattr(resample, "calibrate_all", calibrate_all)
+    monkeypatch.setattr(resample, "method_assignments", method_assignments)
+    resampled(calibration, test, CostModel(), 5.0, [0.1], k=4, seed=0, folds=3, unlabeled=extra)
+    draws = list(zip(seen[::2], seen[1::2]))
+    for (cal_ids, unlabeled_ids), test_ids in draws:
+        assert (len(cal_ids), len(unlabeled_ids), len(test_ids)) == (60, 50, 40)
+        assert cal_ids | unlabeled_ids | test_ids == set(range(150)) and not (cal_ids & test_ids or unlabeled_ids & test_ids)
+    assert any(test_ids & set(range(100, 150)) for _, test_ids in draws)  # held-out texts are test rows too
+    assert len({frozenset(u) for (_, u), _ in draws}) == 4
+    seen.clear()
+    resampled(calibration, test, CostModel(), 5.0, [0.1], k=2, seed=0, folds=3,
+              unlabeled=ExitOutputs(extra.logits, extra.z, np.full(50, -1), 2, 4))
+    assert all(u == set(range(100, 150)) and t <= set(range(100)) for (_, u), t in zip(seen[::2], seen[1::2]))
+
+
 def test_summary_by_hand():
     drops, cuts = np.array([0.1, 0.3, 0.5, -0.2]), np.array([0.4, 0.5, 0.6, 0.3])
     s = summarize(drops, cuts, np.array([0.8, 1.0, 1.2, 0.6]), budget_pp=0.3)
