@@ -62,4 +62,9 @@ def build_app(args: AppArgs) -> Application:
     # The ingress runs the mobile slice on the mobile nodes, so an EASY sample needs no tier hop.
     return Router.options(**deployment_options(args, Tier.MOBILE),
                           user_config=args.router.model_dump(mode="json", exclude_none=True)).bind(
-        tier_deployment(args, Tier.EDGE), tier_deployment(args, Tier.CLOUD), RiskMonitor.bind(), args)
+        tier_deployment(args, Tier.EDGE), tier_deployment(args, Tier.CLOUD), risk_monitor(), args)
+
+
+def risk_monitor():
+    # on a mobile node (it needs no CPU): the live bound keeps counting while the head is away
+    return RiskMonitor.options(ray_actor_options={"num_cpus": 0, "label_selector": Tier.MOBILE.label_selector}).bind()

@@ -15,6 +15,8 @@ from dimee_models.tiers import TIER_NAMES, Tier
 
 DEFAULT_ARTIFACT = Path("artifacts/default")
 QUICK_EPOCHS = 3  # the first `dimee up` trains this many epochs so it finishes within 15 minutes
+HA_HELP = ("with up: keep the GCS's state in a Redis server (`redis-server`, Debian's), so that the head can be lost "
+           "and come back (`dimee cluster head-down`, `head-up`) with no redeploy while the mobile node answers")
 METRICS_HELP = ("with up: also start a Prometheus server on http://127.0.0.1:9090 scraping every node (import "
                 "deployments/grafana/dimee.json into Grafana to look at it); `dimee down` stops it")
 
@@ -47,8 +49,9 @@ def add_serve_flags(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
     p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--proxy-location", choices=("HeadOnly", "EveryNode"), default="HeadOnly",
-                   help="HTTP proxies on the head only (one host: one port), or on every node with a replica, "
-                        "so clients can send to a mobile node and an easy sample never leaves it")
+                   help="on a cluster other than the local one: HTTP proxies on the head only, or on every node with "
+                        "a replica, so clients can send to a mobile node and an easy sample never leaves it (the "
+                        "local cluster has one per node, behind its front door on --host:--port)")
     # the name of a variable, not the key: a key on the command line would show in `ps` and shell history
     p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
                    help="require the API key held in this environment variable in the X-API-Key header")
@@ -87,9 +90,10 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("cluster", help="start or stop a local cluster (a head, then a node per tier), or lose "
                                        "one tier's node and bring it back")
-    p.add_argument("action", choices=("up", "down", "node-down", "node-up"))
+    p.add_argument("action", choices=("up", "down", "node-down", "node-up", "head-down", "head-up"))
     p.add_argument("tier", nargs="?", choices=TIER_NAMES, help="with node-down and node-up: whose node")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
+    p.add_argument("--ha", action="store_true", help=HA_HELP)
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
@@ -100,6 +104,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-cluster", action="store_true",
                    help="deploy onto the running cluster (--address) instead of starting the local one")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
+    p.add_argument("--ha", action="store_true", help=HA_HELP)
     p.add_argument("--no-tune", action="store_true",
                    help="serve the policy calibrated for the paper's abstract cost at the trained tier boundaries, "
                         "instead of measuring the cluster and calibrating boundaries and thresholds for its latency")
@@ -137,9 +142,19 @@ def cmd_cluster(args) -> int:
     from deployments import local_cluster
 
     if args.action == "up":
-        print(f"cluster up at {local_cluster.up()}")
+        print(f"cluster up at {local_cluster.up(ha=args.ha)}" + (" (head fault tolerant: GCS on Redis)" if args.ha else ""))
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
+        return 0
+    if args.action in ("head-down", "head-up"):
+        if not (local_cluster.REDIS_DIR / "namespace").is_file():
+            raise ValueError(f"{args.action}: the local cluster was not started with --ha, so its head cannot come "
+                             "back (`dimee cluster up --ha`)")
+        if args.action == "head-down":
+            print(f"head down ({local_cluster.stop_head()} processes killed); the mobile node keeps answering")
+            return 0
+        local_cluster.start_head()
+        print(f"head up at {local_cluster.address()}; Serve's controller recovers the application from Redis")
         return 0
     if args.tier is None:
         raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
@@ -246,7 +261,7 @@ def check_http_port(host: str, port: int) -> None:
 def cmd_serve(args) -> int:
     import ray
 
-    from deployments import local_cluster
+    from deployments import front, local_cluster
     from deployments.placement import check_placement
     from dimee_models import artifact
 
@@ -261,8 +276,15 @@ def cmd_serve(args) -> int:
 
         router["cost_model"] = latency_cost_model(read_profile(args.cost_profile)).model_dump()
     address = args.address or local_cluster.address()
-    if head_is_here(address):
-        check_http_port(args.host, args.port)
+    local = address == local_cluster.address()
+    if local:  # every node's Serve proxy on its own port, behind the front door on host:port
+        http_options, proxy_location = {"host": local_cluster.PROXY_HOST, "port": local_cluster.HEAD_PROXY_PORT}, "EveryNode"
+        if front.running(local_cluster.FRONT_DIR) is None:
+            check_http_port(args.host, args.port)
+    else:
+        http_options, proxy_location = {"host": args.host, "port": args.port}, args.proxy_location
+        if head_is_here(address):
+            check_http_port(args.host, args.port)
     check_cluster_answers(address)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
@@ -281,9 +303,9 @@ def cmd_serve(args) -> int:
         router=router,
     )
     check_artifact(app_args)
-    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
+    serve.start(http_options=http_options, proxy_location=proxy_location)
     serve.run(build_app(app_args), name="dimee", route_prefix="/")
-    url = f"http://{args.host}:{args.port}"
+    url = local_cluster.start_front(args.host, args.port) if local else f"http://{args.host}:{args.port}"
     print(f"serving {args.dir} at {url}  (OpenAPI docs: {url}/docs)")
     key_header = f"-H \"X-API-Key: ${args.api_key_env}\" " if args.api_key_env else ""
     print(f"try: curl -s {url}/v1/classify -H 'Content-Type: application/json' {key_header}"
@@ -327,7 +349,7 @@ def cmd_up(args) -> int:
     if stored is None or (args.no_tune and stored["unit"] != "abstract"):
         run_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
     if not args.no_cluster:
-        local_cluster.up()
+        local_cluster.up(ha=args.ha)
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
     args.dir = args.artifact

@@ -4,6 +4,12 @@ its tier label and CPU share. The ingress (which runs the mobile slice) is on th
 
 A tier's node can be taken down (its raylet and every process on it killed, as when a machine is
 lost) and brought back, under traffic: `dimee cluster node-down edge`, `dimee cluster node-up edge`.
+Started with `--ha`, the head's GCS keeps its state in a Redis server, and the head can go the same
+way and come back (`dimee cluster head-down`, `head-up`) while the mobile node keeps answering.
+
+Clients send to the front door (deployments/front.py) on 127.0.0.1:8000. Behind it every node that
+holds a replica has its own Serve proxy, on port 8100 + the last byte of its address (the head's
+8102, the mobile node's 8103): the front door sends to the mobile node's, the head's is its backup.
 
 Loopback only: Ray rewrites 127.0.0.1 to the external address, so nodes use 127.0.0.2 to .5.
 """
@@ -18,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +52,18 @@ PROMETHEUS_DIR = Path("/tmp/ray/dimee-prometheus")  # its data and pid file: gon
 #   when ~/.ray/auth_token exists (any earlier local `ray.init()` writes one) but `ray start
 #   --address` does not, and the tier nodes would be refused. Without a token unless
 #   RAY_AUTH_MODE=token is exported (README, "Security").
+# - how long a node waits for a lost head before its processes exit: Ray's 60 s default would end
+#   every replica during a minute without the head; with --ha the head comes back.
 CLUSTER_ENV = {**{name: os.environ.get(name, "1")
                   for name in ("RAY_SERVE_USE_GRPC_BY_DEFAULT", "RAY_put_small_object_in_memory_store")},
                "RAY_SERVE_LOG_TO_STDERR": os.environ.get("RAY_SERVE_LOG_TO_STDERR", "0"),
-               "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+               "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+               "RAY_gcs_rpc_server_reconnect_timeout_s": os.environ.get("RAY_gcs_rpc_server_reconnect_timeout_s", "600")}
+FRONT_DIR = Path("/tmp/ray/dimee-front")
+FRONT_HOST, FRONT_PORT = "127.0.0.1", 8000
+PROXY_HOST, PROXY_PORT_BASE = "127.0.0.1", 8100
+# --ha: the GCS's Redis (its data in memory only: it has to outlive the head, not itself)
+REDIS_DIR, REDIS_PORT = Path("/tmp/ray/dimee-redis"), 6391
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,14 @@ def address() -> str:
     return f"{HEAD_IP}:{GCS_PORT}"
 
 
+def proxy_port(ip: str) -> int:
+    """The port of the Serve proxy of the node at `ip` (one host: every proxy needs its own)."""
+    return PROXY_PORT_BASE + int(ip.rsplit(".", 1)[1])
+
+
+HEAD_PROXY_PORT = proxy_port(HEAD_IP)
+
+
 def node_ip(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
     """The address of the local cluster's node for `tier`."""
     return node_spec(tier, nodes).ip
@@ -79,9 +102,10 @@ def ray_cli(name: str = "ray") -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _ray(*args: str, timeout: float = 120) -> None:
+def _ray(*args: str, timeout: float = 120, env: dict | None = None) -> None:
     cmd = [ray_cli(), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **CLUSTER_ENV})
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **CLUSTER_ENV, **(env or {})})
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
@@ -102,13 +126,13 @@ def check_head_ports(dashboard: bool = True) -> None:
                                        "cluster started earlier)")
 
 
-def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True) -> str:
-    """Start the head and a node per tier; returns the cluster address."""
+def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True, ha: bool = False) -> str:
+    """Start the head (with `ha`, on a fresh Redis) and a node per tier; returns the cluster address."""
     started = time.time()
     check_head_ports(dashboard)
-    _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", "--num-cpus=0",
-         f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-host={HEAD_IP}",
-         f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats")
+    if ha:
+        start_redis()
+    start_head(dashboard)
     for node in nodes:
         start_node(node)
     log.info("local cluster up at %s in %.0f s: head@%s, %s", address(), time.time() - started, HEAD_IP,
@@ -116,10 +140,59 @@ def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True) -> s
     return address()
 
 
+def start_head(dashboard: bool = True) -> None:
+    """`ray start --head`; on a cluster started with --ha, on its Redis and namespace: the same GCS state."""
+    env = {}
+    if (REDIS_DIR / "namespace").is_file():
+        env = {"RAY_REDIS_ADDRESS": f"127.0.0.1:{REDIS_PORT}",
+               "RAY_external_storage_namespace": (REDIS_DIR / "namespace").read_text().strip()}
+        # `ray start --head` refuses an address that this host's raylets name as their GCS's, and the
+        # tier nodes' raylets here do: the file it compares with is forgotten, so the head can come back
+        # (on a head of its own machine, no raylet of another node is there to be found).
+        from ray._private.utils import get_ray_address_file
+
+        Path(get_ray_address_file(None)).unlink(missing_ok=True)
+    _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", "--num-cpus=0",
+         f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-host={HEAD_IP}",
+         f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", env=env)
+
+
 def start_node(node: NodeSpec) -> None:
     """Join a tier's node to the running cluster (again, after `stop_node`)."""
     _ray("start", f"--address={address()}", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}",
-         f"--labels={node.tier.node_label}", "--disable-usage-stats")
+         f"--labels={node.tier.node_label}", "--disable-usage-stats",
+         env={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(proxy_port(node.ip))})
+
+
+def start_redis() -> None:
+    """A Redis server for the GCS's state, and a fresh namespace in it for this cluster."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("--ha needs `redis-server` (Debian's package: `./scripts/install.sh --with-redis`)")
+    stop_redis()
+    check_port_free("127.0.0.1", REDIS_PORT, "another Redis or program holds it")
+    REDIS_DIR.mkdir(parents=True, exist_ok=True)
+    subprocess.run([binary, "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no",
+                    "--daemonize", "yes", "--pidfile", str(REDIS_DIR / "redis.pid"),
+                    "--logfile", str(REDIS_DIR / "redis.log"), "--dir", str(REDIS_DIR)], check=True, timeout=30)
+    (REDIS_DIR / "namespace").write_text(f"dimee-{uuid.uuid4().hex[:12]}")
+
+
+def stop_redis() -> None:
+    stop_pid_file(REDIS_DIR / "redis.pid", "redis")
+    (REDIS_DIR / "namespace").unlink(missing_ok=True)
+
+
+def start_front(host: str = FRONT_HOST, port: int = FRONT_PORT, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
+    """The front door on host:port, in front of the mobile nodes' Serve proxies (the head's as backup);
+    returns its URL."""
+    from deployments import front
+
+    if front.running(FRONT_DIR) is None:
+        check_port_free(host, port, "another program holds it: stop it, or serve on another port with --port")
+    mobile = [f"{PROXY_HOST}:{proxy_port(n.ip)}" for n in nodes if n.tier == Tier.MOBILE]
+    front.start(FRONT_DIR, f"{host}:{port}", mobile, [f"{PROXY_HOST}:{HEAD_PROXY_PORT}"])
+    return f"http://{host}:{port}"
 
 
 def node_spec(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> NodeSpec:
@@ -130,18 +203,33 @@ def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
     """Lose a tier's node at once: SIGKILL its raylet and every process it started (the tier's
     replicas among them), with no drain and no goodbye to the GCS, as when the machine goes away.
     Returns how many processes were killed (0: the node was not running)."""
+    return _kill_node(node_spec(tier, nodes).ip)
+
+
+def stop_head() -> int:
+    """Lose the head the same way: its raylet and what it started (Serve's controller and the head's
+    proxy), the GCS, the dashboard and Ray's monitors. Returns how many processes were killed."""
+    return _kill_node(HEAD_IP, head=True)
+
+
+def _kill_node(ip: str, head: bool = False) -> int:
     import psutil
 
-    flag = f"--node_ip_address={node_spec(tier, nodes).ip}"
-    raylets = [p for p in psutil.process_iter(["cmdline"]) if flag in (p.info["cmdline"] or [])
-               and p.info["cmdline"][0].endswith("raylet")]
-    victims = [child for raylet in raylets for child in raylet.children(recursive=True)] + raylets
-    for proc in victims:
+    flags = {f"--node_ip_address={ip}", f"--node-ip-address={ip}"}
+
+    def on_node(cmdline: list[str]) -> bool:
+        if head and cmdline and (cmdline[0].endswith("gcs_server") or any("monitor.py" in c for c in cmdline)):
+            return True
+        return bool(flags & set(cmdline)) and (head or cmdline[0].endswith("raylet"))
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if on_node(p.info["cmdline"] or [])]
+    victims = {q.pid: q for root in roots for q in [root, *root.children(recursive=True)]}
+    for proc in victims.values():
         try:
             proc.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=10)
+    psutil.wait_procs(list(victims.values()), timeout=10)
     return len(victims)
 
 
@@ -167,13 +255,16 @@ def start_prometheus(port: int = PROMETHEUS_PORT) -> str:
 
 
 def stop_prometheus() -> None:
+    stop_pid_file(PROMETHEUS_DIR / "pid", "prometheus")
+
+
+def stop_pid_file(pid_file: Path, name: str) -> None:
     import psutil
 
-    pid_file = PROMETHEUS_DIR / "pid"
     if pid_file.is_file():
         try:
-            proc = psutil.Process(int(pid_file.read_text()))
-            if "prometheus" in proc.name():
+            proc = psutil.Process(int(pid_file.read_text().split()[0]))
+            if name in proc.name():
                 proc.terminate()
                 try:
                     proc.wait(timeout=10)
@@ -181,11 +272,15 @@ def stop_prometheus() -> None:
                     proc.kill()
         except (psutil.NoSuchProcess, ValueError):
             pass
-        pid_file.unlink()
+        pid_file.unlink(missing_ok=True)
 
 
 def down() -> None:
     """Stop every Ray process on this machine (all nodes of the local cluster share it), and the
-    Prometheus server started for it."""
+    front door, Redis and Prometheus servers started for it."""
+    from deployments import front
+
     stop_prometheus()
+    front.stop(FRONT_DIR)
     _ray("stop", "--force")
+    stop_redis()

@@ -187,12 +187,13 @@ class Router:
         # replaced) are not called: a call there waits out its timeout; refreshed in the background.
         self.no_replica: set[Tier] = set()
         self.no_replica_checked = 0.0
+        self.replicas_read: asyncio.Future | None = None  # the one read of Serve's controller in flight
         self.monitor = monitor
         self.live: dict = {"state": "ok", "samples": 0, "disagreements": 0, "path_index": None}
         self.live_checked = 0.0
         self.stepped: tuple[Policy, int, Policy] | None = None  # (calibrated policy, path index, the policy there)
         self.shadow_in_flight = 0
-        self.shadow_tasks: set[asyncio.Task] = set()
+        self.background_tasks: set[asyncio.Task] = set()
         self.rng = np.random.default_rng()
 
     def reconfigure(self, config: dict) -> None:
@@ -224,25 +225,42 @@ class Router:
 
     @staticmethod
     def live_replicas() -> dict[Tier, int]:
-        """Running replicas per tier, as Serve's controller sees them."""
-        return {Tier.of_deployment(d): state.replica_states.get("RUNNING", 0)
+        """Running replicas per tier, as Serve's controller sees them; a controller started again
+        (the head back) reports the replicas it takes up as RECOVERING: they answer meanwhile."""
+        return {Tier.of_deployment(d): sum(state.replica_states.get(s, 0) for s in ("RUNNING", "RECOVERING"))
                 for app in serve.status().applications.values() for d, state in app.deployments.items()
                 if Tier.of_deployment(d) is not None}
+
+    async def replica_counts(self, timeout_s: float = 2.0) -> dict[Tier, int] | None:
+        """`live_replicas`, or None if Serve's controller did not answer within `timeout_s` (its head
+        is away: the tiers keep serving). One read at a time: a read that hangs until the head is
+        back must not take a thread of every request that asks meanwhile."""
+        if self.replicas_read is None or self.replicas_read.done():
+            self.replicas_read = asyncio.ensure_future(asyncio.to_thread(self.live_replicas))
+            self.replicas_read.add_done_callback(lambda read: read.cancelled() or read.exception())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.replicas_read), timeout_s)
+        except Exception as err:  # late, or the controller refused: the caller goes on without it
+            log.warning("could not read the replicas per tier from Serve's controller: %r", err)
+            return None
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         """200 while this ingress answers; `degraded` names the tiers with no live replica, whose
-        samples are answered by fallback (edge) or from an earlier exit (cloud) meanwhile, and shows
-        the live bound when it is not `ok` (drift: tightened or alarm)."""
-        down = [t.label for t, n in sorted((await asyncio.to_thread(self.live_replicas)).items()) if n == 0]
+        samples are answered by fallback (edge) or from an earlier exit (cloud) meanwhile, says when
+        Serve's controller does not answer (the head is away), and shows the live bound when it is
+        not `ok` (drift: tightened or alarm)."""
+        replicas = await self.replica_counts()
+        down = [t.label for t, n in sorted(replicas.items()) if n == 0] if replicas is not None else []
         live = await self.live_risk()
-        return {"status": "degraded" if down or live["state"] != "ok" else "ok", "no_live_replica": down,
+        return {"status": "degraded" if down or replicas is None or live["state"] != "ok" else "ok",
+                "no_live_replica": down, **({"serve_controller": "unreachable"} if replicas is None else {}),
                 **({"live_risk": live} if live["state"] != "ok" else {})}
 
     @api.get("/v1/info")
     async def info(self, request: Request) -> dict:
         check_api_key(self.api_key, request.headers)
-        replicas = await asyncio.to_thread(self.live_replicas)
+        replicas = await self.replica_counts()
         s = self.settings
         policy, _ = self.routing_policy(s)
         return {
@@ -260,8 +278,8 @@ class Router:
             "live_risk": await self.live_risk(),
             "texts_in_flight": self.texts_in_flight,
             "config_error": self.config_error,
-            "replicas": {t.label: n for t, n in replicas.items()},
-            "no_live_replica": [t.label for t, n in sorted(replicas.items()) if n == 0],
+            "replicas": None if replicas is None else {t.label: n for t, n in replicas.items()},  # None: the head is away
+            "no_live_replica": [t.label for t, n in sorted((replicas or {}).items()) if n == 0],
             **self.metrics.since_start(),  # this replica's counts since it started
         }
 
@@ -348,13 +366,10 @@ class Router:
         self.no_replica_checked = time.monotonic()
 
         async def refresh() -> None:
-            try:
-                live = await asyncio.to_thread(self.live_replicas)
-                self.no_replica = {t for t, n in live.items() if n == 0}
-            except Exception as err:  # the controller unreachable: keep calling every tier
-                self.no_replica = set()
-                log.warning("could not read the replicas per tier from Serve: %r", err)
-        asyncio.get_running_loop().create_task(refresh())
+            live = await self.replica_counts()
+            # the controller unreachable: keep calling every tier
+            self.no_replica = set() if live is None else {t for t, n in live.items() if n == 0}
+        self.background(refresh())
 
     async def run_mode(self, plan: Plan, tokens: Tokens, s: Settings,
                        deadline: float) -> tuple[list[Prediction], HiddenArrays | None]:
@@ -407,8 +422,8 @@ class Router:
     def background(self, work) -> None:
         """Run `work` after the answer has gone out; a reference is kept until it is done."""
         task = asyncio.get_running_loop().create_task(work)
-        self.shadow_tasks.add(task)
-        task.add_done_callback(self.shadow_tasks.discard)
+        self.background_tasks.add(task)
+        task.add_done_callback(self.background_tasks.discard)
 
     def audit(self, answers: list[Prediction], hidden: HiddenArrays | None, s: Settings, at: int | None,
               texts: list[str], pairs: list[str] | None) -> None:

@@ -7,8 +7,13 @@ wait, how long Serve took to bring each replica back, and for each lost node a t
     python -m load.fault_drill --users 4 --texts-per-request 4 --duration 60 \
         --kill EdgeTier@20 --kill CloudTier@40 --out runs/drill
     python -m load.fault_drill --users 4 --duration 120 --node-down edge@20 --node-up edge@50 --out runs/node
+    dimee cluster up --ha && dimee serve artifacts/rt-polarity
+    python -m load.fault_drill --users 4 --duration 120 --head-down 20 --head-up 80 --out runs/head
 
-Node loss works on the local cluster (`dimee cluster node-down|node-up`). Its timeline comes from a
+Node and head loss work on the local cluster (`dimee cluster node-down|node-up`, `head-down|head-up`,
+the head only on a cluster started with --ha). While the head is away the drill holds no Ray
+connection, as a client would not; the head's timeline: down, `ray start` back, Serve's controller
+reporting the application RUNNING again (read from the dashboard), and the front door's retries. Its timeline comes from a
 probe that sends one text every 0.25 s with the lost tier's single-tier mode (edge_only or
 cloud_only): node down, first answer by fallback (edge) or degraded (cloud), /healthz naming the
 tier, `ray start` of the node begun and returned, replica running again, first normal answer.
@@ -29,7 +34,7 @@ import requests
 from ray import serve
 from ray.util.state import list_actors
 
-from deployments import local_cluster
+from deployments import front, local_cluster
 from dimee_models.tiers import Tier
 from load.client import CLASSIFY, DEFAULT_URL, HEALTHZ
 from load.run import run_locust
@@ -127,6 +132,31 @@ def node_timeline(host: str, tier: str, down_at: float, up_at: float, began: flo
             "first_normal_answer_s": first_normal}
 
 
+def serve_running(dashboard: str, app: str) -> bool:
+    try:
+        status = requests.get(f"{dashboard}/api/serve/applications/", timeout=10).json()
+        return status["applications"][app]["status"] == "RUNNING"
+    except (requests.RequestException, ValueError, KeyError):
+        return False
+
+
+def head_timeline(app: str, down_at: float, up_at: float, began: float) -> dict:
+    """Lose the head at `down_at` s, start it again at `up_at` s; when Serve had the app back."""
+    time.sleep(max(0.0, down_at - (time.monotonic() - began)))
+    down = round(time.monotonic() - began, 2)
+    killed = local_cluster.stop_head()
+    time.sleep(max(0.0, up_at - (time.monotonic() - began)))
+    starting = round(time.monotonic() - began, 2)
+    local_cluster.start_head()
+    up = round(time.monotonic() - began, 2)
+    dashboard = f"http://{local_cluster.HEAD_IP}:{local_cluster.DASHBOARD_PORT}"
+    while not serve_running(dashboard, app) and time.monotonic() - began < up + 300:
+        time.sleep(0.5)
+    running = round(time.monotonic() - began, 2) if serve_running(dashboard, app) else None
+    return {"processes_killed": killed, "head_down_s": down, "head_start_s": starting, "head_up_s": up,
+            "serve_running_s": running, "serve_back_after_start_s": running and round(running - starting, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default=DEFAULT_URL)
@@ -140,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="lose the local cluster's edge or cloud node this many seconds in (needs a --node-up)")
     p.add_argument("--node-up", type=node_spec, action="append", default=[], metavar="TIER@SECONDS",
                    help="bring that node back this many seconds in")
+    p.add_argument("--head-down", type=float, default=None, metavar="SECONDS",
+                   help="lose the local cluster's head this many seconds in (started with --ha; needs --head-up)")
+    p.add_argument("--head-up", type=float, default=None, metavar="SECONDS", help="start the head again then")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--dataset", default="rt-polarity")
     p.add_argument("--out", type=Path, required=True)
@@ -147,15 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     ups = dict(args.node_up)
     if sorted(ups) != sorted(t for t, _ in args.node_down) or any(ups[t] <= at for t, at in args.node_down):
         p.error("each --node-down TIER@S needs one --node-up TIER@LATER, and only those")
+    if (args.head_down is None) != (args.head_up is None) or (args.head_down is not None and args.head_up <= args.head_down):
+        p.error("--head-down SECONDS needs a later --head-up SECONDS")
+    if args.head_down is not None and (args.kill or args.node_down):
+        p.error("--head-down: the drill holds no Ray connection then, so no --kill or --node-down with it")
     if args.texts_per_request < 1:
         p.error("--texts-per-request must be at least 1")
-    kills = (args.kill if args.kill is not None else [] if args.node_down
+    kills = (args.kill if args.kill is not None else [] if args.node_down or args.head_down is not None
              else [(Tier.EDGE.deployment, 20.0), (Tier.CLOUD.deployment, 40.0)])
     args.out.mkdir(parents=True, exist_ok=True)
-    ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
+    if args.head_down is None:
+        ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
+    retries = front.retries(local_cluster.FRONT_DIR) if front.running(local_cluster.FRONT_DIR) else None
 
+    # a request unanswered after 8 s (its deadline is 3) fails, and is counted before Locust's 10 s stop timeout
     load_args = argparse.Namespace(host=args.host, texts_per_request=args.texts_per_request, think_time=0.0,
-                                   dataset=args.dataset, cpu_breakdown=False)
+                                   dataset=args.dataset, cpu_breakdown=False, client_timeout=8.0)
     result: dict = {}
     load = threading.Thread(target=lambda: result.update(
         run_locust(load_args, "dimee", args.users, args.duration, args.out / "drill")))
@@ -173,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      started, probes[tier]), daemon=True) for tier in probes]
     nodes = [threading.Thread(target=lambda t=tier, at=at: timelines.append(
         node_timeline(args.host, t, at, ups[t], started, probes[t]))) for tier, at in args.node_down]
-    for thread in [load, *killers, *nodes]:
+    head: dict = {}
+    heads = [] if args.head_down is None else [threading.Thread(target=lambda: head.update(
+        head_timeline(args.app, args.head_down, args.head_up, started)))]
+    for thread in [load, *killers, *nodes, *heads]:
         thread.start()
-    for thread in [load, *nodes]:
+    for thread in [load, *nodes, *heads]:
         thread.join()
     stop.set()
     for thread in killers:
@@ -189,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "answered_normally": seen["predictions"] - seen["fallback"] - seen["degraded"],
         "longest_wait_ms": result["max_ms"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
         "shed": result["shed"], "shed_p99_ms": result["shed_p99_ms"],
-        "kills": recoveries, "nodes": timelines,
+        "kills": recoveries, "nodes": timelines, "head": head or None,
+        "front_door_retries": None if retries is None else front.retries(local_cluster.FRONT_DIR) - retries,
         "probe_failed": sum(status != 200 for log in probes.values() for _, status, _ in log),
     }
     (args.out / "drill.json").write_text(json.dumps(report, indent=2))

@@ -36,6 +36,9 @@ def _options(parser) -> None:
     parser.add_argument("--dataset", default="rt-polarity",
                         help="dataset whose test split supplies the texts: a name or csv:/jsonl:PATH")
     parser.add_argument("--tier-stats", default="", help="write the answering-tier counts to this JSON file at the end")
+    parser.add_argument("--client-timeout", type=float, default=60.0,
+                        help="seconds a request may wait for its answer before it counts as failed (default 60); "
+                             "under Locust's --stop-timeout, so that a request that hangs is counted, not dropped")
     parser.add_argument("--ignore-retry-after", action="store_true",
                         help="send the next request at once after a 503, instead of waiting its Retry-After")
 
@@ -49,6 +52,7 @@ def _load_texts(environment, **_) -> None:
     test = split(load_dataset(options.dataset), DEFAULT_SPLITS, DEFAULT_SEED).test
     TEXTS, PAIRS = test.texts, test.text_pairs
     THINK = between(0, 2 * options.think_time) if options.think_time > 0 else constant(0)
+    ClassifyUser.network_timeout = ClassifyUser.connection_timeout = options.client_timeout
 
 
 @events.test_stop.add_listener

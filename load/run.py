@@ -105,6 +105,7 @@ def run_locust(args, mode: str, users: int, seconds: float, prefix: Path) -> dic
     """One headless Locust run; its stats and tier counts."""
     command = locust_command(args.host, mode, args.texts_per_request, args.dataset, args.think_time,
                              ["-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--stop-timeout", "10",
+                              "--client-timeout", str(getattr(args, "client_timeout", 60.0)),
                               "--csv", str(prefix), "--json-file", str(prefix), "--tier-stats", f"{prefix}_tiers.json"])
     before = cpu_by_part() if args.cpu_breakdown else None
     done = subprocess.run(command, capture_output=True, text=True)

@@ -2,7 +2,7 @@
 # `ray up cluster-local.yaml` for real on this one machine: a private sshd answers on the loopback
 # aliases 127.0.0.2-5, so the local provider brings up a head (no tier) and three workers
 # (mobile, edge, cloud) over SSH; the head deploys ARTIFACT; we check the nodes' tier labels and an HTTP
-# answer, and that Ray's job API refuses a request without the cluster's token; `ray down` must
+# answer through the mobile node's front door, that the GCS keeps its state in Redis, and that Ray's job API refuses a request without the cluster's token; `ray down` must
 # leave no Ray process behind. Needs root (apt, sshd). Used by CI via
 # tests/test_ray_up.py.
 #
@@ -15,11 +15,13 @@ KEY=~/.ssh/dimee_ray_up
 WORK=$(mktemp -d)
 MARK="# dimee-ray-up"
 
-command -v sshd >/dev/null && command -v rsync >/dev/null || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync >/dev/null; }
+command -v sshd >/dev/null && command -v rsync >/dev/null && command -v redis-server >/dev/null || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync redis-server >/dev/null; }
 
 cleanup() {
   RAY_UP_enable_autoscaler_v2=0 timeout 120 ray down -y "$REPO/cluster-local.yaml" >/dev/null 2>&1 || true
+  python -m deployments.front --stop --dir /tmp/dimee-front-127.0.0.3 2>/dev/null || true
+  redis-cli -h 127.0.0.2 -p 6380 shutdown nosave >/dev/null 2>&1 || true
   [ -f "$WORK/sshd.pid" ] && kill "$(cat "$WORK/sshd.pid")" 2>/dev/null || true
   sed -i "/$MARK/d" ~/.bashrc ~/.ssh/authorized_keys 2>/dev/null || true
   [ -L ~/dimee-serve ] && rm ~/dimee-serve
@@ -73,7 +75,7 @@ print("tier labels:", dict(sorted(nodes.items())))
 body = {"texts": ["a gorgeous, witty, seductive movie.", "the plot is a mess."]}
 while time.time() < deadline:
     try:
-        reply = requests.post("http://127.0.0.1:8000/v1/classify", json=body, timeout=30)
+        reply = requests.post("http://127.0.0.3:8000/v1/classify", json=body, timeout=30)  # the mobile node's front door
         if reply.status_code == 200:
             print("answer:", reply.json())
             break
@@ -88,8 +90,13 @@ if status != 401:
 print("job API without the token: 401")
 EOF
 
+[ "$(redis-cli -h 127.0.0.2 -p 6380 dbsize)" -gt 0 ] || { echo "the GCS wrote nothing to Redis"; exit 1; }
+echo "GCS state in Redis: yes"
+
 echo "== ray down"
 RAY_UP_enable_autoscaler_v2=0 timeout 180 ray down -y "$REPO/cluster-local.yaml" > "$WORK/down.log" 2>&1
+python -m deployments.front --stop --dir /tmp/dimee-front-127.0.0.3
+redis-cli -h 127.0.0.2 -p 6380 shutdown nosave > /dev/null 2>&1 || true
 sleep 3
 if pgrep -f "raylet|gcs_server" >/dev/null; then
   echo "ray down left Ray processes running:"; pgrep -af "raylet|gcs_server"; exit 1

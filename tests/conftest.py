@@ -133,7 +133,6 @@ SHADOW = {"shadow_rate": 1.0, "on_drift": "alarm"}
 
 def serve_config(directory: Path, replicas: dict[str, int], policy: str | None = "three_way") -> dict:
     doc = yaml.safe_load((Path(__file__).parents[1] / "deployments" / "serve_config.yaml").read_text())
-    doc["http_options"]["port"] = PORT
     app = doc["applications"][0]
     # A 20 ms batch wait makes concurrent test requests merge for sure (with the default 0 s wait,
     # whether they do depends on event-loop timing); a lone request pays it only on mobile and edge.
@@ -157,17 +156,25 @@ def deploy(config: dict, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     subprocess.run([ray_cli("serve"), "deploy", "--address", DASHBOARD, str(path)], check=True, timeout=120,
                    capture_output=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        status = subprocess.run([ray_cli("serve"), "status", "--address", DASHBOARD], capture_output=True,
-                                text=True, timeout=60).stdout
+    wait_running(300)
+
+
+def wait_running(seconds: float) -> float:
+    """Seconds until Serve's controller reports the application RUNNING."""
+    began, status = time.monotonic(), ""
+    while time.monotonic() - began < seconds:
+        try:
+            status = subprocess.run([ray_cli("serve"), "status", "--address", DASHBOARD], capture_output=True,
+                                    text=True, timeout=60).stdout
+        except subprocess.TimeoutExpired:  # a head coming back
+            continue
         app = (yaml.safe_load(status) or {}).get("applications", {}).get("dimee", {})
         if app.get("status") == "RUNNING":
-            return
+            return time.monotonic() - began
         if app.get("status") == "DEPLOY_FAILED":
             raise RuntimeError(f"deploy failed: {app.get('message')}")
-        time.sleep(2)
-    raise TimeoutError(f"application not RUNNING after 300 s: {status}")
+        time.sleep(1)
+    raise TimeoutError(f"application not RUNNING after {seconds} s: {status}")
 
 
 @pytest.fixture(scope="module")
@@ -179,18 +186,30 @@ def cluster(served_artifact, tmp_path_factory):
     from deployments import local_cluster
 
     local_cluster.down()
-    local_cluster.up()
+    local_cluster.up(ha=bool(shutil.which("redis-server")))  # the head-loss test needs it (see `ha`)
     if shutil.which("prometheus"):  # scraping from the start, so that it sees what every test does
         local_cluster.start_prometheus()
     try:
         ray.init(address=local_cluster.address(), logging_level="ERROR")
         deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path_factory.mktemp("cfg"))
-        url = f"http://127.0.0.1:{PORT}"
+        url = local_cluster.start_front(port=PORT)  # the front door, as `dimee serve` starts it
         wait_http(url + "/healthz")
         yield url
     finally:
         ray.shutdown()
         local_cluster.down()
+
+
+@pytest.fixture(scope="module")
+def ha(cluster) -> None:
+    """The cluster fixture's head keeps the GCS's state in Redis: it can be lost and come back."""
+    from deployments import local_cluster
+
+    if not (local_cluster.REDIS_DIR / "namespace").is_file():
+        missing = "redis-server is not installed: ./scripts/install.sh --with-redis"
+        if os.environ.get("CI"):  # .ci/run installs it
+            pytest.fail(missing)
+        pytest.skip(missing)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from ray.util.state import list_actors
 from deployments.schemas import HiddenArrays, HiddenRef, RouterConfig, TierRequest, Tokens
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
-from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, SHADOW, THREE_WAY_TEXTS, deploy, serve_config
+from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, SHADOW, THREE_WAY_TEXTS, deploy, serve_config, wait_running
 
 pytestmark = pytest.mark.cluster
 
@@ -515,6 +515,68 @@ def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer
     after = [body["predictions"] for began, _, _, body in traffic.log if began > back + 1]
     assert after and [p["tier"] for p in after[-1]] == ["mobile", "edge", "cloud"]
     assert not any(p["fallback"] or p["degraded"] for p in after[-1])
+
+
+def test_a_killed_ingress_replica_costs_no_request(cluster, served_artifact, tmp_path):
+    """Two ingress replicas, one killed under four clients' traffic: the requests in flight on it come
+    back from Serve's proxy as 500s, and the front door sends them again, to the other one. None
+    fails or waits past its 3 s deadline (+0.5 s)."""
+    from deployments import front, local_cluster
+
+    deploy(serve_config(served_artifact, {"mobile": 2, "edge": 1, "cloud": 1}), tmp_path)
+    try:
+        retries = front.retries(local_cluster.FRONT_DIR)
+        clients = [Traffic(cluster) for _ in range(4)]
+        for client in clients:
+            client.__enter__()
+        time.sleep(3)
+        kill_replica("Router")
+        time.sleep(3)
+        for client in clients:
+            client.__exit__()
+        log = [entry for client in clients for entry in client.log]
+        assert log and all(status == 200 for _, _, status, _ in log), [e for e in log if e[2] != 200][:3]
+        assert max(latency for _, latency, _, _ in log) < RouterConfig().request_timeout_s + 0.5
+        assert front.retries(local_cluster.FRONT_DIR) > retries  # some were in flight on the killed one
+    finally:
+        deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path)
+
+
+def test_a_lost_head_costs_no_request_and_serve_recovers_the_app_without_a_redeploy(
+        cluster, ha, served_artifact, tmp_path):
+    """The head (GCS, Serve's controller, its proxy) killed for 20 s under traffic through the front
+    door: the mobile node's proxy and the tiers answer every request; when the head is back, Serve's
+    controller takes up the same replicas, and a live setting can be changed again."""
+    from deployments import local_cluster
+
+    before = replicas()
+    ray.shutdown()  # this test's own connection goes with the head
+    try:
+        with Traffic(cluster) as traffic:
+            time.sleep(2)
+            assert local_cluster.stop_head() > 0
+            down = time.monotonic()
+            time.sleep(20)
+            local_cluster.start_head()
+            wait_running(180)
+            time.sleep(2)
+    finally:
+        ray.init(address=local_cluster.address(), logging_level="ERROR")
+    during = [entry for entry in traffic.log if down < entry[0] < down + 20]
+    assert during and all(status == 200 for _, _, status, _ in traffic.log), \
+        [entry for entry in traffic.log if entry[2] != 200][:3]
+    assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + 0.5
+    after = replicas()
+    assert {name: {r["id"] for r in rs} for name, rs in after.items()} == \
+        {name: {r["id"] for r in rs} for name, rs in before.items()}  # taken up, not restarted
+    try:
+        deploy(router_config(served_artifact, {"shadow_rate": 0.5}), tmp_path)
+        deadline = time.time() + 60
+        while requests.get(f"{cluster}/v1/info", timeout=30).json()["shadow_rate"] != 0.5:
+            assert time.time() < deadline, "the live setting did not reach the ingress within 60 s"
+            time.sleep(1)
+    finally:
+        deploy(router_config(served_artifact, {}), tmp_path)
 
 
 def wait_for(check, seconds: float, what: str) -> None:

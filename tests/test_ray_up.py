@@ -22,4 +22,5 @@ def test_ray_up_local_provider_brings_up_serves_and_tears_down(served_artifact):
     assert ("tier labels: {'127.0.0.2': None, '127.0.0.3': 'mobile', '127.0.0.4': 'edge', '127.0.0.5': 'cloud'}"
             in result.stdout)  # a head with no tier
     assert "job API without the token: 401" in result.stdout  # Ray's token authentication is on
+    assert "GCS state in Redis: yes" in result.stdout  # head fault tolerance
     assert "ray up / serve / ray down: OK" in result.stdout

@@ -140,14 +140,14 @@ def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
     from deployments.schemas import Prediction
 
     router = Router.func_or_class.__new__(Router.func_or_class)
-    router.rng, router.metrics, router.shadow_tasks = np.random.default_rng(0), RouterMetrics(), set()
+    router.rng, router.metrics, router.background_tasks = np.random.default_rng(0), RouterMetrics(), set()
     router.shadow_in_flight, router.texts_in_flight = 0, 60
     s = settings(served_artifact, {"shadow_rate": 1.0, "max_texts_in_flight": 64})
     answers = [Prediction(label="a", label_id=0, confidence=1.0, tier=t, exit_layer=2, cost=1.0)
                for t in ("mobile", "cloud")] + [Prediction(label="a", label_id=0, confidence=1.0, tier="cloud",
                                                            exit_layer=2, cost=1.0, degraded=True)]
     router.audit(answers, None, s, None, ["a", "b", "c"], None)  # 60 of 64 texts in flight: past the shadow room
-    assert router.metrics.since_start()["shadow_checks"] == {"dropped": 2} and not router.shadow_tasks
+    assert router.metrics.since_start()["shadow_checks"] == {"dropped": 2} and not router.background_tasks
     router.texts_in_flight, router.shadow_in_flight = 1, 1  # one shadow check in flight already
     router.audit(answers, None, s, None, ["a", "b", "c"], None)
     assert router.metrics.since_start()["shadow_checks"] == {"dropped": 4}
@@ -160,8 +160,39 @@ def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
 
     async def audit_in_loop():
         router.audit(answers, None, s, None, ["a", "b", "c"], None)
-        await asyncio.gather(*router.shadow_tasks)
+        await asyncio.gather(*router.background_tasks)
     asyncio.run(audit_in_loop())
     assert recorded == [[0, 1]] and router.shadow_in_flight == 1  # the degraded answer is no policy's
     del router, fake_shadow, audit_in_loop  # collected here, where the warning filter applies
+    gc.collect()
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
+def test_a_controller_that_does_not_answer_takes_one_thread_and_no_request(monkeypatch):
+    """With the head away, Serve's controller never answers: a read of it waits in one thread, and
+    every other asker gets None after its timeout instead of starting another (which used to take
+    the default pool's threads one per second, until requests waiting for one hung)."""
+    import asyncio
+    import gc
+    import threading
+
+    from deployments.router import Router
+
+    release, started = threading.Event(), []
+
+    def hanging():
+        started.append(1)
+        release.wait(10)
+        return {}
+
+    router = Router.func_or_class.__new__(Router.func_or_class)
+    router.replicas_read = None
+    monkeypatch.setattr(router, "live_replicas", hanging)
+
+    async def ask():
+        return await asyncio.gather(*(router.replica_counts(timeout_s=0.2) for _ in range(5)),
+                                    router.replica_counts(timeout_s=0.3))
+    assert asyncio.run(ask()) == [None] * 6 and len(started) == 1
+    release.set()
+    del router, ask
     gc.collect()
