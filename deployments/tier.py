@@ -76,6 +76,10 @@ class TierRunner:
         self.offloaded = metrics.Counter(
             "dimee_hidden_state_bytes", "bytes of hidden state fetched from the object store, per hop",
             tag_keys=("hop",))
+        self.refs_held = metrics.Gauge(
+            "dimee_hidden_refs_held", "hidden-state references this replica keeps alive (each for HIDDEN_TTL_S)",
+            tag_keys=("tier",))
+        self.refs_held.set_default_tags({"tier": tier.label})
         self.compute_ms.set_default_tags({"tier": tier.label})
         self.batch_size.set_default_tags({"tier": tier.label})
         params, nbytes = self.model.parameter_bytes()
@@ -157,6 +161,7 @@ class TierRunner:
         while self.held and self.held[0][0] < now:
             self.held.popleft()
         self.held.append((now + HIDDEN_TTL_S, ref))
+        self.refs_held.set(len(self.held))
         return ref
 
     def _state(self, inputs: list[Tokens] | list[HiddenArrays], start: int) -> HiddenState:

@@ -365,3 +365,13 @@ def test_a_profile_goes_stale_with_other_nodes_not_with_their_free_memory():
     assert serve_cli._node_kinds([node]) == serve_cli._node_kinds(same)
     for change in ({"cpus": 2.0}, {"tier": "edge"}, {"address": "10.0.0.9"}):
         assert serve_cli._node_kinds([node]) != serve_cli._node_kinds([dict(node, **change)])
+
+
+@pytest.mark.parametrize("action", ["head-down", "head-up"])
+def test_the_head_is_only_taken_down_on_a_cluster_that_can_bring_it_back(action, tmp_path, monkeypatch, capsys):
+    """Without --ha the GCS's state dies with the head: killing it would end the cluster for good."""
+    monkeypatch.setattr(local_cluster, "REDIS_DIR", tmp_path)
+    monkeypatch.setattr(local_cluster, "stop_head", lambda: pytest.fail("the head was killed"))
+    assert serve_cli.main(["cluster", action]) == 2
+    err = capsys.readouterr().err
+    assert "not started with --ha" in err and "dimee cluster up --ha" in err and "Traceback" not in err
