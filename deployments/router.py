@@ -38,8 +38,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments.http import check_api_key, read_classify, validation_detail
 from deployments.live_risk import LiveRisk
 from deployments.metrics import RouterMetrics
-from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, Prediction, RouterConfig,
-                                 TierReply, TierRequest, Tokens)
+from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, HiddenRef, Prediction,
+                                 RouterConfig, TierReply, TierRequest, Tokens)
 from deployments.tier import TierRunner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
@@ -126,13 +126,14 @@ def boundaries_info(doc: dict, num_layers: int) -> dict:
             "cloud_only_cost": cost.path_costs(chosen["mobile"], chosen["edge"], num_layers)["cloud_only"]}
 
 
-async def measure_tiers(mobile: TierRunner, handles: dict, rows: list[list[int]]) -> dict[str, float]:
-    """Run by the ingress: `rows` (token ids) as one request through every tier call it can make;
-    the mobile, edge and cloud compute and each hop's overhead, in ms, and hidden-state bytes per token."""
+async def measure_tiers(mobile: TierRunner, handle, rows: list[list[int]]) -> dict[str, float]:
+    """Run by the ingress: `rows` (token ids) as one request through every tier call it can make, each
+    by the handle `handle(tier, request)` serving picks; the mobile, edge and cloud compute and each
+    hop's overhead, in ms, and hidden-state bytes per token."""
 
     async def call(tier: Tier, request: TierRequest):
         began = time.perf_counter()
-        reply = await asyncio.wait_for(handles[tier].remote(request), 60)
+        reply = await asyncio.wait_for(handle(tier, request).remote(request), 60)
         return (time.perf_counter() - began) * 1000, reply.compute_ms, reply
 
     async def from_store(tier: Tier, hidden: HiddenArrays, **keep):
@@ -144,7 +145,7 @@ async def measure_tiers(mobile: TierRunner, handles: dict, rows: list[list[int]]
         return store_ms + round_trip - compute_ms, compute_ms, reply, stored
 
     began = time.perf_counter()
-    await asyncio.wait_for(handles[Tier.EDGE].describe.remote(), 60)
+    await asyncio.wait_for(handle(Tier.EDGE, TierRequest(Tokens(rows))).describe.remote(), 60)
     noop = (time.perf_counter() - began) * 1000
     [local] = await mobile.forward([TierRequest(Tokens(rows), keep_hidden=True)])
     ingress_edge, edge_ms, _, stored = await from_store(Tier.EDGE, local.hidden)
@@ -168,6 +169,10 @@ class Router:
         # Set here, not by the environment of whichever process built the app (a handle carries that).
         self.handles = {t: h.options(_by_reference=args.transport == "actor") for t, h in ((Tier.EDGE, edge),
                                                                                           (Tier.CLOUD, cloud))}
+        # A call whose request or reply may carry an ObjectRef (a hidden state in the object store)
+        # goes by Ray actor call: Serve's gRPC transport pickles it outside Ray's serializer, and Ray
+        # then pins the object for the life of the process (out-of-band serialization: a leak, RESULTS §7).
+        self.ref_handles = {t: h.options(_by_reference=True) for t, h in ((Tier.EDGE, edge), (Tier.CLOUD, cloud))}
         self.args = args
         threads_from_cpu_share()
         self.mobile = TierRunner(str(args.artifact), Tier.MOBILE)
@@ -216,7 +221,7 @@ class Router:
     async def profile(self, rows: list[list[int]]) -> dict[str, float]:
         """`dimee profile`'s measurement of the tier calls, made here where a request's hops start
         (a Serve handle call, not an HTTP route)."""
-        return await measure_tiers(self.mobile, self.handles, rows)
+        return await measure_tiers(self.mobile, self.handle, rows)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def mobile_batch(self, requests: list[TierRequest]) -> list[TierReply]:
@@ -331,6 +336,10 @@ class Router:
         self.metrics.answered(mode, answers, s.cost.unit)
         return answers
 
+    def handle(self, tier: Tier, request: TierRequest) -> DeploymentHandle:
+        by_ref = isinstance(request.input, HiddenRef) or request.keep_hidden  # a kept state may come back by ref
+        return (self.ref_handles if by_ref else self.handles)[tier]
+
     def refuse(self, where: str, detail: str) -> HTTPException:
         """503 with Retry-After for a request the cluster has no room for now, counted by where."""
         self.metrics.shed(where)
@@ -346,7 +355,7 @@ class Router:
         if timeout_s > 0 and reason != "unavailable":
             began = time.perf_counter()
             try:
-                return await asyncio.wait_for(self.handles[tier].remote(request), timeout_s)
+                return await asyncio.wait_for(self.handle(tier, request).remote(request), timeout_s)
             except BackPressureError:
                 raise self.refuse(tier.label, f"the {tier.label} tier is at capacity (its queue is full): "
                                               "retry later") from None
@@ -449,7 +458,7 @@ class Router:
             final = {r: answers[r].label_id for r in rows}  # cloud's answers are the final exit's
             if early:
                 request = TierRequest(self.mobile.store(hidden, early))
-                reply = await asyncio.wait_for(self.handles[Tier.CLOUD].remote(request), s.hop_timeout_s)
+                reply = await asyncio.wait_for(self.handle(Tier.CLOUD, request).remote(request), s.hop_timeout_s)
                 final.update(zip(early, (int(f) for f in reply.probs.argmax(-1))))
             disagreements = sum(final[r] != answers[r].label_id for r in early)
             self.live = await asyncio.wait_for(self.monitor.record.remote(s.watch, at, len(rows), disagreements), 10)

@@ -196,6 +196,9 @@ def cluster(served_artifact, tmp_path_factory):
         wait_http(url + "/healthz")
         yield url
     finally:
+        from ray.serve.context import _set_global_client
+
+        _set_global_client(None)  # Serve caches its controller's handle per process: the next module's cluster has another
         ray.shutdown()
         local_cluster.down()
 
