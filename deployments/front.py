@@ -123,9 +123,26 @@ def retries(directory: Path) -> int:
 
 def stop(directory: Path) -> None:
     """Stop the front door started with `start(directory, ...)`, if it runs."""
-    from deployments.local_cluster import stop_pid_file
-
     stop_pid_file(directory / "haproxy.pid", "haproxy")
+
+
+def stop_pid_file(pid_file: Path, name: str) -> None:
+    """Stop the process `pid_file` names, if its name holds `name` (a stale file may name another),
+    and remove the file; also the local cluster's Redis and Prometheus."""
+    import psutil
+
+    if pid_file.is_file():
+        try:
+            proc = psutil.Process(int(pid_file.read_text().split()[0]))
+            if name in proc.name():
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+        except (psutil.NoSuchProcess, ValueError):
+            pass
+        pid_file.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,6 +179,8 @@ def start_redis() -> None:
 
 
 def stop_redis() -> None:
+    from deployments.front import stop_pid_file
+
     stop_pid_file(REDIS_DIR / "redis.pid", "redis")
     (REDIS_DIR / "namespace").unlink(missing_ok=True)
 
@@ -255,24 +257,9 @@ def start_prometheus(port: int = PROMETHEUS_PORT) -> str:
 
 
 def stop_prometheus() -> None:
+    from deployments.front import stop_pid_file
+
     stop_pid_file(PROMETHEUS_DIR / "pid", "prometheus")
-
-
-def stop_pid_file(pid_file: Path, name: str) -> None:
-    import psutil
-
-    if pid_file.is_file():
-        try:
-            proc = psutil.Process(int(pid_file.read_text().split()[0]))
-            if name in proc.name():
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-        except (psutil.NoSuchProcess, ValueError):
-            pass
-        pid_file.unlink(missing_ok=True)
 
 
 def down() -> None:
