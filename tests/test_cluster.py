@@ -518,9 +518,9 @@ def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer
 
 
 def test_a_killed_ingress_replica_costs_no_request(cluster, served_artifact, tmp_path):
-    """Two ingress replicas, one killed under four clients' traffic: the requests in flight on it come
-    back from Serve's proxy as 500s, and the front door sends them again, to the other one. None
-    fails or waits past its 3 s deadline (+0.5 s)."""
+    """Two ingress replicas under four clients' traffic, one killed (again, up to three times, until a
+    kill catches requests in flight): those come back from Serve's proxy as 500s, and the front door
+    sends them again, to the other one. None fails or waits past its 3 s deadline (+0.5 s)."""
     from deployments import front, local_cluster
 
     deploy(serve_config(served_artifact, {"mobile": 2, "edge": 1, "cloud": 1}), tmp_path)
