@@ -77,6 +77,9 @@ class TierOptions(BaseModel):
                              "at once and the client gets 503 with Retry-After")
     max_batch_size: int = Field(16, ge=1, description="@serve.batch: most requests merged into one forward pass")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="@serve.batch: how long to wait for a batch to fill")
+    health_check_period_s: float = Field(
+        1.0, gt=0, description="how often Serve's controller checks each replica; a dead one is noticed (and "
+                               "replaced, and no longer called) at its next check")
 
 
 class IngressOptions(TierOptions):

@@ -35,8 +35,9 @@ latency of the requests answered since the previous sample. The checks (soak.md)
 - no failures: a 503 with Retry-After (shed) is no failure; any other status but 200, a 200
   without one prediction per text, a timeout (30 s) or a refused connection is.
 
-Writes soak.json (totals, kills, the time series, the checks), soak.md and soak.png; exits 1 if any
-request failed.
+Writes soak.json (totals, kills, the time series, the checks), soak.md (also what each kill cost:
+the worst window's p99 and the requests shed until a window after its replacement ran) and
+soak.png; exits 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -325,6 +326,26 @@ def refs_bounded(series: list[dict]) -> dict:
     return {"by_tier": by_tier, "pass": bool(by_tier) and all(c["pass"] for c in by_tier.values())}
 
 
+def kill_costs(report: dict) -> list[dict]:
+    """What each kill cost, from the latency windows that end after it and begin before one
+    `--sample-every` after its replacement ran: the worst window's p99 and the requests shed; beside
+    it, the median p99 of the windows outside every kill's."""
+    every, series = report["args"]["sample_every"], [s for s in report["series"] if s["latency"]["requests"]]
+
+    def after(kill: dict, s: dict) -> bool:
+        return kill["at_s"] < s["t"] < kill["at_s"] + (kill["back_after_s"] or 0) + 2 * every
+
+    quiet = [s["latency"]["p99_ms"] for s in series if s["latency"]["p99_ms"] is not None
+             and not any(after(k, s) for k in report["kills"])]
+    out = []
+    for kill in report["kills"]:
+        inside = [s["latency"] for s in series if after(kill, s)]
+        out.append({"worst_p99_ms": max((w["p99_ms"] for w in inside if w["p99_ms"] is not None), default=None),
+                    "shed": sum(w["shed"] for w in inside),
+                    "quiet_p99_ms": round(float(np.median(quiet)), 1) if quiet else None})
+    return out
+
+
 def assess(series: list[dict], sent: list[Sent], duration: float, warmup: float) -> dict:
     g = growth(series, warmup)
     failed = sum(s.outcome == "failed" for s in sent)
@@ -354,11 +375,15 @@ def markdown(report: dict) -> str:
         f"{_fmt(report['p99_ms'])} | {_fmt(report['longest_wait_ms'])} | {_fmt(report['send_delay_max_ms'])} |", "",
     ]
     if report["kills"]:
-        lines += ["| killed at s | deployment | actor | back after s |", "|---|---|---|---|"]
-        for k in report["kills"]:
+        costs = kill_costs(report)
+        lines += [f"Until a window after each replacement ran: the worst {_fmt(a['sample_every'])} s window's p99 and the "
+                  f"requests shed (the median window p99 outside these spans: {_fmt(costs[0]['quiet_p99_ms'])} ms).", "",
+                  "| killed at s | deployment | actor | back after s | worst p99 ms | shed |", "|---|---|---|---|---|---|"]
+        for k, cost in zip(report["kills"], costs):
             actor = k["killed_actor"][:12] if k["killed_actor"] else f"none: {k['error']}"
             back = "not back" if k["back_after_s"] is None else round(k["back_after_s"], 1)
-            lines.append(f"| {k['at_s']:g} | {k['deployment']} | {actor} | {back} |")
+            lines.append(f"| {k['at_s']:g} | {k['deployment']} | {actor} | {back} | {_fmt(cost['worst_p99_ms'])} | "
+                         f"{cost['shed']} |")
         lines.append("")
 
     def mark(check: dict) -> str:

@@ -87,6 +87,7 @@ def test_each_tier_is_pinned_by_its_label_and_scaled_on_its_own():
         assert options["ray_actor_options"]["label_selector"] == {"dimee.io/tier": tier.label}
         assert options["max_ongoing_requests"] == 8 and options["max_queued_requests"] == 8
         assert options["backpressure_config"].retry_after_s == 1
+        assert options["health_check_period_s"] == 1.0  # a dead replica noticed within a second, not 10
     assert app_module.deployment_options(args, Tier.EDGE)["num_replicas"] == 3
     assert app_module.deployment_options(args, Tier.EDGE)["ray_actor_options"]["num_cpus"] == 1.5
     assert app_module.deployment_options(args, Tier.MOBILE)["num_replicas"] == 1

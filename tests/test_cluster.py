@@ -481,20 +481,13 @@ def test_prometheus_scrapes_every_tier_and_every_dashboard_panel_has_data(
     assert not empty, [f"{queries[q]}: {q}" for q in empty]
 
 
-def kill_replica(deployment: str) -> str:
-    from ray import serve
+def kill_replica(deployment: str) -> None:
+    """Kill one of `deployment`'s replicas and wait until Serve runs as many as before (a new one in
+    its place), so that a next kill never finds the replacement still starting."""
+    from load.fault_drill import kill_and_time_recovery
 
-    victim = replicas()[deployment][0]["id"]
-    name = next(a.name for a in list_actors(filters=[("actor_id", "=", victim)], detail=True))
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # Serve's controller must notice and start a new replica
-        alive = replicas().get(deployment, [])
-        state = serve.status().applications["dimee"].deployments[deployment].replica_states
-        if alive and victim not in {r["id"] for r in alive} and state.get("RUNNING", 0) >= 1:
-            return victim
-        time.sleep(0.5)
-    raise TimeoutError(f"{deployment} replica not replaced within 240 s")
+    assert kill_and_time_recovery("dimee", deployment, timeout_s=240)["back_after_s"] is not None, \
+        f"{deployment} replica not replaced within 240 s"
 
 
 @pytest.mark.parametrize("deployment,row,answer", [("EdgeTier", 1, ("cloud", "fallback")),
@@ -518,8 +511,8 @@ def test_a_killed_tier_replica_costs_no_request(cluster, deployment, row, answer
 
 
 def test_a_killed_ingress_replica_costs_no_request(cluster, served_artifact, tmp_path):
-    """Two ingress replicas under four clients' traffic, one killed (again, up to three times, until a
-    kill catches requests in flight): those come back from Serve's proxy as 500s, and the front door
+    """Two ingress replicas under four clients' traffic, one killed (again, once its replacement runs, up
+    to three times, until a kill catches requests in flight): those come back from Serve's proxy as 500s, and the front door
     sends them again, to the other one. None fails or waits past its 3 s deadline (+0.5 s)."""
     from deployments import front, local_cluster
 

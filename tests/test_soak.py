@@ -72,6 +72,22 @@ def test_p99_ratio_compares_the_first_and_last_windows():
     assert not p99_ratio([sent(1.0, 100.0)], 100)["pass"]  # nothing answered in the last window: not confirmed
 
 
+def test_a_kill_costs_the_worst_window_until_a_window_after_its_replacement_ran():
+    """Kills at 20 s (back after 12 s: windows 30, 40 and 50 s) and 70 s (not back: window 80 s);
+    the quiet windows' median p99 leaves both out."""
+    def window(t, p99, shed=0):
+        return {"t": t, "latency": {"requests": 10, "shed": shed, "p99_ms": p99}}
+
+    series = [window(t, 100.0 + t) for t in range(0, 100, 10)]
+    series[4] = window(40, 900.0, shed=3)
+    report = {"args": {"sample_every": 10}, "series": series,
+              "kills": [{"at_s": 20.0, "back_after_s": 12.0}, {"at_s": 70.0, "back_after_s": None}]}
+    first, second = soak.kill_costs(report)
+    assert (first["worst_p99_ms"], first["shed"]) == (900.0, 3)
+    assert (second["worst_p99_ms"], second["shed"]) == (180.0, 0)
+    assert first["quiet_p99_ms"] == 140.0  # windows 0, 10, 20, 60, 70 and 90 s
+
+
 def test_refs_bounded_catches_growth_and_lets_a_flat_count_pass():
     flat = [point(t, {}, refs={"mobile": 30 + t % 7, "edge": 5}) for t in range(100)]
     r = refs_bounded(flat)
@@ -170,7 +186,8 @@ def test_the_open_loop_keeps_its_schedule_and_the_probe_counts_answers(stand_in)
 
 def test_the_report_is_written_in_markdown_and_plotted(tmp_path):
     series = [{**point(t, {"Router": {"r1": 500.0}}, {"mobile@127.0.0.3": 4.0}, {"mobile": 10.0}),
-               "latency": {"p50_ms": 100.0, "p99_ms": None if t == 20 else 300.0}} for t in range(0, 100, 10)]
+               "latency": {"requests": 10, "shed": int(t == 20), "p50_ms": 100.0, "p99_ms": None if t == 20 else 300.0}}
+              for t in range(0, 100, 10)]
     records = [sent(t, 100.0) for t in range(100)] + [Sent(50.0, 30000.0, None, 16, "failed", "ReadTimeout()")]
     args = {"url": "http://x", "duration": 100, "rps": 1.0, "share_16": 0.25, "kill_every": 50,
             "kill_order": "EdgeTier,Router", "sample_every": 10, "warmup": 20, "dataset": "rt-polarity"}
@@ -183,7 +200,7 @@ def test_the_report_is_written_in_markdown_and_plotted(tmp_path):
               "checks": soak.assess(series, records, 100, 20), "series": series}
     text = soak.markdown(report)
     assert "**PASS** RSS growth" in text and "**MISS** no failed request: 1 failed" in text
-    assert "| 0.1 | EdgeTier | abcdef012345 | 9.5 |" in text and "none: IndexError()" in text
+    assert "| 0.1 | EdgeTier | abcdef012345 | 9.5 | 300 | 1 |" in text and "none: IndexError()" in text
     assert "at 50.0 s: ReadTimeout()" in text
     soak.plot(report, tmp_path / "soak.png")
     assert (tmp_path / "soak.png").stat().st_size > 10_000
