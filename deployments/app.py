@@ -34,7 +34,7 @@ def deployment_options(args: AppArgs, tier: Tier) -> dict:
         "max_ongoing_requests": options.max_ongoing_requests,
         "max_queued_requests": options.max_queued_requests,
         # Serve's default (10 s) let a dead cloud replica go unnoticed for ~9 s under load, each
-        # call to it meanwhile waiting out its hop timeout (RESULTS §7)
+        # call to it meanwhile waiting out its hop timeout (DECISIONS)
         "health_check_period_s": options.health_check_period_s,
         "backpressure_config": BackpressureConfig(retry_after_s=args.retry_after_s),
         "ray_actor_options": {"num_cpus": options.num_cpus, "label_selector": tier.label_selector},
