@@ -13,6 +13,7 @@ import ray
 from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 
+from deployments import weights
 from deployments.live_risk import RiskMonitor
 from deployments.placement import check_placement
 from deployments.router import Router
@@ -44,14 +45,22 @@ def deployment_options(args: AppArgs, tier: Tier) -> dict:
 def tier_deployment(args: AppArgs, tier: Tier):
     options: TierOptions = getattr(args, tier.label)
     return TierModel.options(**deployment_options(args, tier)).bind(
-        str(Path(args.artifact).resolve()), tier, options.max_batch_size, options.batch_wait_timeout_s
+        args.artifact, tier, options.max_batch_size, options.batch_wait_timeout_s
     )
 
 
 def check_artifact(args: AppArgs) -> None:
-    """Fail at build time, with the reason, rather than in three replicas later."""
-    artifact.read_manifest(args.artifact)
-    policies, doc = load_policies(args.artifact)
+    """Fail at build time, with the reason, rather than in three replicas later: the artifact as the
+    replicas will fetch it (every file checked, where it is on this node's disk; on a cluster, the
+    store that serves a directory is started now)."""
+    directory = Path(args.artifact)
+    if weights.is_uri(args.artifact) or not directory.is_dir():
+        directory, _ = weights.fetch(args.artifact, "policy")
+    else:
+        artifact.read_manifest(directory)
+        if ray.is_initialized():
+            weights.store()
+    policies, doc = load_policies(directory)
     if args.policy is not None and args.policy not in policies:
         raise ValueError(f"policy {args.policy!r} is not in {args.artifact}; it has {sorted(policies)}")
 

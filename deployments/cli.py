@@ -82,6 +82,23 @@ def add_serve_flags(p) -> None:
                         "policy's cost model; the metric dimee_answer_cost and /v1/info's served_cost show the mean")
 
 
+def add_hosts_flags(p) -> None:
+    p.add_argument("--hosts", choices=("loopback", "netns"), default="loopback",
+                   help="with up: the local cluster's nodes on loopback addresses of this machine (default), or each "
+                        "on a host of its own that shares nothing but a network with the others (root only: network "
+                        "and mount namespaces; docs/DEPLOYING.md)")
+    p.add_argument("--mobile-hosts", type=int, choices=(1, 2), default=1,
+                   help="with --hosts netns: how many mobile hosts (default 1)")
+
+
+def onto_head() -> None:
+    """On namespaced hosts, a driver runs on the head's network (deployments/hosts.py)."""
+    from deployments import hosts
+
+    if hosts.active() is not None and hosts.inside() != "head":
+        hosts.join("head")
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="deploy a calibrated artifact onto a running cluster")
     p.add_argument("dir", type=Path)
@@ -90,10 +107,14 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("cluster", help="start or stop a local cluster (a head, then a node per tier), or lose "
                                        "one tier's node and bring it back")
-    p.add_argument("action", choices=("up", "down", "node-down", "node-up", "head-down", "head-up"))
-    p.add_argument("tier", nargs="?", choices=TIER_NAMES, help="with node-down and node-up: whose node")
+    p.add_argument("action", choices=("up", "down", "node-down", "node-up", "head-down", "head-up", "link-down",
+                                       "link-up"))
+    p.add_argument("tier", nargs="*", choices=(*TIER_NAMES, "head", "mobile2"),
+                   help="with node-down and node-up: whose node; with link-down and link-up (--hosts netns): the two "
+                        "hosts whose link to cut or restore, e.g. mobile cloud")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
     p.add_argument("--ha", action="store_true", help=HA_HELP)
+    add_hosts_flags(p)
     p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
@@ -105,6 +126,7 @@ def add_commands(sub) -> None:
                    help="deploy onto the running cluster (--address) instead of starting the local one")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
     p.add_argument("--ha", action="store_true", help=HA_HELP)
+    add_hosts_flags(p)
     p.add_argument("--no-tune", action="store_true",
                    help="serve the policy calibrated for the paper's abstract cost at the trained tier boundaries, "
                         "instead of measuring the cluster and calibrating boundaries and thresholds for its latency")
@@ -142,7 +164,9 @@ def cmd_cluster(args) -> int:
     from deployments import local_cluster
 
     if args.action == "up":
-        print(f"cluster up at {local_cluster.up(ha=args.ha)}" + (" (head fault tolerant: GCS on Redis)" if args.ha else ""))
+        address = local_cluster.up(ha=args.ha, netns=args.hosts == "netns",
+                                   nodes=local_cluster.netns_nodes(args.mobile_hosts) if args.hosts == "netns" else None)
+        print(f"cluster up at {address}" + (" (head fault tolerant: GCS on Redis)" if args.ha else ""))
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
         return 0
@@ -156,17 +180,25 @@ def cmd_cluster(args) -> int:
         local_cluster.start_head()
         print(f"head up at {local_cluster.address()}; Serve's controller recovers the application from Redis")
         return 0
-    if args.tier is None:
+    if args.action in ("link-down", "link-up"):
+        from deployments import hosts
+
+        if len(args.tier) != 2:
+            raise ValueError(f"{args.action} needs the two hosts whose link to cut or restore, e.g. mobile cloud")
+        hosts.link(*args.tier, up_=args.action == "link-up")
+        print(f"link {' <-> '.join(args.tier)} {args.action.removeprefix('link-')}")
+        return 0
+    if len(args.tier) != 1 or args.tier[0] == "head":
         raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
                          f"one of {', '.join(TIER_NAMES)}")
-    tier = Tier.named(args.tier)
+    tier = Tier.named(args.tier[0])
     if args.action == "node-down":
         killed = local_cluster.stop_node(tier)
-        print(f"{args.tier} node down ({killed} processes killed)" if killed else f"{args.tier} node was not running")
+        print(f"{tier.label} node down ({killed} processes killed)" if killed else f"{tier.label} node was not running")
         return 0
     check_cluster_answers(local_cluster.address())
     local_cluster.start_node(local_cluster.node_spec(tier))
-    print(f"{args.tier} node up at {local_cluster.node_ip(tier)}")
+    print(f"{tier.label} node up at {local_cluster.node_ip(tier)}")
     return 0
 
 
@@ -278,13 +310,14 @@ def cmd_serve(args) -> int:
     address = args.address or local_cluster.address()
     local = address == local_cluster.address()
     if local:  # every node's Serve proxy on its own port, behind the front door on host:port
-        http_options, proxy_location = {"host": local_cluster.PROXY_HOST, "port": local_cluster.HEAD_PROXY_PORT}, "EveryNode"
+        http_options, proxy_location = local_cluster.proxy_http_options(), "EveryNode"
         if front.running(local_cluster.FRONT_DIR) is None:
             check_http_port(args.host, args.port)
     else:
         http_options, proxy_location = {"host": args.host, "port": args.port}, args.proxy_location
         if head_is_here(address):
             check_http_port(args.host, args.port)
+    onto_head()
     check_cluster_answers(address)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
@@ -349,9 +382,11 @@ def cmd_up(args) -> int:
     if stored is None or (args.no_tune and stored["unit"] != "abstract"):
         run_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
     if not args.no_cluster:
-        local_cluster.up(ha=args.ha)
+        netns = args.hosts == "netns"
+        local_cluster.up(ha=args.ha, netns=netns, nodes=local_cluster.netns_nodes(args.mobile_hosts) if netns else None)
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
+    onto_head()
     args.dir = args.artifact
     if args.no_tune:
         return cmd_serve(args)
@@ -397,7 +432,8 @@ def tune_and_serve(args) -> int:
         cmd_serve(args)
         print("measuring the deployment for its cost profile (dimee profile, ~1 min)")
         headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
-        profile = run_profile(f"http://127.0.0.1:{args.port}", "dimee", 100, 16, headers)
+        front = local_cluster.cluster_nodes()[0].ip if local_cluster.hosts.active() else "127.0.0.1"
+        profile = run_profile(f"http://{front}:{args.port}", "dimee", 100, 16, headers)
         from ray import serve
 
         serve.delete("dimee")  # its replicas hold the old tier weights; the same app args would not restart them
@@ -428,6 +464,7 @@ def cmd_profile(args) -> int:
 
     links = read_links(args.links) if args.links is not None else None  # a bad one before any measuring
     address = args.address or local_cluster.address()
+    onto_head()
     check_cluster_answers(address)
     headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)

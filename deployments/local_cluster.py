@@ -28,6 +28,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments import hosts
+from deployments.weights import HEAD_LABEL
 from dimee_models.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class NodeSpec:
     tier: Tier
     ip: str
     num_cpus: float
+    host: str | None = None  # its namespaced host (`--hosts netns`), None on loopback
 
 
 # The head carries no tier (a real cluster would not put its control plane on a tier's hardware, and
@@ -80,19 +83,49 @@ DEFAULT_NODES = (NodeSpec(Tier.MOBILE, "127.0.0.3", 1), NodeSpec(Tier.EDGE, "127
                  NodeSpec(Tier.CLOUD, "127.0.0.5", 2))
 
 
+# --hosts netns (deployments/hosts.py): every node a host of its own on a bridge, so every Serve
+# proxy can take one port, and the front door runs on each mobile host.
+NETNS_HEAD, NETNS_PROXY_PORT = "10.77.0.2", 8001
+NETNS_NODES = {"mobile": NodeSpec(Tier.MOBILE, "10.77.0.3", 1, "mobile"),
+               "edge": NodeSpec(Tier.EDGE, "10.77.0.4", 1, "edge"),
+               "cloud": NodeSpec(Tier.CLOUD, "10.77.0.5", 2, "cloud"),
+               "mobile2": NodeSpec(Tier.MOBILE, "10.77.0.6", 1, "mobile2")}
+
+
+def netns_nodes(mobile_hosts: int = 1) -> tuple[NodeSpec, ...]:
+    return tuple(NETNS_NODES[n] for n in ("mobile", "edge", "cloud", "mobile2")[:2 + mobile_hosts])
+
+
+def cluster_nodes() -> tuple[NodeSpec, ...]:
+    """The running local cluster's tier nodes: namespaced hosts if they are up, else loopback ones."""
+    up_hosts = hosts.active()
+    return tuple(NETNS_NODES[n] for n in up_hosts if n != "head") if up_hosts else DEFAULT_NODES
+
+
+def head_ip() -> str:
+    return NETNS_HEAD if hosts.active() else HEAD_IP
+
+
 def address() -> str:
-    return f"{HEAD_IP}:{GCS_PORT}"
+    return f"{head_ip()}:{GCS_PORT}"
 
 
 def proxy_port(ip: str) -> int:
     """The port of the Serve proxy of the node at `ip` (one host: every proxy needs its own)."""
-    return PROXY_PORT_BASE + int(ip.rsplit(".", 1)[1])
+    return NETNS_PROXY_PORT if hosts.active() else PROXY_PORT_BASE + int(ip.rsplit(".", 1)[1])
 
 
-HEAD_PROXY_PORT = proxy_port(HEAD_IP)
+HEAD_PROXY_PORT = PROXY_PORT_BASE + int(HEAD_IP.rsplit(".", 1)[1])
 
 
-def node_ip(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
+def proxy_http_options() -> dict:
+    """Serve's http_options: the head's proxy (the others take the port of `proxy_port`)."""
+    if hosts.active():
+        return {"host": "0.0.0.0", "port": NETNS_PROXY_PORT}
+    return {"host": PROXY_HOST, "port": HEAD_PROXY_PORT}
+
+
+def node_ip(tier: Tier, nodes: tuple[NodeSpec, ...] | None = None) -> str:
     """The address of the local cluster's node for `tier`."""
     return node_spec(tier, nodes).ip
 
@@ -102,8 +135,8 @@ def ray_cli(name: str = "ray") -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _ray(*args: str, timeout: float = 120, env: dict | None = None) -> None:
-    cmd = [ray_cli(), *args]
+def _ray(*args: str, timeout: float = 120, env: dict | None = None, host: str | None = None) -> None:
+    cmd = [*(hosts.enter(host) if host else []), ray_cli(), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **CLUSTER_ENV, **(env or {})})
     if result.returncode != 0:
@@ -126,23 +159,30 @@ def check_head_ports(dashboard: bool = True) -> None:
                                        "cluster started earlier)")
 
 
-def up(nodes: tuple[NodeSpec, ...] = DEFAULT_NODES, dashboard: bool = True, ha: bool = False) -> str:
-    """Start the head (with `ha`, on a fresh Redis) and a node per tier; returns the cluster address."""
+def up(nodes: tuple[NodeSpec, ...] | None = None, dashboard: bool = True, ha: bool = False,
+       netns: bool = False) -> str:
+    """Start the head (with `ha`, on a fresh Redis) and a node per tier; returns the cluster address.
+    `netns`: each on a host of its own (deployments/hosts.py; `nodes` default to NETNS_NODES')."""
     started = time.time()
-    check_head_ports(dashboard)
+    if netns:
+        nodes = nodes or netns_nodes()
+        hosts.up({"head": NETNS_HEAD, **{n.host: n.ip for n in nodes}}, {n.host for n in nodes})
+    else:
+        nodes = nodes or DEFAULT_NODES
+        check_head_ports(dashboard)
     if ha:
         start_redis()
     start_head(dashboard)
     for node in nodes:
         start_node(node)
-    log.info("local cluster up at %s in %.0f s: head@%s, %s", address(), time.time() - started, HEAD_IP,
+    log.info("local cluster up at %s in %.0f s: head@%s, %s", address(), time.time() - started, head_ip(),
              ", ".join(f"{n.tier.label}@{n.ip}" for n in nodes))
     return address()
 
 
 def start_head(dashboard: bool = True) -> None:
     """`ray start --head`; on a cluster started with --ha, on its Redis and namespace: the same GCS state."""
-    env = {}
+    env, host = {}, "head" if hosts.active() else None
     if (REDIS_DIR / "namespace").is_file():
         env = {"RAY_REDIS_ADDRESS": f"127.0.0.1:{REDIS_PORT}",
                "RAY_external_storage_namespace": (REDIS_DIR / "namespace").read_text().strip()}
@@ -152,16 +192,16 @@ def start_head(dashboard: bool = True) -> None:
         from ray._private.utils import get_ray_address_file
 
         Path(get_ray_address_file(None)).unlink(missing_ok=True)
-    _ray("start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={GCS_PORT}", "--num-cpus=0",
-         f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-host={HEAD_IP}",
-         f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", env=env)
+    _ray("start", "--head", f"--node-ip-address={head_ip()}", f"--port={GCS_PORT}", "--num-cpus=0",
+         f"--include-dashboard={str(dashboard).lower()}", f"--dashboard-host={head_ip()}",
+         f"--dashboard-port={DASHBOARD_PORT}", f"--labels={HEAD_LABEL}", "--disable-usage-stats", env=env, host=host)
 
 
 def start_node(node: NodeSpec) -> None:
     """Join a tier's node to the running cluster (again, after `stop_node`)."""
     _ray("start", f"--address={address()}", f"--node-ip-address={node.ip}", f"--num-cpus={node.num_cpus}",
          f"--labels={node.tier.node_label}", "--disable-usage-stats",
-         env={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(proxy_port(node.ip))})
+         env={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(proxy_port(node.ip))}, host=node.host)
 
 
 def start_redis() -> None:
@@ -170,9 +210,10 @@ def start_redis() -> None:
     if binary is None:
         raise RuntimeError("--ha needs `redis-server` (Debian's package: `./scripts/install.sh --with-redis`)")
     stop_redis()
-    check_port_free("127.0.0.1", REDIS_PORT, "another Redis or program holds it")
     REDIS_DIR.mkdir(parents=True, exist_ok=True)
-    subprocess.run([binary, "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no",
+    if not hosts.active():  # on namespaced hosts, in the head's own network
+        check_port_free("127.0.0.1", REDIS_PORT, "another Redis or program holds it")
+    subprocess.run([*(hosts.enter("head") if hosts.active() else []), binary, "--bind", "127.0.0.1", "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no",
                     "--daemonize", "yes", "--pidfile", str(REDIS_DIR / "redis.pid"),
                     "--logfile", str(REDIS_DIR / "redis.log"), "--dir", str(REDIS_DIR)], check=True, timeout=30)
     (REDIS_DIR / "namespace").write_text(f"dimee-{uuid.uuid4().hex[:12]}")
@@ -185,11 +226,21 @@ def stop_redis() -> None:
     (REDIS_DIR / "namespace").unlink(missing_ok=True)
 
 
-def start_front(host: str = FRONT_HOST, port: int = FRONT_PORT, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> str:
+def start_front(host: str = FRONT_HOST, port: int = FRONT_PORT, nodes: tuple[NodeSpec, ...] | None = None) -> str:
     """The front door on host:port, in front of the mobile nodes' Serve proxies (the head's as backup);
-    returns its URL."""
+    returns its URL. On namespaced hosts, one on each mobile host's port `port`, in front of that
+    host's proxy; the URL is the first's."""
     from deployments import front
 
+    nodes = nodes or cluster_nodes()
+    if hosts.active():
+        mobiles = [n for n in nodes if n.tier == Tier.MOBILE]
+        for node in mobiles:
+            subprocess.run([*hosts.enter(node.host), sys.executable, "-m", "deployments.front",
+                            "--listen", f"0.0.0.0:{port}", "--server", f"127.0.0.1:{NETNS_PROXY_PORT}",
+                            "--backup", f"{NETNS_HEAD}:{NETNS_PROXY_PORT}", "--dir", str(FRONT_DIR)],
+                           check=True, capture_output=True, timeout=60, cwd=hosts.REPO)
+        return f"http://{mobiles[0].ip}:{port}"
     if front.running(FRONT_DIR) is None:
         check_port_free(host, port, "another program holds it: stop it, or serve on another port with --port")
     mobile = [f"{PROXY_HOST}:{proxy_port(n.ip)}" for n in nodes if n.tier == Tier.MOBILE]
@@ -197,11 +248,11 @@ def start_front(host: str = FRONT_HOST, port: int = FRONT_PORT, nodes: tuple[Nod
     return f"http://{host}:{port}"
 
 
-def node_spec(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> NodeSpec:
-    return next(node for node in nodes if node.tier == tier)
+def node_spec(tier: Tier, nodes: tuple[NodeSpec, ...] | None = None) -> NodeSpec:
+    return next(node for node in nodes or cluster_nodes() if node.tier == tier)
 
 
-def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
+def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] | None = None) -> int:
     """Lose a tier's node at once: SIGKILL its raylet and every process it started (the tier's
     replicas among them), with no drain and no goodbye to the GCS, as when the machine goes away.
     Returns how many processes were killed (0: the node was not running)."""
@@ -211,7 +262,7 @@ def stop_node(tier: Tier, nodes: tuple[NodeSpec, ...] = DEFAULT_NODES) -> int:
 def stop_head() -> int:
     """Lose the head the same way: its raylet and what it started (Serve's controller and the head's
     proxy), the GCS, the dashboard and Ray's monitors. Returns how many processes were killed."""
-    return _kill_node(HEAD_IP, head=True)
+    return _kill_node(head_ip(), head=True)
 
 
 def _kill_node(ip: str, head: bool = False) -> int:
@@ -267,6 +318,7 @@ def down() -> None:
     front door, Redis and Prometheus servers started for it."""
     from deployments import front
 
+    hosts.down()  # namespaced hosts, if up: every process in them
     stop_prometheus()
     front.stop(FRONT_DIR)
     _ray("stop", "--force")

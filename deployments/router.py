@@ -40,7 +40,8 @@ from deployments.live_risk import LiveRisk
 from deployments.metrics import RouterMetrics
 from deployments.schemas import (AppArgs, ClassifyRequest, ClassifyResponse, HiddenArrays, HiddenRef, Prediction,
                                  RouterConfig, TierReply, TierRequest, Tokens)
-from deployments.tier import TierRunner, threads_from_cpu_share
+from deployments import weights
+from deployments.tier import TierRunner, fetched_runner, threads_from_cpu_share
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest, public_model_name
@@ -80,15 +81,17 @@ class Settings:
     watch: dict  # what the live bound watches (deployments/live_risk.py): the policy, its path, budget, delta
 
 
-def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest) -> Settings:
-    """Settings from a validated config, checked against the served artifact; ValueError says what is wrong."""
+def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest, directory: Path) -> Settings:
+    """Settings from a validated config, checked against the served artifact (its files fetched to
+    `directory`); ValueError says what is wrong."""
     source = config.policy_artifact or args.artifact
     if config.policy_artifact:
-        other = artifact.read_manifest(config.policy_artifact)  # verifies its checksums
+        directory, _ = weights.fetch(config.policy_artifact, "policy")  # each file checked against its manifest
+        other = artifact.read_manifest(directory, verify=False)
         if any(other.files.get(f) != manifest.files[f] for f in TIER_WEIGHTS):
             raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
                              "only a recalibrated copy of the same model can be switched to live")
-    policies, doc = load_policies(source)
+    policies, doc = load_policies(directory)
     name = config.policy or args.policy or doc["default"]
     if name not in policies:
         raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")
@@ -175,17 +178,18 @@ class Router:
         self.ref_handles = {t: h.options(_by_reference=True) for t, h in ((Tier.EDGE, edge), (Tier.CLOUD, cloud))}
         self.args = args
         threads_from_cpu_share()
-        self.mobile = TierRunner(str(args.artifact), Tier.MOBILE)
+        self.mobile = fetched_runner(args.artifact, Tier.MOBILE)  # with the tokenizer and the policies
         self.mobile_batch.set_max_batch_size(args.mobile.max_batch_size)
         self.mobile_batch.set_batch_wait_timeout_s(args.mobile.batch_wait_timeout_s)
         self.api_key = args.api_key.get_secret_value() if args.api_key else None
-        self.manifest = artifact.read_manifest(args.artifact)
-        self.tokenizer = artifact.load_tokenizer(args.artifact)
+        self.directory = Path(self.mobile.artifact_dir)
+        self.manifest = artifact.read_manifest(self.directory, verify=False)
+        self.tokenizer = artifact.load_tokenizer(self.directory)
         self.exit_layers = {tier.label: layer for tier, layer in self.manifest.tier_exits.items()}
         self.labels = self.manifest.labels
         self.model_name = public_model_name(self.manifest.backbone, self.manifest.dataset.name)
         self.config_error: str | None = None
-        self.settings = build_settings(RouterConfig(), args, self.manifest)
+        self.settings = build_settings(RouterConfig(), args, self.manifest, self.directory)
         self.metrics = RouterMetrics()
         self.texts_in_flight = 0
         # Tiers Serve's controller reports with no running replica (a lost node, a replica being
@@ -205,7 +209,8 @@ class Router:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
         settings keep serving: raising here would make Serve restart the replica."""
         try:
-            self.settings = build_settings(RouterConfig.model_validate(config or {}), self.args, self.manifest)
+            self.settings = build_settings(RouterConfig.model_validate(config or {}), self.args, self.manifest,
+                                           self.directory)
             self.config_error = None
         except (ValueError, OSError) as err:
             self.config_error = f"user_config refused, the previous settings stay: {err}"

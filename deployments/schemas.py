@@ -95,7 +95,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    artifact: str = Field(..., description="calibrated artifact directory (visible on every node)")
+    artifact: str = Field(..., description="calibrated artifact: a directory on the head (absolute; the replicas "
+                                           "fetch its files through Ray) or a storage URI (s3://bucket/prefix)")
     policy: str | None = Field(None, description="stored DIMEE policy to serve; default: the artifact's default")
     max_texts: int = Field(64, ge=1, le=4096, description="most texts in one request")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest request body; larger ones get 413")

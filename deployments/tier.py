@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -23,7 +24,9 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.schemas import HiddenArrays, HiddenRef, TierReply, TierRequest, Tokens
+from deployments import weights
 from dimee_models import artifact
+from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState
 from dimee_models.tiers import Tier
 
@@ -56,8 +59,11 @@ def select_rows(arrays: HiddenArrays, rows: list[int] | None) -> tuple[np.ndarra
 class TierRunner:
     """One tier's layers, exit head and metrics; `forward` runs a batch of requests through them."""
 
-    def __init__(self, artifact_dir: str, tier: Tier):
-        manifest = artifact.read_manifest(artifact_dir)
+    def __init__(self, artifact_dir: str, tier: Tier, manifest: Manifest | None = None, source: str | None = None,
+                 fetch_report: dict | None = None):
+        """`manifest`: the directory's, already checked (a fetched view holds only this tier's files);
+        `source`, `fetch_report`: where they were fetched from and how (`weights.fetch`)."""
+        manifest = manifest or artifact.read_manifest(artifact_dir)
         self.artifact_dir = artifact_dir
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
@@ -67,6 +73,7 @@ class TierRunner:
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # None: no Ray
         self.held: deque[tuple[float, ray.ObjectRef]] = deque()  # (expiry, hidden-state reference)
         self.requests_served = 0  # shown by describe(): which tiers a request reached
+        self.artifact_source, self.fetch_report = source or artifact_dir, fetch_report
         self.compute_ms = metrics.Histogram(
             "dimee_tier_compute_ms", "layer compute of one forward pass (a whole batch), ms",
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000], tag_keys=("tier",))
@@ -99,7 +106,10 @@ class TierRunner:
 
     def describe(self) -> dict:
         params, nbytes = self.model.parameter_bytes()
-        return {"tier": self.tier.label, "artifact": self.artifact_dir, "node_id": self.node_id,
+        return {"tier": self.tier.label, "artifact": self.artifact_source, "node_id": self.node_id,
+                "files": sorted(str(p.relative_to(self.artifact_dir)) for p in Path(self.artifact_dir).rglob("*")
+                                if p.is_file()),
+                "fetch": self.fetch_report,
                 "parameters": params, "parameter_bytes": nbytes,
                 "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
                 "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads),
@@ -188,13 +198,21 @@ def threads_from_cpu_share() -> None:
     torch.set_num_threads(max(1, math.ceil(cpus)))
 
 
+def fetched_runner(source: str, tier: Tier) -> TierRunner:
+    """A tier's runner on its weights fetched from `source` into this node's cache (deployments/weights.py)."""
+    directory, report = weights.fetch(source, tier.label)
+    log.info("%s tier: %s fetched %s, cached %s in %.2f s", tier.label, source, report["fetched"], report["cached"],
+             report["seconds"])
+    return TierRunner(str(directory), tier, artifact.read_manifest(directory, verify=False), source, report)
+
+
 @serve.deployment
 class TierModel:
     """Edge or cloud: a `TierRunner` behind a Serve handle, batching the requests that arrive together."""
 
-    def __init__(self, artifact_dir: str, tier: Tier, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, source: str, tier: Tier, max_batch_size: int, batch_wait_timeout_s: float):
         threads_from_cpu_share()
-        self.runner = TierRunner(artifact_dir, tier)
+        self.runner = fetched_runner(source, tier)
         self.max_batch_size = max_batch_size
         self.forward_batch.set_max_batch_size(max_batch_size)
         self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -15,7 +15,8 @@ from dimee_models.policy import load_policies
 
 def settings(served_artifact, config: dict, policy: str | None = None):
     args = AppArgs(artifact=str(served_artifact), policy=policy)
-    return build_settings(RouterConfig.model_validate(config), args, artifact.read_manifest(served_artifact))
+    return build_settings(RouterConfig.model_validate(config), args, artifact.read_manifest(served_artifact),
+                          served_artifact)
 
 
 def test_an_empty_config_serves_the_artifact_as_calibrated(served_artifact):

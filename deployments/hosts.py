@@ -1,0 +1,161 @@
+"""Hosts that share nothing but a network, on one machine (root only): `dimee cluster up --hosts netns`.
+
+Each host is a network namespace `dimee-<name>` with its own address on the bridge `dimee-br0`
+(10.77.0.0/24; this machine is 10.77.0.1 there, so clients reach the hosts through the bridge).
+A tier host also has its own mount namespace: a private /tmp (so its own /tmp/ray and its own
+weight cache), a private /dev/shm (its own object store) and no view of the artifacts: the
+repository's `artifacts/` is hidden, and so is every other folder of the machine's /tmp. What it
+still sees is the installed software, the repository's code and virtual environment, as every
+machine of a real cluster has its own copy of them. The head has its own network only: it
+stands for the machine you run `dimee` on, whose disk holds the artifact and whose /tmp/ray is
+the one drivers read.
+
+The link between two hosts can be cut and restored (`link`): a network partition between them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BRIDGE, GATEWAY, PREFIX = "dimee-br0", "10.77.0.1", 24
+STATE = Path("/run/dimee-hosts")  # hosts.json and each tier host's mount-namespace file
+NETNS_DIR = Path("/run/netns")
+REPO = Path(__file__).resolve().parents[1]
+CLONE_NEWNET = 0x40000000
+
+
+def netns(name: str) -> str:
+    return f"dimee-{name}"
+
+
+def active() -> dict[str, str] | None:
+    """{host name: address} of the namespaced hosts that are up, or None."""
+    path = STATE / "hosts.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def inside() -> str | None:
+    """The host this process runs in (its network namespace), or None for the machine itself."""
+    here = os.stat("/proc/self/ns/net").st_ino
+    for name in active() or {}:
+        path = NETNS_DIR / netns(name)
+        if path.exists() and os.stat(path).st_ino == here:
+            return name
+    return None
+
+
+def join(name: str | None) -> None:
+    """Move this thread, and the threads and processes it starts from now on, into host `name`'s
+    network (None: the machine's own, as this process was started). A Ray driver must run on the
+    head's network: Ray finds the driver's node by the address it reaches the cluster from."""
+    path = NETNS_DIR / netns(name) if name else Path(f"/proc/{os.getpid()}/ns/net")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc().setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {path} failed")
+    finally:
+        os.close(fd)
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def enter(name: str) -> list[str]:
+    """The command prefix that runs a command on host `name` (its network, and for a tier host its
+    files)."""
+    mounts = STATE / f"{name}.mnt"
+    return ["nsenter", f"--net={NETNS_DIR / netns(name)}"] + ([f"--mount={mounts}"] if mounts.exists() else [])
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
+    return result
+
+
+def up(hosts: dict[str, str], private: set[str]) -> None:
+    """Create the bridge and a host per entry of `hosts` ({name: address}); those in `private` also
+    get their own files (tier hosts)."""
+    if os.geteuid() != 0:
+        raise PermissionError("--hosts netns needs root (network and mount namespaces); the loopback cluster "
+                              "(the default) does not")
+    down()
+    _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    _run("ip", "addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE)
+    _run("ip", "link", "set", BRIDGE, "up")
+    STATE.mkdir(parents=True, exist_ok=True)
+    # a mount-namespace file must sit on a private mount
+    _run("mount", "--bind", str(STATE), str(STATE))
+    _run("mount", "--make-private", str(STATE))
+    for name, ip in hosts.items():
+        _run("ip", "netns", "add", netns(name))
+        veth = f"dv-{name}"[:15]
+        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns(name))
+        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        for cmd in (["ip", "addr", "add", f"{ip}/{PREFIX}", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
+                    ["ip", "link", "set", "lo", "up"]):
+            _run("ip", "netns", "exec", netns(name), *cmd)
+        if name in private:
+            _private_files(name)
+    (STATE / "hosts.json").write_text(json.dumps(hosts))
+
+
+def _private_files(name: str) -> None:
+    """A mount namespace, kept in STATE/<name>.mnt, with a fresh /tmp and /dev/shm and no artifacts;
+    the repository and the interpreter's environment stay where they are when they live under /tmp."""
+    paths = {str(REPO), sys.prefix}
+    keep = sorted(p for p in paths if p.startswith("/tmp/") and not any(p.startswith(q + "/") for q in paths))
+    script = ["set -e", "mkdir -p /run/dimee-keep"]
+    for k, path in enumerate(keep):
+        script += [f"mkdir -p /run/dimee-keep/{k}", f"mount --bind {path} /run/dimee-keep/{k}"]
+    script += ["mount -t tmpfs tmpfs /tmp", "mount -t tmpfs tmpfs /dev/shm"]
+    for k, path in enumerate(keep):
+        script += [f"mkdir -p {path}", f"mount --move /run/dimee-keep/{k} {path}"]
+    if (REPO / "artifacts").is_dir():
+        script.append(f"mount -t tmpfs tmpfs {REPO / 'artifacts'}")
+    mounts = STATE / f"{name}.mnt"
+    mounts.touch()
+    _run("unshare", f"--mount={mounts}", "--propagation", "private", "sh", "-c", "; ".join(script))
+
+
+def link(a: str, b: str, up_: bool) -> None:
+    """Cut the link between hosts `a` and `b` (a network partition: packets between them are
+    dropped, in both directions, and nothing else changes), or restore it."""
+    up_hosts = active() or {}
+    for here, there in ((a, b), (b, a)):
+        if here not in up_hosts or there not in up_hosts:
+            raise ValueError(f"no namespaced host {here if here not in up_hosts else there!r}: the hosts are "
+                             f"{sorted(up_hosts)} (`dimee cluster up --hosts netns`)")
+        _run("ip", "netns", "exec", netns(here), "ip", "route", "del" if up_ else "add", "blackhole",
+             f"{up_hosts[there]}/32", check=not up_)
+
+
+def pids(name: str) -> list[int]:
+    out = _run("ip", "netns", "pids", netns(name), check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def down() -> None:
+    """Kill every process in the hosts and remove them and the bridge."""
+    for path in sorted(NETNS_DIR.glob("dimee-*")) if NETNS_DIR.is_dir() else []:
+        name = path.name.removeprefix("dimee-")
+        for pid in pids(name):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        _run("ip", "netns", "del", path.name, check=False)
+    for mounts in STATE.glob("*.mnt") if STATE.is_dir() else []:
+        _run("umount", str(mounts), check=False)
+        mounts.unlink(missing_ok=True)
+    (STATE / "hosts.json").unlink(missing_ok=True)
+    if STATE.is_dir():
+        _run("umount", str(STATE), check=False)
+    _run("ip", "link", "del", BRIDGE, check=False)
