@@ -109,7 +109,7 @@ def add_commands(sub) -> None:
                                        "one tier's node and bring it back")
     p.add_argument("action", choices=("up", "down", "node-down", "node-up", "head-down", "head-up", "link-down",
                                        "link-up"))
-    p.add_argument("tier", nargs="*", choices=(*TIER_NAMES, "head", "mobile2"),
+    p.add_argument("tier", nargs="*", metavar="TIER",
                    help="with node-down and node-up: whose node; with link-down and link-up (--hosts netns): the two "
                         "hosts whose link to cut or restore, e.g. mobile cloud")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
@@ -188,7 +188,7 @@ def cmd_cluster(args) -> int:
         hosts.link(*args.tier, up_=args.action == "link-up")
         print(f"link {' <-> '.join(args.tier)} {args.action.removeprefix('link-')}")
         return 0
-    if len(args.tier) != 1 or args.tier[0] == "head":
+    if len(args.tier) != 1 or args.tier[0] not in TIER_NAMES:
         raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
                          f"one of {', '.join(TIER_NAMES)}")
     tier = Tier.named(args.tier[0])

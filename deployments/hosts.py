@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 BRIDGE, GATEWAY, PREFIX = "dimee-br0", "10.77.0.1", 24
@@ -53,17 +54,19 @@ def join(name: str | None) -> None:
     """Move this thread, and the threads and processes it starts from now on, into host `name`'s
     network (None: the machine's own, as this process was started). A Ray driver must run on the
     head's network: Ray finds the driver's node by the address it reaches the cluster from."""
-    path = NETNS_DIR / netns(name) if name else Path(f"/proc/{os.getpid()}/ns/net")
-    fd = os.open(path, os.O_RDONLY)
+    global _machine
+    if _machine is None:
+        _machine = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+    fd = os.open(NETNS_DIR / netns(name), os.O_RDONLY) if name else _machine
     try:
-        if _libc().setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {path} failed")
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into host {name or 'machine'} failed")
     finally:
-        os.close(fd)
+        if name:
+            os.close(fd)
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+_machine: int | None = None  # the machine's own network, kept open by the first `join`
 
 
 def enter(name: str) -> list[str]:
@@ -144,14 +147,23 @@ def pids(name: str) -> list[int]:
 
 def down() -> None:
     """Kill every process in the hosts and remove them and the bridge."""
+    import psutil
+
     for path in sorted(NETNS_DIR.glob("dimee-*")) if NETNS_DIR.is_dir() else []:
         name = path.name.removeprefix("dimee-")
+        procs = []
         for pid in pids(name):
             try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
+                procs.append(psutil.Process(pid))
+                procs[-1].kill()
+            except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(procs, timeout=10)
         _run("ip", "netns", "del", path.name, check=False)
+    for line in _run("ip", "-o", "link", "show", "type", "veth", check=False).stdout.splitlines():
+        veth = line.split(":")[1].strip().split("@")[0]
+        if veth.startswith("dv-"):  # one whose namespace something still holds
+            _run("ip", "link", "del", veth, check=False)
     for mounts in STATE.glob("*.mnt") if STATE.is_dir() else []:
         _run("umount", str(mounts), check=False)
         mounts.unlink(missing_ok=True)

@@ -248,6 +248,17 @@ def start_front(host: str = FRONT_HOST, port: int = FRONT_PORT, nodes: tuple[Nod
     return f"http://{host}:{port}"
 
 
+def front_retries() -> int:
+    """The retry counters of the front doors `start_front` started, added up (deployments/front.py)."""
+    from deployments import front
+
+    if not hosts.active():
+        return front.retries(FRONT_DIR)
+    code = f"from deployments import front; print(front.retries(__import__('pathlib').Path({str(FRONT_DIR)!r})))"
+    return sum(int(subprocess.run([*hosts.enter(n.host), sys.executable, "-c", code], check=True, capture_output=True,
+                                  text=True, timeout=60).stdout) for n in cluster_nodes() if n.tier == Tier.MOBILE)
+
+
 def node_spec(tier: Tier, nodes: tuple[NodeSpec, ...] | None = None) -> NodeSpec:
     return next(node for node in nodes or cluster_nodes() if node.tier == tier)
 

@@ -478,21 +478,19 @@ class Router:
             self.shadow_in_flight -= 1
         if s.shadow_log:
             try:
-                self.log_shadow(s.shadow_log, rows, answers, final, texts, pairs)
-            except OSError as err:  # the bound has the check; only the log lacks it
+                await self.log_shadow(s.shadow_log, rows, answers, final, texts, pairs)
+            except Exception as err:  # the bound has the check; only the log lacks it
                 log.warning("could not append to the shadow log %s: %r", s.shadow_log, err)
 
-    def log_shadow(self, directory: str, rows: list[int], answers: list[Prediction], final: dict[int, int],
-                   texts: list[str], pairs: list[str] | None) -> None:
+    async def log_shadow(self, directory: str, rows: list[int], answers: list[Prediction], final: dict[int, int],
+                         texts: list[str], pairs: list[str] | None) -> None:
         """The audited texts, a random sample of the traffic, for `dimee calibrate --from-traffic`: one
-        JSON line each in this replica's file of the shadow log directory."""
+        JSON line each in this replica's file of the shadow log directory, on the head's disk."""
         lines = [json.dumps({"text": texts[r], **({"text_pair": pairs[r]} if pairs else {}),
                              "answer": answers[r].label_id, "final": final[r], "tier": answers[r].tier,
                              "time": time.time()}) for r in rows]
         path = Path(directory) / f"shadow-{serve.get_replica_context().replica_id.unique_id}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
+        await weights.store().append.remote(str(path), "".join(line + "\n" for line in lines))
 
     async def offload(self, tier: Tier, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
                       plan: Plan, s: Settings, deadline: float) -> tuple[list[int], list[Prediction]]:

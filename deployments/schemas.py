@@ -142,9 +142,9 @@ class RouterConfig(BaseModel):
         0.02, ge=0, le=1, description="share of routed samples audited against the final exit after their answer "
                                       "has gone out (shadow checks, for the live bound); 0 turns them off")
     shadow_log: str | None = Field(
-        None, description="a directory on the ingress nodes where the shadow-checked texts are appended (JSON lines, "
-                          "one file per ingress replica), for `dimee calibrate --from-traffic`; they hold what "
-                          "clients sent: off unless set")
+        None, description="a directory on the head where the shadow-checked texts are appended (JSON lines, one "
+                          "file per ingress replica), for `dimee calibrate --from-traffic`; they hold what clients "
+                          "sent: off unless set")
     on_drift: Literal["tighten", "alarm"] = Field(
         "tighten", description="when the live bound shows the budget broken: step back to a safer setting of "
                                "the served policy (tighten), or only report it (alarm)")

@@ -9,10 +9,11 @@ manifest's sha256, and keeps it in its node's cache by checksum (`DIMEE_CACHE_DI
 Each artifact (by its manifest's checksum) and role gets a view in the cache, a folder laid out as
 the artifact with links into the cache, so the loading code reads it as any artifact directory.
 
-A directory on the head is served by `ArtifactStore`, a detached actor on the node labelled
+A directory on the head is served by `HeadDisk`, a detached actor on the node labelled
 `dimee.io/role=head`: it reads the files from the head's disk on demand (holding nothing), so it
 outlives the command that deployed, and a head that comes back under `--ha` brings it back with
-the same disk. A new tier file (`dimee up`'s tuning) has a new checksum, so it is fetched anew;
+the same disk. The ingress replicas append the shadow log (`shadow_log`) through it too, so
+that `dimee calibrate --from-traffic` finds it on the head. A new tier file (`dimee up`'s tuning) has a new checksum, so it is fetched anew;
 a live `policy_artifact` switch fetches that copy's policy files the same way. Why not runtime_env
 or a `ray.put` by the CLI: docs/DECISIONS.md, "Weights to the nodes".
 """
@@ -34,7 +35,7 @@ from dimee_models.artifact import MANIFEST, ArtifactError, sha256
 from dimee_models.manifest import Manifest
 from dimee_models.policy import POLICY_JSON, POLICY_TENSORS
 
-STORE_NAME, STORE_NAMESPACE = "dimee-artifacts", "dimee"
+STORE_NAME, STORE_NAMESPACE = "dimee-head-disk", "dimee"
 HEAD_LABEL_KEY, HEAD_LABEL_VALUE = "dimee.io/role", "head"
 HEAD_LABEL = f"{HEAD_LABEL_KEY}={HEAD_LABEL_VALUE}"
 CHUNK = 16 << 20  # bytes per read from the store: a few in flight keep the link busy, not the memory full
@@ -62,9 +63,10 @@ def role_files(manifest: Manifest, role: str) -> list[str]:
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class ArtifactStore:
-    """Serves the files of artifact directories on its node's disk, only those their manifest lists,
-    read on demand. Counts each node's first reads of each file (what `fetches` reports)."""
+class HeadDisk:
+    """The head's disk for the other nodes: serves the files of artifact directories there, only
+    those their manifest lists, read on demand (and counts each node's first reads of each file:
+    `fetches`); appends to the shadow log there."""
 
     def __init__(self):
         self.fetched: Counter[tuple[str, str]] = Counter()
@@ -79,7 +81,7 @@ class ArtifactStore:
         if name not in Manifest.model_validate_json(self.manifest(root)).files:
             raise ArtifactError(f"{name} is not a file of the artifact {root}")
         if offset == 0:
-            self.fetched[(node_id, name)] += 1
+            self.fetched[(node_id, f"{root}/{name}")] += 1
         with open(Path(root) / name, "rb") as f:
             f.seek(offset)
             return f.read(size)
@@ -87,8 +89,13 @@ class ArtifactStore:
     def size(self, root: str, name: str) -> int:
         return (Path(root) / name).stat().st_size
 
+    def append(self, path: str, text: str) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
     def fetches(self) -> dict[str, dict[str, int]]:
-        """{node id: {file: times fetched from the start}} since this actor started."""
+        """{node id: {artifact directory/file: times fetched from the start}} since this actor started."""
         out: dict[str, dict[str, int]] = {}
         for (node, name), count in self.fetched.items():
             out.setdefault(node, {})[name] = count
@@ -105,7 +112,7 @@ def store():
         raise RuntimeError(f"no node of this Ray cluster carries the label {HEAD_LABEL}: start the head with "
                            f"`ray start --head --labels={HEAD_LABEL}` (the node whose disk holds the artifact), or "
                            "serve the artifact from a storage URI")
-    return ArtifactStore.options(name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached",
+    return HeadDisk.options(name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached",
                                  get_if_exists=True, label_selector={HEAD_LABEL_KEY: HEAD_LABEL_VALUE}).remote()
 
 
@@ -227,5 +234,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def fetch_counts() -> dict[str, dict[str, int]]:
-    """The store's count of first reads of each file by each node (see `ArtifactStore.fetches`)."""
+    """The store's count of first reads of each file by each node (see `HeadDisk.fetches`)."""
     return ray.get(store().fetches.remote())

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# `ray up cluster-local.yaml` for real on this one machine: a private sshd answers on the loopback
-# aliases 127.0.0.2-5, so the local provider brings up a head (no tier) and three workers
-# (mobile, edge, cloud) over SSH; the head deploys ARTIFACT; we check the nodes' tier labels and an HTTP
-# answer through the mobile node's front door, that the GCS keeps its state in Redis, and that Ray's job API refuses a request without the cluster's token; `ray down` must
-# leave no Ray process behind. Needs root (apt, sshd). Used by CI via
-# tests/test_ray_up.py.
+# `ray up cluster-local.yaml` for real on hosts that share nothing but a network: the namespaced
+# hosts of `dimee cluster up --hosts netns` (10.77.0.2 head, .3 mobile, .4 edge, .5 cloud; each tier
+# host with its own /tmp and no view of the artifact), each with an sshd of its own, so the local
+# provider brings up the head and three workers over SSH. The head deploys ARTIFACT from its own
+# disk; we check the nodes' tier labels, an HTTP answer through the mobile host's front door, the
+# tier files each host received (and no other), that the GCS keeps its state in Redis, and that
+# Ray's job API refuses a request without the cluster's token; `ray down` must leave no Ray
+# process behind. Needs root (apt, namespaces, sshd). Used by CI via tests/test_ray_up.py.
 #
 #   scripts/ray_up_local.sh ARTIFACT
 set -euo pipefail
@@ -12,18 +14,17 @@ ARTIFACT=$(realpath "${1:?usage: scripts/ray_up_local.sh ARTIFACT}")
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 VENV_BIN=$(dirname "$(command -v ray)")
 KEY=~/.ssh/dimee_ray_up
-WORK=$(mktemp -d)
+WORK=$(mktemp -d /run/dimee-ray-up.XXXX)  # not under /tmp: the tier hosts' sshd read their config here
 MARK="# dimee-ray-up"
+HOSTS="head:10.77.0.2 mobile:10.77.0.3 edge:10.77.0.4 cloud:10.77.0.5"
 
 command -v sshd >/dev/null && command -v rsync >/dev/null && command -v redis-server >/dev/null || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync redis-server >/dev/null; }
 
 cleanup() {
   RAY_UP_enable_autoscaler_v2=0 timeout 120 ray down -y "$REPO/cluster-local.yaml" >/dev/null 2>&1 || true
-  python -m deployments.front --stop --dir /tmp/dimee-front-127.0.0.3 2>/dev/null || true
-  redis-cli -h 127.0.0.2 -p 6380 shutdown nosave >/dev/null 2>&1 || true
-  [ -f "$WORK/sshd.pid" ] && kill "$(cat "$WORK/sshd.pid")" 2>/dev/null || true
-  sed -i "/$MARK/d" ~/.bashrc ~/.ssh/authorized_keys 2>/dev/null || true
+  python -c "from deployments import hosts; hosts.down()" || true  # every process in the hosts, sshd and Redis too
+  sed -i "/$MARK/d" ~/.bashrc ~/.ssh/authorized_keys ~/.ssh/known_hosts 2>/dev/null || true
   [ -L ~/dimee-serve ] && rm ~/dimee-serve
   [ -n "${MADE_TOKEN:-}" ] && rm -f ~/.ray/auth_token
   rm -rf "$WORK"
@@ -40,19 +41,20 @@ echo "export PATH=$VENV_BIN:\$PATH DIMEE_ARTIFACT=$ARTIFACT $MARK" >> ~/.bashrc
 [ -f ~/.ray/auth_token ] || { ray get-auth-token --generate >/dev/null 2>&1; MADE_TOKEN=1; }
 export RAY_AUTH_MODE=token
 
+echo "== hosts"
+python - <<'EOF'
+from deployments import hosts, local_cluster
+nodes = local_cluster.netns_nodes()
+hosts.up({"head": local_cluster.NETNS_HEAD, **{n.host: n.ip for n in nodes}}, {n.host for n in nodes})
+EOF
 ssh-keygen -A >/dev/null
 mkdir -p /run/sshd
-cat > "$WORK/sshd_config" <<EOF
-Port 22
-ListenAddress 127.0.0.2
-ListenAddress 127.0.0.3
-ListenAddress 127.0.0.4
-ListenAddress 127.0.0.5
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-PidFile $WORK/sshd.pid
-EOF
-/usr/sbin/sshd -f "$WORK/sshd_config"
+for entry in $HOSTS; do
+  name=${entry%%:*} ip=${entry##*:}
+  printf 'Port 22\nListenAddress %s\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nPidFile %s\n' \
+    "$ip" "$WORK/sshd-$name.pid" > "$WORK/sshd-$name.conf"
+  $(python -c "from deployments import hosts; print(' '.join(hosts.enter('$name')))") /usr/sbin/sshd -f "$WORK/sshd-$name.conf"
+done
 
 echo "== ray up"
 RAY_UP_enable_autoscaler_v2=0 timeout 600 ray up -y "$REPO/cluster-local.yaml" > "$WORK/up.log" 2>&1 \
@@ -60,10 +62,13 @@ RAY_UP_enable_autoscaler_v2=0 timeout 600 ray up -y "$REPO/cluster-local.yaml" >
 
 echo "== waiting for the tiers and the app"
 python - <<'EOF'
-import time, requests, ray
-ray.init(address="127.0.0.2:6379", logging_level="ERROR")
+import json, subprocess, sys, time
+import requests, ray
+from deployments import hosts
+hosts.join("head")  # a driver runs on the head's network
+ray.init(address="10.77.0.2:6379", logging_level="ERROR")
 deadline = time.time() + 420
-tiers = {"127.0.0.2": None, "127.0.0.3": "mobile", "127.0.0.4": "edge", "127.0.0.5": "cloud"}
+tiers = {"10.77.0.2": None, "10.77.0.3": "mobile", "10.77.0.4": "edge", "10.77.0.5": "cloud"}
 while time.time() < deadline:
     nodes = {n["NodeManagerAddress"]: n["Labels"].get("dimee.io/tier") for n in ray.nodes() if n["Alive"]}
     if nodes == tiers:
@@ -75,7 +80,7 @@ print("tier labels:", dict(sorted(nodes.items())))
 body = {"texts": ["a gorgeous, witty, seductive movie.", "the plot is a mess."]}
 while time.time() < deadline:
     try:
-        reply = requests.post("http://127.0.0.3:8000/v1/classify", json=body, timeout=30)  # the mobile node's front door
+        reply = requests.post("http://10.77.0.3:8000/v1/classify", json=body, timeout=30)  # the mobile host's front door
         if reply.status_code == 200:
             print("answer:", reply.json())
             break
@@ -84,21 +89,26 @@ while time.time() < deadline:
     time.sleep(3)
 else:
     raise SystemExit("the app deployed by the head start command never answered on :8000")
-status = requests.get("http://127.0.0.2:8265/api/jobs/", timeout=30).status_code
+received = {}
+for name in ("mobile", "edge", "cloud"):  # what each host's cache holds: its own tier's files only
+    listing = subprocess.run([*hosts.enter(name), "sh", "-c", "cd /tmp/dimee-cache/views && ls */*"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    received[name] = sorted({f.split("/", 1)[1] for f in listing})
+print("tier files:", json.dumps(received))
+if any(f"{other}.safetensors" in received[name] for name in received for other in received if other != name):
+    raise SystemExit("a host holds another tier's weights")
+status = requests.get("http://10.77.0.2:8265/api/jobs/", timeout=30).status_code
 if status != 401:
     raise SystemExit(f"Ray's job API answered {status} to a request without the token")
 print("job API without the token: 401")
 EOF
 
-[ "$(redis-cli -h 127.0.0.2 -p 6380 dbsize)" -gt 0 ] || { echo "the GCS wrote nothing to Redis"; exit 1; }
+[ "$(redis-cli -h 10.77.0.2 -p 6380 dbsize)" -gt 0 ] || { echo "the GCS wrote nothing to Redis"; exit 1; }
 echo "GCS state in Redis: yes"
 
 echo "== ray down"
 RAY_UP_enable_autoscaler_v2=0 timeout 180 ray down -y "$REPO/cluster-local.yaml" > "$WORK/down.log" 2>&1
-python -m deployments.front --stop --dir /tmp/dimee-front-127.0.0.3
-redis-cli -h 127.0.0.2 -p 6380 shutdown nosave > /dev/null 2>&1 || true
 sleep 3
-if pgrep -f "raylet|gcs_server" >/dev/null; then
-  echo "ray down left Ray processes running:"; pgrep -af "raylet|gcs_server"; exit 1
-fi
+left=$(for entry in $HOSTS; do ip netns pids "dimee-${entry%%:*}"; done | xargs -r ps -o comm= -p | grep -cE "raylet|gcs_server" || true)
+[ "$left" = 0 ] || { echo "ray down left $left Ray processes running"; exit 1; }
 echo "ray up / serve / ray down: OK"

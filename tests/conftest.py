@@ -33,7 +33,15 @@ THREE_WAY_TEXTS = [
 ESCALATE_TEXTS = THREE_WAY_TEXTS + ["an utterly forgettable sequel.", "i laughed, i cried, i bought the soundtrack.",
                                     "not bad, not good, just there."]
 PORT = 8011
-DASHBOARD = "http://127.0.0.2:8265"
+# As root (CI), the cluster tests run on hosts that share nothing but a network (deployments/hosts.py);
+# otherwise, or with DIMEE_TEST_HOSTS=loopback, on loopback addresses of this machine.
+HOSTS = "netns" if os.geteuid() == 0 and os.environ.get("DIMEE_TEST_HOSTS", "netns") == "netns" else "loopback"
+
+
+def dashboard() -> str:
+    from deployments import local_cluster
+
+    return f"http://{local_cluster.head_ip()}:{local_cluster.DASHBOARD_PORT}"
 
 
 def tiny_facts(dataset: str, labels: list[str], exits: dict[str, int], **more) -> dict:
@@ -140,6 +148,9 @@ def serve_config(directory: Path, replicas: dict[str, int], policy: str | None =
                         "mobile": {"batch_wait_timeout_s": 0.02}, "edge": {"batch_wait_timeout_s": 0.02}})
     # Every routed sample shadow-checked, so every test runs with shadow checks at their most; drift
     # only reported, since tightening would change the answers tests expect of this barely trained model.
+    from deployments import local_cluster
+
+    doc["http_options"] = local_cluster.proxy_http_options()
     router = next(d for d in app["deployments"] if d["name"] == "Router")
     router["user_config"].update(SHADOW)
     for entry in app["deployments"]:
@@ -154,7 +165,7 @@ def deploy(config: dict, tmp_path: Path) -> None:
     """`serve deploy` a config (the declarative path users take) and wait until it is RUNNING."""
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([ray_cli("serve"), "deploy", "--address", DASHBOARD, str(path)], check=True, timeout=120,
+    subprocess.run([ray_cli("serve"), "deploy", "--address", dashboard(), str(path)], check=True, timeout=120,
                    capture_output=True)
     wait_running(300)
 
@@ -164,7 +175,7 @@ def wait_running(seconds: float) -> float:
     began, status = time.monotonic(), ""
     while time.monotonic() - began < seconds:
         try:
-            status = subprocess.run([ray_cli("serve"), "status", "--address", DASHBOARD], capture_output=True,
+            status = subprocess.run([ray_cli("serve"), "status", "--address", dashboard()], capture_output=True,
                                     text=True, timeout=60).stdout
         except subprocess.TimeoutExpired:  # a head coming back
             continue
@@ -179,17 +190,20 @@ def wait_running(seconds: float) -> float:
 
 @pytest.fixture(scope="module")
 def cluster(served_artifact, tmp_path_factory):
-    """A real local cluster (a head, then mobile, edge and cloud nodes), the app deployed from the Serve
-    config file; torn down after the module (other modules start Ray clusters of their own)."""
+    """A real local cluster (a head, then mobile, edge and cloud nodes; see HOSTS), the app deployed
+    from the Serve config file; torn down after the module (other modules start Ray clusters of their
+    own). On namespaced hosts this process joins the head's network, as a driver must."""
     import ray
 
-    from deployments import local_cluster
+    from deployments import hosts, local_cluster
 
     local_cluster.down()
-    local_cluster.up(ha=bool(shutil.which("redis-server")))  # the head-loss test needs it (see `ha`)
-    if shutil.which("prometheus"):  # scraping from the start, so that it sees what every test does
-        local_cluster.start_prometheus()
+    local_cluster.up(ha=bool(shutil.which("redis-server")), netns=HOSTS == "netns")  # `ha`: the head-loss test
+    if HOSTS == "netns":
+        hosts.join("head")
     try:
+        if shutil.which("prometheus"):  # scraping from the start, so that it sees what every test does
+            local_cluster.start_prometheus()
         ray.init(address=local_cluster.address(), logging_level="ERROR")
         deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path_factory.mktemp("cfg"))
         url = local_cluster.start_front(port=PORT)  # the front door, as `dimee serve` starts it
@@ -200,6 +214,7 @@ def cluster(served_artifact, tmp_path_factory):
 
         _set_global_client(None)  # Serve caches its controller's handle per process: the next module's cluster has another
         ray.shutdown()
+        hosts.join(None)
         local_cluster.down()
 
 

@@ -19,7 +19,9 @@ from ray.util.state import list_actors
 from deployments.schemas import HiddenArrays, HiddenRef, RouterConfig, TierRequest, Tokens
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
-from tests.conftest import ESCALATE_TEXTS, HOSTILE_TEXTS, SHADOW, THREE_WAY_TEXTS, deploy, serve_config, wait_running
+from dimee_models import artifact
+from tests.conftest import (ESCALATE_TEXTS, HOSTILE_TEXTS, HOSTS, SHADOW, THREE_WAY_TEXTS, deploy, serve_config,
+                            wait_running)
 
 pytestmark = pytest.mark.cluster
 
@@ -58,16 +60,45 @@ def test_each_tier_runs_on_the_node_with_its_label(cluster):
             assert nodes[replica["node"]] == tier.label, (tier, replica)
 
 
-def test_each_replica_holds_only_its_tier(cluster):
+def test_each_replica_holds_only_its_tier(cluster, served_artifact):
     from ray import serve
+
+    from deployments import weights
 
     held = {t.label: serve.get_deployment_handle(t.deployment, app_name="dimee").describe.remote().result(timeout_s=60)
             for t in Tier}
+    manifest = artifact.read_manifest(served_artifact)
+    for tier in Tier:  # the folder each replica loaded from, on its own node
+        assert set(held[tier.label]["files"]) == {"manifest.json", *weights.role_files(manifest, tier.label)}
     assert (held["mobile"]["holds_embeddings"], held["mobile"]["first_layer"], held["mobile"]["layers"]) == (True, 0, 2)
     assert (held["edge"]["holds_embeddings"], held["edge"]["first_layer"], held["edge"]["layers"]) == (False, 2, 2)
     assert (held["cloud"]["holds_embeddings"], held["cloud"]["layers"]) == (True, 6)
     assert held["mobile"]["exit_heads"] == [2] and held["edge"]["exit_heads"] == [4]
     assert held["mobile"]["parameter_bytes"] + held["edge"]["parameter_bytes"] < held["cloud"]["parameter_bytes"]
+
+
+def test_each_node_fetched_only_its_tiers_files_once_each(cluster, served_artifact):
+    """Through the store on the head: every file once per node (a node's replicas share its cache); on
+    namespaced hosts, where no node sees another's cache, each node fetched exactly its tier's files."""
+    from deployments import weights
+
+    manifest, prefix = artifact.read_manifest(served_artifact), f"{served_artifact}/"
+    counts = {node: {name.removeprefix(prefix): n for name, n in files.items() if name.startswith(prefix)}
+              for node, files in weights.fetch_counts().items()}
+    counts = {node: files for node, files in counts.items() if files}
+    assert counts and all(n == 1 for files in counts.values() for n in files.values()), counts
+    if HOSTS == "netns":
+        tiers = {n["NodeID"]: n["Labels"].get("dimee.io/tier") for n in ray.nodes() if n["Alive"]}
+        assert {tiers[node]: set(files) for node, files in counts.items()} == \
+            {t.label: set(weights.role_files(manifest, t.label)) for t in Tier}
+
+
+def test_a_replica_restarted_on_its_node_starts_from_its_cache(cluster):
+    from ray import serve
+
+    kill_replica("CloudTier")
+    info = serve.get_deployment_handle("CloudTier", app_name="dimee").describe.remote().result(timeout_s=60)
+    assert info["fetch"]["fetched"] == {} and sorted(info["fetch"]["cached"]) == ["cloud.safetensors", "config.json"]
 
 
 def test_a_batch_split_across_three_tiers_comes_back_in_order_and_matches_offline(cluster, served_artifact):
@@ -514,18 +545,18 @@ def test_a_killed_ingress_replica_costs_no_request(cluster, served_artifact, tmp
     """Two ingress replicas under four clients' traffic, one killed (again, once its replacement runs, up
     to three times, until a kill catches requests in flight): those come back from Serve's proxy as 500s, and the front door
     sends them again, to the other one. None fails or waits past its 3 s deadline (+0.5 s)."""
-    from deployments import front, local_cluster
+    from deployments import local_cluster
 
     deploy(serve_config(served_artifact, {"mobile": 2, "edge": 1, "cloud": 1}), tmp_path)
     try:
-        retries = front.retries(local_cluster.FRONT_DIR)
+        retries = local_cluster.front_retries()
         clients = [Traffic(cluster) for _ in range(4)]
         for client in clients:
             client.__enter__()
         for _ in range(3):  # until a kill caught requests in flight (which replica holds them is chance)
             time.sleep(3)
             kill_replica("Router")
-            if front.retries(local_cluster.FRONT_DIR) > retries:
+            if local_cluster.front_retries() > retries:
                 break
         time.sleep(3)
         for client in clients:
@@ -533,7 +564,7 @@ def test_a_killed_ingress_replica_costs_no_request(cluster, served_artifact, tmp
         log = [entry for client in clients for entry in client.log]
         assert log and all(status == 200 for _, _, status, _ in log), [e for e in log if e[2] != 200][:3]
         assert max(latency for _, latency, _, _ in log) < RouterConfig().request_timeout_s + 0.5
-        assert front.retries(local_cluster.FRONT_DIR) > retries  # some were in flight on the killed one
+        assert local_cluster.front_retries() > retries  # some were in flight on the killed one
     finally:
         deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path)
 
@@ -573,6 +604,35 @@ def test_a_lost_head_costs_no_request_and_serve_recovers_the_app_without_a_redep
             time.sleep(1)
     finally:
         deploy(router_config(served_artifact, {}), tmp_path)
+
+
+@pytest.mark.skipif(HOSTS != "netns", reason="a link between two hosts: namespaced hosts only (root)")
+def test_a_cut_link_between_mobile_and_cloud_degrades_hard_answers_and_fails_none(cluster):
+    """A network partition between the mobile and cloud hosts: EASY and MEDIUM answers go on as
+    before, HARD ones come back from the mobile exit (degraded) within the deadline, none fails;
+    once the link is back, no answer is degraded."""
+    from deployments import hosts
+
+    with Traffic(cluster) as traffic:
+        time.sleep(2)
+        hosts.link("mobile", "cloud", up_=False)
+        cut = time.monotonic()
+        try:
+            time.sleep(8)
+        finally:
+            hosts.link("mobile", "cloud", up_=True)
+        back = time.monotonic()
+        wait_for(lambda: traffic.log[-1][0] > back and traffic.log[-1][2] == 200
+                 and not traffic.log[-1][3]["predictions"][2]["degraded"], 60, "undegraded answers after the link is back")
+        time.sleep(2)
+    assert traffic.log and all(status == 200 for _, _, status, _ in traffic.log), \
+        [entry for entry in traffic.log if entry[2] != 200][:3]
+    assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + 0.5
+    during = [body["predictions"] for began, _, _, body in traffic.log if cut + 1 < began < back]
+    assert during and all(p[2]["degraded"] and p[2]["tier"] == "mobile" for p in during)
+    assert all([q["tier"] for q in p[:2]] == ["mobile", "edge"] and not p[0]["degraded"] for p in during)
+    after = [body["predictions"] for began, _, _, body in traffic.log if began > back + 5]
+    assert after and not any(q["degraded"] or q["fallback"] for p in after for q in p)
 
 
 def wait_for(check, seconds: float, what: str) -> None:

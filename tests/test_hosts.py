@@ -1,0 +1,53 @@
+"""Namespaced hosts (deployments/hosts.py) as a user brings them up with the CLI: two mobile hosts,
+an ingress replica on each, and an EASY sample's request and answer crossing no other host."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from load import locality
+from tests.conftest import wait_http
+
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(os.geteuid() != 0, reason="namespaced hosts need root (CI runs as root)")]
+DIMEE = [sys.executable, "-m", "deployments.cli"]
+
+
+def dimee(*args: str, timeout: float = 600) -> str:
+    result = subprocess.run([*DIMEE, *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def two_mobile_hosts(served_artifact):
+    dimee("down")
+    try:
+        dimee("cluster", "up", "--hosts", "netns", "--mobile-hosts", "2")
+        assert sorted(Path("/run/netns").glob("dimee-*")) == [Path(f"/run/netns/dimee-{h}") for h in
+                                                               ("cloud", "edge", "head", "mobile", "mobile2")]
+        out = dimee("serve", str(served_artifact), "--mobile-replicas", "2", "--shadow-rate", "0")
+        url = out.split("serving ", 1)[1].split(" at ", 1)[1].split()[0]
+        assert url == "http://10.77.0.3:8000", out  # the first mobile host's front door, on its own address
+        wait_http(url + "/healthz")
+        yield url
+    finally:
+        dimee("down")
+
+
+def test_an_easy_sample_crosses_no_interface_but_its_mobile_hosts(two_mobile_hosts):
+    result = locality.measure(two_mobile_hosts, 200)
+    assert result["ingress_replicas_on"] == ["10.77.0.3", "10.77.0.6"]  # one ingress replica per mobile host
+    assert result["tiers"] == ["mobile"]
+    sent = result["bytes_per_request"]
+    assert sent["mobile"] > 500, result  # the request and its answer, over the client's link
+    for host in ("mobile2", "edge", "cloud", "head"):
+        assert sent[host] < 0.05 * sent["mobile"], (host, result)
+
+
+def test_cli_refuses_link_commands_without_two_hosts():
+    result = subprocess.run([*DIMEE, "cluster", "link-down", "mobile"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "needs the two hosts" in result.stderr and "Traceback" not in result.stderr
