@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from deployments import hosts
 from dimee_models import cli as model_cli
 from dimee_models.tiers import TIER_NAMES, Tier
 
@@ -89,14 +90,6 @@ def add_hosts_flags(p) -> None:
                         "and mount namespaces; docs/DEPLOYING.md)")
     p.add_argument("--mobile-hosts", type=int, choices=(1, 2), default=1,
                    help="with --hosts netns: how many mobile hosts (default 1)")
-
-
-def onto_head() -> None:
-    """On namespaced hosts, a driver runs on the head's network (deployments/hosts.py)."""
-    from deployments import hosts
-
-    if hosts.active() is not None and hosts.inside() != "head":
-        hosts.join("head")
 
 
 def add_commands(sub) -> None:
@@ -317,7 +310,7 @@ def cmd_serve(args) -> int:
         http_options, proxy_location = {"host": args.host, "port": args.port}, args.proxy_location
         if head_is_here(address):
             check_http_port(args.host, args.port)
-    onto_head()
+    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
     check_cluster_answers(address)
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     wait_for_tiers(args.wait_for_nodes)
@@ -386,7 +379,7 @@ def cmd_up(args) -> int:
         local_cluster.up(ha=args.ha, netns=netns, nodes=local_cluster.netns_nodes(args.mobile_hosts) if netns else None)
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
-    onto_head()
+    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
     args.dir = args.artifact
     if args.no_tune:
         return cmd_serve(args)
@@ -464,7 +457,7 @@ def cmd_profile(args) -> int:
 
     links = read_links(args.links) if args.links is not None else None  # a bad one before any measuring
     address = args.address or local_cluster.address()
-    onto_head()
+    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
     check_cluster_answers(address)
     headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)

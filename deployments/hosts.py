@@ -69,6 +69,13 @@ def join(name: str | None) -> None:
 _machine: int | None = None  # the machine's own network, kept open by the first `join`
 
 
+def join_head() -> None:
+    """Where a Ray driver of the local cluster runs: on the head's network when the namespaced
+    hosts are up (a no-op otherwise, or when there already)."""
+    if active() is not None and inside() != "head":
+        join("head")
+
+
 def enter(name: str) -> list[str]:
     """The command prefix that runs a command on host `name` (its network, and for a tier host its
     files)."""
@@ -147,6 +154,8 @@ def pids(name: str) -> list[int]:
 
 def down() -> None:
     """Kill every process in the hosts and remove them and the bridge."""
+    if os.geteuid() != 0:  # only root makes them
+        return
     import psutil
 
     for path in sorted(NETNS_DIR.glob("dimee-*")) if NETNS_DIR.is_dir() else []:

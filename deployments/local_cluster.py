@@ -248,12 +248,13 @@ def start_front(host: str = FRONT_HOST, port: int = FRONT_PORT, nodes: tuple[Nod
     return f"http://{host}:{port}"
 
 
-def front_retries() -> int:
-    """The retry counters of the front doors `start_front` started, added up (deployments/front.py)."""
+def front_retries() -> int | None:
+    """The retry counters of the front doors `start_front` started, added up (deployments/front.py);
+    None on loopback when none runs."""
     from deployments import front
 
     if not hosts.active():
-        return front.retries(FRONT_DIR)
+        return front.retries(FRONT_DIR) if front.running(FRONT_DIR) else None
     code = f"from deployments import front; print(front.retries(__import__('pathlib').Path({str(FRONT_DIR)!r})))"
     return sum(int(subprocess.run([*hosts.enter(n.host), sys.executable, "-c", code], check=True, capture_output=True,
                                   text=True, timeout=60).stdout) for n in cluster_nodes() if n.tier == Tier.MOBILE)

@@ -5,7 +5,7 @@ An artifact is named by a *source*: a directory on the head (the node that runs 
 filesystem pyarrow reads). Every replica, and the app builder, asks for the files of its own role
 only (`ROLE_FILES`: a mobile host never holds the cloud slice), checks each against the
 manifest's sha256, and keeps it in its node's cache by checksum (`DIMEE_CACHE_DIR`, default
-/tmp/dimee-cache): a second or restarted replica on that node reads the cache and fetches nothing.
+/tmp/dimee-cache-UID): a second or restarted replica on that node reads the cache and fetches nothing.
 Each artifact (by its manifest's checksum) and role gets a view in the cache, a folder laid out as
 the artifact with links into the cache, so the loading code reads it as any artifact directory.
 
@@ -43,7 +43,8 @@ IN_FLIGHT = 4
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("DIMEE_CACHE_DIR", "/tmp/dimee-cache"))
+    """This node's cache; one per user, as /tmp is everyone's."""
+    return Path(os.environ.get("DIMEE_CACHE_DIR", f"/tmp/dimee-cache-{os.getuid()}"))
 
 
 def is_uri(source: str) -> bool:

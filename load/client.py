@@ -3,6 +3,7 @@ can ask for, the Locust command line, and the stats entry that counts 503 refusa
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import get_args
@@ -27,3 +28,12 @@ def locust_command(host: str, mode: str, texts_per_request: int, dataset: str, t
     return [sys.executable, "-m", "locust", "-f", ",".join(str(f) for f in files), "--headless", "--only-summary",
             "--host", host, "--loglevel", "WARNING", "--mode", mode, "--texts-per-request", str(texts_per_request),
             "--think-time", str(think_time), "--dataset", dataset, *more]
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """A tool's result: printed, and written to `out` as JSON if given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

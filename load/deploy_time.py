@@ -11,7 +11,6 @@ node that holds them starts from its cache.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 from deployments import hosts, local_cluster
 from deployments.weights import cache_dir
 from dimee_models.tiers import Tier
+from load.client import emit
 
 STARTED = re.compile(r"^INFO (\S+ \S+) .*deployment='(\w+)'.*started successfully .* after ([\d.]+)s .*took ([\d.]+)s")
 
@@ -68,9 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="empty every node's weight cache first")
     p.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     args = p.parse_args(argv)
-    if hosts.active():
-        hosts.join("head")  # a driver runs on the head's network
-    on_cluster(lambda serve: serve.delete("dimee"))  # every replica starts anew
+    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
+    on_cluster(lambda serve: serve.status().applications and serve.delete("dimee"))  # every replica starts anew
     if args.cold:
         empty_caches()
     since = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -83,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
               "serve_to_ready_s": round(wall, 1),
               "tiers": {t.label: {**starts.get(t.deployment, {}), **fetched}
                         for t, fetched in zip(Tier, on_cluster(fetches))}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

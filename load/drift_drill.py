@@ -20,7 +20,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import requests
 
 from dimee_models import artifact

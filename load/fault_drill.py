@@ -34,7 +34,7 @@ import requests
 from ray import serve
 from ray.util.state import list_actors
 
-from deployments import front, local_cluster
+from deployments import hosts, local_cluster
 from dimee_models.tiers import Tier
 from load.client import CLASSIFY, DEFAULT_URL, HEALTHZ
 from load.run import run_locust
@@ -149,7 +149,7 @@ def head_timeline(app: str, down_at: float, up_at: float, began: float) -> dict:
     starting = round(time.monotonic() - began, 2)
     local_cluster.start_head()
     up = round(time.monotonic() - began, 2)
-    dashboard = f"http://{local_cluster.HEAD_IP}:{local_cluster.DASHBOARD_PORT}"
+    dashboard = f"http://{local_cluster.head_ip()}:{local_cluster.DASHBOARD_PORT}"
     while not serve_running(dashboard, app) and time.monotonic() - began < up + 300:
         time.sleep(0.5)
     running = round(time.monotonic() - began, 2) if serve_running(dashboard, app) else None
@@ -189,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     kills = (args.kill if args.kill is not None else [] if args.node_down or args.head_down is not None
              else [(Tier.EDGE.deployment, 20.0), (Tier.CLOUD.deployment, 40.0)])
     args.out.mkdir(parents=True, exist_ok=True)
+    hosts.join_head()  # namespaced hosts: a driver (and this drill's Locust) on the head's network
     if args.head_down is None:
         ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
-    retries = front.retries(local_cluster.FRONT_DIR) if front.running(local_cluster.FRONT_DIR) else None
+    retries = local_cluster.front_retries()
 
     # a request unanswered after 8 s (its deadline is 3) fails, and is counted before Locust's 10 s stop timeout
     load_args = argparse.Namespace(host=args.host, texts_per_request=args.texts_per_request, think_time=0.0,
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "longest_wait_ms": result["max_ms"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
         "shed": result["shed"], "shed_p99_ms": result["shed_p99_ms"],
         "kills": recoveries, "nodes": timelines, "head": head or None,
-        "front_door_retries": None if retries is None else front.retries(local_cluster.FRONT_DIR) - retries,
+        "front_door_retries": None if retries is None else local_cluster.front_retries() - retries,
         "probe_failed": sum(status != 200 for log in probes.values() for _, status, _ in log),
     }
     (args.out / "drill.json").write_text(json.dumps(report, indent=2))

@@ -2,7 +2,8 @@
 hosts (`dimee cluster up --hosts netns --mobile-hosts 2`, `dimee serve ART --mobile-replicas 2
 --shadow-rate 0`): the bytes on every host's interface while one client sends mobile-answered
 requests to the first mobile host's front door, less those of an idle period as long (Ray's own
-heartbeats and metrics), per request; and where each ingress replica runs.
+heartbeats and metrics), per request; where each ingress replica runs, and how many of the
+requests each mobile host's ingress replica answered (Serve's access log on that host).
 
     python -m load.locality --requests 300 --out runs/locality.json
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import requests
 
 from deployments import hosts, local_cluster
-from load.client import CLASSIFY
+from load.client import CLASSIFY, emit
 
 TEXT = "a gorgeous, witty, seductive movie."
 
@@ -33,6 +34,14 @@ def interface_bytes() -> dict[str, int]:
     return out
 
 
+def ingress_requests() -> dict[str, int]:
+    """Requests each mobile host's ingress replicas have logged (Serve's access log, on the host's own disk)."""
+    count = "cat /tmp/ray/session_latest/logs/serve/replica_dimee_Router_*.log 2>/dev/null | grep -c 'POST /v1/classify'"
+    return {n.host: int(subprocess.run([*hosts.enter(n.host), "sh", "-c", count], capture_output=True,
+                                       text=True).stdout.strip() or 0)
+            for n in local_cluster.cluster_nodes() if n.tier.label == "mobile"}
+
+
 def ingress_hosts() -> list[str]:
     """The address of the node of each ingress replica, from Serve's REST API on the head."""
     apps = requests.get(f"http://{local_cluster.NETNS_HEAD}:{local_cluster.DASHBOARD_PORT}/api/serve/applications/",
@@ -45,18 +54,19 @@ def measure(url: str, count: int) -> dict:
     body = {"texts": [TEXT], "mode": "mobile_only"}
     for _ in range(10):  # warm: connections open, replicas past their first request
         session.post(url + CLASSIFY, json=body, timeout=30).raise_for_status()
-    began, before = time.monotonic(), interface_bytes()
+    began, before, logged = time.monotonic(), interface_bytes(), ingress_requests()
     tiers = set()
     for _ in range(count):
         reply = session.post(url + CLASSIFY, json=body, timeout=30)
         reply.raise_for_status()
         tiers |= {p["tier"] for p in reply.json()["predictions"]}
     loaded, seconds = interface_bytes(), time.monotonic() - began
+    answered_by = {host: n - logged[host] for host, n in ingress_requests().items()}
     time.sleep(seconds)
     idle = interface_bytes()
     per_request = {name: ((loaded[name] - before[name]) - (idle[name] - loaded[name])) / count for name in before}
     return {"url": url, "requests": count, "seconds": round(seconds, 2), "tiers": sorted(tiers),
-            "ingress_replicas_on": ingress_hosts(), "hosts": hosts.active(),
+            "ingress_replicas_on": ingress_hosts(), "hosts": hosts.active(), "answered_by_ingress_on": answered_by,
             "bytes_per_request": {k: round(v, 1) for k, v in per_request.items()},
             "idle_bytes_per_second": {k: round((idle[k] - loaded[k]) / seconds, 1) for k in idle}}
 
@@ -70,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no namespaced hosts are up: `dimee cluster up --hosts netns --mobile-hosts 2` first")
     first = next(n for n in local_cluster.cluster_nodes() if n.host == "mobile")
     result = measure(f"http://{first.ip}:{local_cluster.FRONT_PORT}", args.requests)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ the file (into its own /tmp) by
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -26,6 +25,7 @@ import ray
 
 from deployments import hosts, local_cluster, weights
 from dimee_models.tiers import Tier
+from load.client import emit
 
 
 @ray.remote(num_cpus=0)
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     artifact = args.artifact.resolve()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    if hosts.active():
-        hosts.join("head")
+    hosts.join_head()
     ray.init(address=local_cluster.address(), logging_level="ERROR",
              runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     moto, uri = moto_on_head(artifact)
@@ -104,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     result = {"hosts": "netns" if hosts.active() else "loopback", "file": args.file, "runs": runs,
               "median_s": {how: sorted(r["seconds"] for r in rs)[len(rs) // 2] for how, rs in runs.items()}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -91,7 +91,7 @@ else:
     raise SystemExit("the app deployed by the head start command never answered on :8000")
 received = {}
 for name in ("mobile", "edge", "cloud"):  # what each host's cache holds: its own tier's files only
-    listing = subprocess.run([*hosts.enter(name), "sh", "-c", "cd /tmp/dimee-cache/views && ls */*"],
+    listing = subprocess.run([*hosts.enter(name), "sh", "-c", "cd /tmp/dimee-cache-$(id -u)/views && ls */*"],
                              capture_output=True, text=True, check=True).stdout.split()
     received[name] = sorted({f.split("/", 1)[1] for f in listing})
 print("tier files:", json.dumps(received))

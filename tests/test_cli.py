@@ -375,3 +375,11 @@ def test_the_head_is_only_taken_down_on_a_cluster_that_can_bring_it_back(action,
     assert serve_cli.main(["cluster", action]) == 2
     err = capsys.readouterr().err
     assert "not started with --ha" in err and "dimee cluster up --ha" in err and "Traceback" not in err
+
+
+def test_link_commands_need_two_namespaced_hosts(capsys):
+    assert serve_cli.main(["cluster", "link-down", "mobile"]) == 2
+    assert "needs the two hosts" in capsys.readouterr().err
+    assert serve_cli.main(["cluster", "link-down", "mobile", "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert "no namespaced host" in err and "Traceback" not in err

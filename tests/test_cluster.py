@@ -570,10 +570,11 @@ def test_a_killed_ingress_replica_costs_no_request(cluster, served_artifact, tmp
 
 
 def test_a_lost_head_costs_no_request_and_serve_recovers_the_app_without_a_redeploy(
-        cluster, ha, served_artifact, tmp_path):
+        cluster, ha, served_artifact, tmp_path, monkeypatch):
     """The head (GCS, Serve's controller, its proxy) killed for 20 s under traffic through the front
     door: the mobile node's proxy and the tiers answer every request; when the head is back, Serve's
-    controller takes up the same replicas, and a live setting can be changed again."""
+    controller takes up the same replicas, a live setting can be changed again, and the head's
+    store serves the artifact's files again."""
     from deployments import local_cluster
 
     before = replicas()
@@ -604,6 +605,10 @@ def test_a_lost_head_costs_no_request_and_serve_recovers_the_app_without_a_redep
             time.sleep(1)
     finally:
         deploy(router_config(served_artifact, {}), tmp_path)
+    from deployments import weights
+
+    monkeypatch.setenv("DIMEE_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: a real fetch
+    assert set(weights.fetch(str(served_artifact), "policy")[1]["fetched"]) == {"policy.json", "policy.safetensors"}
 
 
 @pytest.mark.skipif(HOSTS != "netns", reason="a link between two hosts: namespaced hosts only (root)")
