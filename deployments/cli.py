@@ -183,7 +183,7 @@ def cmd_cluster(args) -> int:
         return 0
     if len(args.tier) != 1 or args.tier[0] not in TIER_NAMES:
         raise ValueError(f"{args.action} needs the tier whose node to take down or bring back, "
-                         f"one of {', '.join(TIER_NAMES)}")
+                         f"one of {', '.join(TIER_NAMES)}" + (f", not {' '.join(args.tier)}" if args.tier else ""))
     tier = Tier.named(args.tier[0])
     if args.action == "node-down":
         killed = local_cluster.stop_node(tier)
