@@ -1,10 +1,13 @@
 """Shared fixtures: a small real artifact, and one real three-node Ray cluster per test session."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -253,3 +256,34 @@ def wait_http(url: str, seconds: float = 120) -> None:
             pass
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+@contextlib.contextmanager
+def moto_server(host: str):
+    """moto's standalone S3-compatible server on `host`; yields its host:port."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"{host}:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def upload(directory: Path, bucket_uri: str) -> None:
+    """What a user does with `aws s3 sync DIR s3://...`."""
+    from pyarrow import fs
+
+    s3, path = fs.FileSystem.from_uri(bucket_uri + "&allow_bucket_creation=true")
+    s3.create_dir(path.split("/")[0])
+    fs.copy_files(str(directory), path, destination_filesystem=s3)

@@ -20,8 +20,8 @@ from deployments.schemas import HiddenArrays, HiddenRef, RouterConfig, TierReque
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
 from dimee_models import artifact
-from tests.conftest import (ESCALATE_TEXTS, HOSTILE_TEXTS, HOSTS, SHADOW, THREE_WAY_TEXTS, deploy, serve_config,
-                            wait_running)
+from tests.conftest import (ESCALATE_TEXTS, HOSTILE_TEXTS, HOSTS, SHADOW, THREE_WAY_TEXTS, deploy, moto_server,
+                            serve_config, upload, wait_running)
 
 pytestmark = pytest.mark.cluster
 
@@ -702,6 +702,39 @@ def test_a_model_trained_on_hostile_texts_is_served_as_offline(cluster, served_a
     for got, want in zip(body["predictions"], offline):
         assert (got["tier"], got["label_id"], got["exit_layer"]) == (want["tier"], want["label_id"], want["exit_layer"])
         assert abs(got["confidence"] - want["confidence"]) < 1e-4
+
+
+def test_an_artifact_in_s3_is_served_as_offline_with_each_tier_fetching_its_own_files(
+        cluster, served_artifact, tmp_path, monkeypatch):
+    """The production path: the artifact in an S3-compatible bucket (moto's server on the head's
+    address), credentials in the application's runtime_env; each replica fetches its files from there."""
+    from deployments import local_cluster
+
+    with moto_server(local_cluster.head_ip()) as address:
+        credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)  # for the upload, as a user's shell has them
+        uri = f"s3://models/rt?endpoint_override={address}&scheme=http&region=us-east-1"
+        upload(served_artifact, uri)
+        config = serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1})
+        config["applications"][0]["args"]["artifact"] = uri
+        config["applications"][0]["runtime_env"] = {"env_vars": credentials}
+        deploy(config, tmp_path)
+        try:
+            fetched = {t.label: tier_handle_describe(t)["fetch"] for t in Tier}
+            served = classify(cluster, THREE_WAY_TEXTS)
+        finally:
+            deploy(serve_config(served_artifact, {"mobile": 1, "edge": 1, "cloud": 1}), tmp_path)
+    assert set(fetched["cloud"]["fetched"]) | set(fetched["cloud"]["cached"]) == {"config.json", "cloud.safetensors"}
+    assert "edge.safetensors" in fetched["edge"]["fetched"] or "edge.safetensors" in fetched["edge"]["cached"]
+    offline = predict_texts(served_artifact, THREE_WAY_TEXTS, policy_name="three_way")
+    assert [(p["tier"], p["label_id"]) for p in served] == [(p["tier"], p["label_id"]) for p in offline]
+
+
+def tier_handle_describe(tier: Tier) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(tier.deployment, app_name="dimee").describe.remote().result(timeout_s=60)
 
 
 def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, served_artifact, tmp_path):

@@ -2,10 +2,6 @@
 from a directory or from a real S3-compatible server (moto's, started here)."""
 
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -14,6 +10,7 @@ from dimee_models import artifact
 from dimee_models.artifact import ArtifactError
 from dimee_models.policy import load_policies
 from dimee_models.tiers import Tier
+from tests.conftest import moto_server, upload
 
 
 @pytest.fixture
@@ -65,31 +62,8 @@ def test_a_missing_artifact_is_named(tmp_path, cache):
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """moto's standalone S3-compatible server on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
-
-
-def upload(directory, bucket_uri: str) -> None:
-    """What a user does with `aws s3 sync DIR s3://...`."""
-    from pyarrow import fs
-
-    s3, path = fs.FileSystem.from_uri(bucket_uri + "&allow_bucket_creation=true")
-    s3.create_dir(path.split("/")[0])
-    fs.copy_files(str(directory), path, destination_filesystem=s3)
+    with moto_server("127.0.0.1") as address:
+        yield address
 
 
 def test_an_artifact_in_s3_is_fetched_by_role_and_checked(served_artifact, cache, s3_server, monkeypatch):
