@@ -58,7 +58,7 @@ done
 
 echo "== ray up"
 RAY_UP_enable_autoscaler_v2=0 timeout 600 ray up -y "$REPO/cluster-local.yaml" > "$WORK/up.log" 2>&1 \
-  || { tail -40 "$WORK/up.log"; exit 1; }
+  || { grep -vE '^\s*/|\) \[0x' "$WORK/up.log" | tail -60; exit 1; }  # without native stack frames
 
 echo "== waiting for the tiers and the app"
 python - <<'EOF'
@@ -91,8 +91,8 @@ else:
     raise SystemExit("the app deployed by the head start command never answered on :8000")
 received = {}
 for name in ("mobile", "edge", "cloud"):  # what each host's cache holds: its own tier's files only
-    listing = subprocess.run([*hosts.enter(name), "sh", "-c", "cd /tmp/dimee-cache-$(id -u)/views && ls */*"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run([*hosts.enter(name), "sh", "-c", "find /tmp/dimee-cache-$(id -u)/views -mindepth 2 "
+                              "\\( -type f -o -type l \\) -printf '%P\\n'"], capture_output=True, text=True, check=True).stdout.split()
     received[name] = sorted({f.split("/", 1)[1] for f in listing})
 print("tier files:", json.dumps(received))
 if any(f"{other}.safetensors" in received[name] for name in received for other in received if other != name):
@@ -103,7 +103,7 @@ if status != 401:
 print("job API without the token: 401")
 EOF
 
-[ "$(redis-cli -h 10.77.0.2 -p 6380 dbsize)" -gt 0 ] || { echo "the GCS wrote nothing to Redis"; exit 1; }
+[ "$(nsenter --net=/run/netns/dimee-head redis-cli -p 6380 dbsize)" -gt 0 ] || { echo "the GCS wrote nothing to Redis"; exit 1; }
 echo "GCS state in Redis: yes"
 
 echo "== ray down"
