@@ -281,9 +281,9 @@ def moto_server(host: str):
 
 
 def upload(directory: Path, bucket_uri: str) -> None:
-    """What a user does with `aws s3 sync DIR s3://...`."""
-    from pyarrow import fs
-
-    s3, path = fs.FileSystem.from_uri(bucket_uri + "&allow_bucket_creation=true")
-    s3.create_dir(path.split("/")[0])
-    fs.copy_files(str(directory), path, destination_filesystem=s3)
+    """What a user does with `aws s3 sync DIR s3://...`, in a process of its own, as theirs: the
+    S3 client's threads keep the network they were started on, and a test may be on a host's."""
+    code = ("import sys; from pyarrow import fs; s3, path = fs.FileSystem.from_uri(sys.argv[2]); "
+            "s3.create_dir(path.split('/')[0]); fs.copy_files(sys.argv[1], path, destination_filesystem=s3)")
+    subprocess.run([sys.executable, "-c", code, str(directory), bucket_uri + "&allow_bucket_creation=true"],
+                   check=True, capture_output=True, timeout=120)
