@@ -78,17 +78,22 @@ class HeadDisk:
             raise ArtifactError(f"{root} on the head is not a DIMEE artifact: {MANIFEST} not found")
         return path.read_text()
 
-    def read(self, root: str, name: str, offset: int, size: int, node_id: str) -> bytes:
+    def file(self, root: str, name: str) -> Path:
+        """A file the artifact's manifest lists, and no other."""
         if name not in Manifest.model_validate_json(self.manifest(root)).files:
             raise ArtifactError(f"{name} is not a file of the artifact {root}")
+        return Path(root) / name
+
+    def read(self, root: str, name: str, offset: int, size: int, node_id: str) -> bytes:
+        path = self.file(root, name)
         if offset == 0:
             self.fetched[(node_id, f"{root}/{name}")] += 1
-        with open(Path(root) / name, "rb") as f:
+        with open(path, "rb") as f:
             f.seek(offset)
             return f.read(size)
 
     def size(self, root: str, name: str) -> int:
-        return (Path(root) / name).stat().st_size
+        return self.file(root, name).stat().st_size
 
     def append(self, path: str, text: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,7 @@ def store():
                            f"`ray start --head --labels={HEAD_LABEL}` (the node whose disk holds the artifact), or "
                            "serve the artifact from a storage URI")
     return HeadDisk.options(name=STORE_NAME, namespace=STORE_NAMESPACE, lifetime="detached",
-                                 get_if_exists=True, label_selector={HEAD_LABEL_KEY: HEAD_LABEL_VALUE}).remote()
+                            get_if_exists=True, label_selector={HEAD_LABEL_KEY: HEAD_LABEL_VALUE}).remote()
 
 
 class Source:
