@@ -10,6 +10,10 @@ machine of a real cluster has its own copy of them. The head has its own network
 stands for the machine you run `dimee` on, whose disk holds the artifact and whose /tmp/ray is
 the one drivers read.
 
+Each host's processes also share one CPU group (cgroup `dimee-<name>`, equal weights), as separate
+machines do not take each other's CPU: without it, the dozen processes of a head started again
+outran the mobile host's ingress on this machine's cores for seconds.
+
 The link between two hosts can be cut and restored (`link`): a network partition between them.
 """
 
@@ -28,6 +32,16 @@ STATE = Path("/run/dimee-hosts")  # hosts.json and each tier host's mount-namesp
 NETNS_DIR = Path("/run/netns")
 REPO = Path(__file__).resolve().parents[1]
 CLONE_NEWNET = 0x40000000
+
+
+def _cpu_cgroups() -> Path | None:
+    """Where CPU groups are made: cgroup v1's cpu hierarchy, or v2's root if its cpu controller is
+    handed down; None if neither (the hosts then share the CPU as any processes do)."""
+    v1, v2 = Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup")
+    if (v1 / "cpu.shares").exists():
+        return v1
+    control = v2 / "cgroup.subtree_control"
+    return v2 if control.exists() and "cpu" in control.read_text().split() else None
 
 
 def netns(name: str) -> str:
@@ -80,7 +94,11 @@ def enter(name: str) -> list[str]:
     """The command prefix that runs a command on host `name` (its network, and for a tier host its
     files)."""
     mounts = STATE / f"{name}.mnt"
-    return ["nsenter", f"--net={NETNS_DIR / netns(name)}"] + ([f"--mount={mounts}"] if mounts.exists() else [])
+    prefix = ["nsenter", f"--net={NETNS_DIR / netns(name)}"] + ([f"--mount={mounts}"] if mounts.exists() else [])
+    group = _cpu_cgroups()
+    if group is not None and (group / netns(name)).is_dir():
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group / netns(name)), *prefix]
+    return prefix
 
 
 def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -114,6 +132,8 @@ def up(hosts: dict[str, str], private: set[str]) -> None:
             _run("ip", "netns", "exec", netns(name), *cmd)
         if name in private:
             _private_files(name)
+        if _cpu_cgroups() is not None:
+            (_cpu_cgroups() / netns(name)).mkdir(exist_ok=True)
     (STATE / "hosts.json").write_text(json.dumps(hosts))
 
 
@@ -169,6 +189,11 @@ def down() -> None:
                 pass
         psutil.wait_procs(procs, timeout=10)
         _run("ip", "netns", "del", path.name, check=False)
+    for group in _cpu_cgroups().glob("dimee-*") if _cpu_cgroups() is not None else []:
+        try:
+            group.rmdir()
+        except OSError:  # a process outside the namespace still in it: the group goes with the next `down`
+            pass
     for line in _run("ip", "-o", "link", "show", "type", "veth", check=False).stdout.splitlines():
         veth = line.split(":")[1].strip().split("@")[0]
         if veth.startswith("dv-"):  # one whose namespace something still holds

@@ -593,10 +593,11 @@ def test_a_lost_head_costs_no_request_and_serve_recovers_the_app_without_a_redep
     during = [entry for entry in traffic.log if down < entry[0] < down + 20]
     assert during and all(status == 200 for _, _, status, _ in traffic.log), \
         [entry for entry in traffic.log if entry[2] != 200][:3]
-    # + 1 s, not the 0.5 of the other faults: for ~5 s after the head's processes start again, tier
-    # calls stall and a few requests wait up to ~0.9 s past their deadline (RESULTS §7: a missed
-    # target, on loopback too; cause not found)
-    assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + 1.0
+    # On loopback nodes, which share the CPU with no group of their own, the head's dozen processes
+    # starting again starve the ingress and the GCS for seconds, and a few requests wait up to ~0.9 s
+    # past their deadline (RESULTS §7); the namespaced hosts have a CPU group each.
+    slack = 0.5 if HOSTS == "netns" else 1.0
+    assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + slack
     after = replicas()
     assert {name: {r["id"] for r in rs} for name, rs in after.items()} == \
         {name: {r["id"] for r in rs} for name, rs in before.items()}  # taken up, not restarted

@@ -49,3 +49,19 @@ def test_an_easy_sample_crosses_no_interface_but_its_mobile_hosts(two_mobile_hos
     # the others show is Ray's own traffic (~10-50 KB/s at idle, the head's most) varying with load
     for host in ("mobile2", "edge", "cloud", "head"):
         assert sent[host] < 0.5 * sent["mobile"], (host, result)
+
+
+def test_each_hosts_processes_share_one_cpu_group_of_their_own(two_mobile_hosts):
+    """Separate machines do not take each other's CPU: every process in a host's network runs in
+    that host's CPU group, and no group holds another host's processes."""
+    from deployments import hosts
+
+    root = hosts._cpu_cgroups()
+    if root is None:
+        pytest.skip("no cgroup CPU controller on this machine")
+    for name in ("head", "mobile", "mobile2", "edge", "cloud"):
+        members = {int(p) for p in (root / hosts.netns(name) / "cgroup.procs").read_text().split()}
+        assert members and set(hosts.pids(name)) <= members, name
+        others = {p for other in ("head", "mobile", "mobile2", "edge", "cloud") if other != name
+                  for p in hosts.pids(other)}
+        assert not members & others, name
