@@ -6,6 +6,7 @@ import time
 from dimee_models import artifact
 from dimee_models.cli import main
 from dimee_models.evaluate import run_evaluation
+from dimee_models.policy import load_policies
 from tests.conftest import HOSTILE_TEXTS
 
 
@@ -18,7 +19,11 @@ def test_hostile_texts_train_calibrate_and_evaluate(hostile_artifact):
     assert {t.strip() for t in HOSTILE_TEXTS} <= set(stored)
     doc, _, test = run_evaluation(hostile_artifact)
     assert len(test.labels) == len(artifact.load_split(hostile_artifact, "test", manifest).texts)
-    assert doc["n"] == len(test.labels) and doc["methods"]
+    assert doc["n"] == len(test.labels)
+    policies, _ = load_policies(hostile_artifact)
+    assert set(policies) <= set(doc["methods"])  # every calibrated policy scored on the hostile test split
+    for name, method in doc["methods"].items():
+        assert 0 <= method["accuracy"] <= 1 and abs(sum(method["tier_fraction"].values()) - 1) < 1e-9, name
 
 
 def test_unreadable_files_fail_at_train_within_seconds(tmp_path, capsys):

@@ -89,9 +89,12 @@ def test_the_docs_still_show_the_classify_body():
     assert "ClassifyResponse" in post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
 
 
-def test_no_api_key_configured_lets_everyone_in():
-    check_api_key(None, Headers({}))
-    check_api_key(None, Headers({"X-API-Key": "anything"}))
+@pytest.mark.parametrize("key,headers", [
+    (None, {}), (None, {"X-API-Key": "anything"}),  # no key configured: everyone is let in
+    ("s3cret", {"X-API-Key": "s3cret"}), ("s3crét", {"X-API-Key": "s3crét"}),
+])
+def test_the_right_key_or_no_configured_key_lets_a_request_in(key, headers):
+    assert check_api_key(key, Headers(headers)) is None
 
 
 @pytest.mark.parametrize("headers,message", [

@@ -39,19 +39,6 @@ def test_watched_after_every_sample_it_alarms_by_chance_at_most_delta_of_the_tim
     assert alarms / streams <= 0.1
 
 
-def test_a_fixed_n_interval_recomputed_at_every_sample_alarms_too_often():
-    """The reason for a confidence sequence, shown: Clopper-Pearson's lower end, read after every
-    sample, crosses the budget by chance more often than delta."""
-    from dimee_models.risk import binomial_cdf
-    rng = np.random.default_rng(0)
-    streams, n, alarms = 200, 3000, 0
-    for _ in range(streams):
-        ones = np.cumsum(rng.random(n) < BUDGET)
-        # lower end above the budget <=> P(Bin(i, budget) >= k) <= delta
-        alarms += any(k and 1 - binomial_cdf(int(k) - 1, i + 1, BUDGET) <= 0.1 for i, k in list(enumerate(ones))[::25])
-    assert alarms / streams > 0.1
-
-
 def test_drift_tightens_halfway_each_alarm_and_steps_forward_on_probation():
     live = LiveRisk()
     state = live.record(watch(), 58, WINDOW, 5)
