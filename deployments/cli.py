@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
@@ -284,8 +283,6 @@ def check_http_port(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
-    import ray
-
     from deployments import front, local_cluster
     from deployments.placement import check_placement
     from dimee_models import artifact
@@ -310,9 +307,9 @@ def cmd_serve(args) -> int:
         http_options, proxy_location = {"host": args.host, "port": args.port}, args.proxy_location
         if head_is_here(address):
             check_http_port(args.host, args.port)
-    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
+    hosts.join_head()  # namespaced hosts: the check from the head's network, where connect puts the driver
     check_cluster_answers(address)
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    local_cluster.connect(address)
     wait_for_tiers(args.wait_for_nodes)
     check_placement()  # before Serve starts on a cluster it cannot use
     # Only now the app, with torch and transformers: the checks above answer before those imports.
@@ -409,8 +406,7 @@ def tune_and_serve(args) -> int:
     from deployments import local_cluster
 
     path = args.artifact / CLUSTER_PROFILE  # reused while the cluster's nodes are the same
-    address = args.address or local_cluster.address()
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    local_cluster.connect(args.address)
     nodes = describe_nodes()
     ray.shutdown()
     profile = read_profile(path) if path.is_file() else None
@@ -457,10 +453,10 @@ def cmd_profile(args) -> int:
 
     links = read_links(args.links) if args.links is not None else None  # a bad one before any measuring
     address = args.address or local_cluster.address()
-    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
+    hosts.join_head()  # namespaced hosts: the check from the head's network, where connect puts the driver
     check_cluster_answers(address)
     headers = {"X-API-Key": os.environ[args.api_key_env]} if args.api_key_env else {}
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    local_cluster.connect(address)
     try:
         profile = run_profile(args.url.rstrip("/"), args.app, args.texts, args.batch, headers, links)
     finally:

@@ -110,6 +110,16 @@ def address() -> str:
     return f"{head_ip()}:{GCS_PORT}"
 
 
+def connect(to: str | None = None, runtime_env: dict | None = None) -> None:
+    """This process as a Ray driver of the cluster at `to` (default: the local one's head), from the
+    head's network when the namespaced hosts are up (hosts.join_head). Ray's own log from warnings
+    up, and not the replicas' lines: a tool's output stays its own."""
+    import ray
+
+    hosts.join_head()
+    ray.init(address=to or address(), logging_level=logging.WARNING, log_to_driver=False, runtime_env=runtime_env)
+
+
 def proxy_port(ip: str) -> int:
     """The port of the Serve proxy of the node at `ip` (one host: every proxy needs its own)."""
     return NETNS_PROXY_PORT if hosts.active() else PROXY_PORT_BASE + int(ip.rsplit(".", 1)[1])

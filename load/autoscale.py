@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from load.client import DEFAULT_URL, LOCUSTFILE, MODES, is_shed, locust_command
+from load.client import DEFAULT_URL, LOCUSTFILE, MODES, LocustOptions, is_shed, locust_command
 from load.run import served_replicas
 
 SHAPE = Path(__file__).with_name("step_shape.py")
@@ -153,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps needs at least three steps: before, during and after the load")
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = args.out / "locust"
-    command = locust_command(args.host, args.mode, args.texts_per_request, args.dataset, args.think_time,
-                             ["--csv", str(prefix), "--csv-full-history", "--steps", args.steps], (LOCUSTFILE, SHAPE))
+    options = LocustOptions(args.host, args.texts_per_request, args.dataset, args.think_time)
+    command = locust_command(options, args.mode, ["--csv", str(prefix), "--csv-full-history", "--steps", args.steps],
+                             (LOCUSTFILE, SHAPE))
     replicas, stop = [], threading.Event()
     poller = threading.Thread(target=poll_replicas, args=(args.host, args.poll, stop, replicas))
     poller.start()

@@ -26,7 +26,7 @@ from deployments.tier import TierRunner
 from dimee_models import artifact
 from dimee_models.manifest import Manifest
 from dimee_models.tiers import TIER_NAMES, Tier
-from load.client import CLASSIFY, DEFAULT_URL, INFO
+from load.client import DEFAULT_URL, INFO, post, request_body
 
 MODES, WARMUP, REPS = ("mobile_only", "edge_only", "cloud_only", "dimee"), 10, 3
 PARTS = ("tokenize", "mobile", "edge", "cloud_full", "cloud_from_m", "cloud_from_e")
@@ -46,14 +46,11 @@ def http_latency(url: str, texts: list[str], warmup: list[str]) -> dict[tuple, l
     session, groups = requests.Session(), {}
     for i, text in [(-1, t) for t in warmup] + list(enumerate(texts)):
         for mode in MODES[i % 4:] + MODES[:i % 4]:
-            began = time.perf_counter()
-            reply = session.post(f"{url}{CLASSIFY}", json={"texts": [text], "mode": mode}, timeout=60)
-            ms = (time.perf_counter() - began) * 1000
-            reply.raise_for_status()
+            reply = post(session, url, request_body([text], mode)).raise_unless_answered()
             if i >= 0:
-                answer = reply.json()["predictions"][0]
+                answer = reply.predictions[0]
                 tier = "escalated" if answer["escalated"] else answer["tier"]
-                groups.setdefault((mode, tier), []).append((i, ms, reply.headers["x-request-id"]))
+                groups.setdefault((mode, tier), []).append((i, reply.latency_ms, reply.headers["x-request-id"]))
     return groups
 
 
@@ -102,7 +99,7 @@ def replica_memory() -> list[dict]:
     import ray
     from ray.util.state import list_actors
 
-    ray.init(address=local_cluster.address(), logging_level="ERROR", log_to_driver=False)
+    local_cluster.connect()
     try:
         ips = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)

@@ -50,7 +50,7 @@ def on_cluster(work):
     import ray
     from ray import serve
 
-    ray.init(address=local_cluster.address(), logging_level="ERROR")
+    local_cluster.connect()
     try:
         return work(serve)
     finally:
@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true", help="empty every node's weight cache first")
     p.add_argument("--out", type=Path, default=None, help="write the result here as JSON")
     args = p.parse_args(argv)
-    hosts.join_head()  # namespaced hosts: a driver runs on the head's network
     on_cluster(lambda serve: serve.status().applications and serve.delete("dimee"))  # every replica starts anew
     if args.cold:
         empty_caches()

@@ -24,7 +24,7 @@ import requests
 
 from dimee_models import artifact
 from dimee_models.evaluate import predict_texts
-from load.client import CLASSIFY, DEFAULT_URL, INFO
+from load.client import DEFAULT_URL, INFO, post, request_body
 
 
 def rebuttal(text: str, label: int, others: dict[int, list[str]], rng: random.Random) -> str:
@@ -75,9 +75,7 @@ def run(args) -> dict:
     info = session.get(f"{args.url}{INFO}", timeout=30).json()
     timeline = []
     for i, ((phase, texts, labels), final) in enumerate(zip(plan, finals)):
-        reply = session.post(f"{args.url}{CLASSIFY}", json={"texts": texts}, timeout=60)
-        reply.raise_for_status()
-        served = reply.json()["predictions"]
+        served = post(session, args.url, request_body(texts)).raise_unless_answered().predictions
         live = session.get(f"{args.url}{INFO}", timeout=30).json()["live_risk"]
         answer = [p["label_id"] for p in served]
         timeline.append({

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import threading
 import time
@@ -36,7 +35,7 @@ from ray.util.state import list_actors
 
 from deployments import hosts, local_cluster
 from dimee_models.tiers import Tier
-from load.client import CLASSIFY, DEFAULT_URL, HEALTHZ
+from load.client import ANSWERED, DEFAULT_URL, HEALTHZ, LocustOptions, post, request_body
 from load.run import run_locust
 
 
@@ -84,17 +83,11 @@ PROBE_MODE = {"edge": "edge_only", "cloud": "cloud_only"}  # every probe answer 
 
 
 def probe(host: str, mode: str, text: str, stop: threading.Event, began: float, log: list) -> None:
-    """One text every 0.25 s; (seconds since the drill began when the answer came, HTTP status,
-    normal answer?)."""
+    """One text every 0.25 s; (seconds since the drill began when the answer came, its outcome)."""
     session = requests.Session()
     while not stop.is_set():
-        try:
-            r = session.post(f"{host}{CLASSIFY}", json={"texts": [text], "mode": mode}, timeout=30)
-            p = r.json()["predictions"][0] if r.status_code == 200 else {}
-            log.append((time.monotonic() - began, r.status_code,
-                        r.status_code == 200 and not (p["fallback"] or p["degraded"])))
-        except requests.RequestException:
-            log.append((time.monotonic() - began, None, False))
+        outcome = post(session, host, request_body([text], mode), timeout=30).outcome
+        log.append((time.monotonic() - began, outcome))
         stop.wait(0.25)
 
 
@@ -124,9 +117,10 @@ def node_timeline(host: str, tier: str, down_at: float, up_at: float, began: flo
     local_cluster.start_node(local_cluster.node_spec(Tier.named(tier)))
     up = round(time.monotonic() - began, 2)
     running = wait_until(lambda: not healthz_names(host, tier))
-    wait_until(lambda: any(ok and at >= up for at, _, ok in log), 60)
-    first_normal = next((round(at, 2) for at, _, ok in log if ok and at >= up), None)
-    first_flagged = next((round(at, 2) for at, status, ok in log if at >= down and status == 200 and not ok), None)
+    wait_until(lambda: any(outcome == "ok" and at >= up for at, outcome in log), 60)
+    first_normal = next((round(at, 2) for at, outcome in log if outcome == "ok" and at >= up), None)
+    first_flagged = next((round(at, 2) for at, outcome in log if at >= down and outcome in ("fallback", "degraded")),
+                         None)
     return {"tier": tier, "processes_killed": killed, "node_down_s": down, "first_fallback_or_degraded_s": first_flagged,
             "healthz_names_it_s": named, "node_start_s": starting, "node_up_s": up, "replica_running_s": running,
             "first_normal_answer_s": first_normal}
@@ -189,17 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     kills = (args.kill if args.kill is not None else [] if args.node_down or args.head_down is not None
              else [(Tier.EDGE.deployment, 20.0), (Tier.CLOUD.deployment, 40.0)])
     args.out.mkdir(parents=True, exist_ok=True)
-    hosts.join_head()  # namespaced hosts: a driver (and this drill's Locust) on the head's network
+    hosts.join_head()  # namespaced hosts: this drill's Locust on the head's network, with or without a driver
     if args.head_down is None:
-        ray.init(address=args.address or local_cluster.address(), logging_level=logging.WARNING, log_to_driver=False)
+        local_cluster.connect(args.address)
     retries = local_cluster.front_retries()
 
     # a request unanswered after 8 s (its deadline is 3) fails, and is counted before Locust's 10 s stop timeout
-    load_args = argparse.Namespace(host=args.host, texts_per_request=args.texts_per_request, think_time=0.0,
-                                   dataset=args.dataset, cpu_breakdown=False, client_timeout=8.0)
+    options = LocustOptions(args.host, args.texts_per_request, args.dataset, client_timeout=8.0)
     result: dict = {}
     load = threading.Thread(target=lambda: result.update(
-        run_locust(load_args, "dimee", args.users, args.duration, args.out / "drill")))
+        run_locust(options, "dimee", args.users, args.duration, args.out / "drill")))
     recoveries = []
 
     def kill_at(deployment: str, at: float) -> None:
@@ -235,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "shed": result["shed"], "shed_p99_ms": result["shed_p99_ms"],
         "kills": recoveries, "nodes": timelines, "head": head or None,
         "front_door_retries": None if retries is None else local_cluster.front_retries() - retries,
-        "probe_failed": sum(status != 200 for log in probes.values() for _, status, _ in log),
+        "probe_failed": sum(outcome not in ANSWERED for log in probes.values() for _, outcome in log),
     }
     (args.out / "drill.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -19,7 +19,7 @@ from pathlib import Path
 import requests
 
 from deployments import hosts, local_cluster
-from load.client import CLASSIFY, emit
+from load.client import emit, post, request_body
 
 TEXT = "a gorgeous, witty, seductive movie."
 
@@ -51,15 +51,13 @@ def ingress_hosts() -> list[str]:
 
 def measure(url: str, count: int) -> dict:
     session = requests.Session()
-    body = {"texts": [TEXT], "mode": "mobile_only"}
+    body = request_body([TEXT], "mobile_only")
     for _ in range(10):  # warm: connections open, replicas past their first request
-        session.post(url + CLASSIFY, json=body, timeout=30).raise_for_status()
+        post(session, url, body, timeout=30).raise_unless_answered()
     began, before, logged = time.monotonic(), interface_bytes(), ingress_requests()
     tiers = set()
     for _ in range(count):
-        reply = session.post(url + CLASSIFY, json=body, timeout=30)
-        reply.raise_for_status()
-        tiers |= {p["tier"] for p in reply.json()["predictions"]}
+        tiers |= {p["tier"] for p in post(session, url, body, timeout=30).raise_unless_answered().predictions}
     loaded, seconds = interface_bytes(), time.monotonic() - began
     answered_by = {host: n - logged[host] for host, n in ingress_requests().items()}
     time.sleep(seconds)

@@ -18,8 +18,7 @@ from collections import Counter
 from locust import FastHttpUser, between, constant, events, run_single_user, task
 
 from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, load_dataset, split
-from dimee_models.tiers import TIER_NAMES
-from load.client import CLASSIFY, MODES, SHED
+from load.client import CLASSIFY, MODES, SHED, judge, request_body
 
 TEXTS: list[str] = []
 PAIRS: list[str] | None = None
@@ -62,17 +61,6 @@ def _write_tier_stats(environment, **_) -> None:
             json.dump({**SEEN, "tiers": dict(SEEN["tiers"])}, f)
 
 
-def check(body: dict, sent: int) -> str | None:
-    """Why a 200 answer is wrong, or None when it is right."""
-    predictions = body.get("predictions")
-    if not isinstance(predictions, list) or len(predictions) != sent:
-        return f"sent {sent} texts, got {len(predictions) if isinstance(predictions, list) else 'no'} predictions"
-    for p in predictions:
-        if p.get("tier") not in TIER_NAMES or not isinstance(p.get("exit_layer"), int):
-            return f"prediction without a valid tier and exit layer: {p}"
-    return None
-
-
 class ClassifyUser(FastHttpUser):
     retry_after = 0.0  # set by a 503: a well-behaved client waits this long before its next request
 
@@ -84,31 +72,21 @@ class ClassifyUser(FastHttpUser):
     def classify(self) -> None:
         options = self.environment.parsed_options
         rows = random.sample(range(len(TEXTS)), min(options.texts_per_request, len(TEXTS)))
-        payload = {"texts": [TEXTS[i] for i in rows], "mode": options.mode}
-        if PAIRS is not None:
-            payload["text_pairs"] = [PAIRS[i] for i in rows]
-        with self.client.post(CLASSIFY, json=payload, name=f"{CLASSIFY} [{options.mode}]",
+        pairs = None if PAIRS is None else [PAIRS[i] for i in rows]
+        body = request_body([TEXTS[i] for i in rows], options.mode, pairs)
+        with self.client.post(CLASSIFY, json=body, name=f"{CLASSIFY} [{options.mode}]",
                               catch_response=True) as response:
-            if response.status_code == 503 and response.headers.get("Retry-After"):
-                # the service is at capacity and said when to come back: not a failure, not an answer
+            reply = judge(response, len(rows))
+            if reply.outcome == "shed":  # at capacity, and said when to come back: not a failure, not an answer
                 response.request_meta["name"] += SHED
                 response.success()
                 if not options.ignore_retry_after:
-                    self.retry_after = float(response.headers["Retry-After"])
+                    self.retry_after = reply.retry_after_s
                 return
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+            if not reply.answered:
+                response.failure(reply.error)
                 return
-            try:
-                body = response.json()
-            except ValueError:
-                response.failure(f"answer is not JSON: {response.text[:200]}")
-                return
-            problem = check(body, len(rows))
-            if problem:
-                response.failure(problem)
-                return
-            for p in body["predictions"]:
+            for p in reply.predictions:
                 SEEN["tiers"][p["tier"]] += 1
                 SEEN["layers"] += p["exit_layer"]
                 SEEN["predictions"] += 1

@@ -34,7 +34,7 @@ import requests
 
 from deployments import local_cluster
 from dimee_models.tiers import TIER_NAMES, Tier
-from load.client import DEFAULT_URL, INFO, is_shed, locust_command
+from load.client import DEFAULT_URL, INFO, LocustOptions, is_shed, locust_command
 
 COMPARED = ("dimee", "cloud_only")  # the modes a load test compares
 LATENCY = ("p50_ms", "p95_ms", "p99_ms")
@@ -101,13 +101,12 @@ def parse_tiers(path: Path) -> dict:
             "mean_layers": seen["layers"] / n, "fallback_or_degraded": (seen["fallback"] + seen["degraded"]) / n}
 
 
-def run_locust(args, mode: str, users: int, seconds: float, prefix: Path) -> dict:
+def run_locust(options: LocustOptions, mode: str, users: int, seconds: float, prefix: Path) -> dict:
     """One headless Locust run; its stats and tier counts."""
-    command = locust_command(args.host, mode, args.texts_per_request, args.dataset, args.think_time,
-                             ["-u", str(users), "-r", str(users), "-t", f"{seconds:g}s", "--stop-timeout", "10",
-                              "--client-timeout", str(getattr(args, "client_timeout", 60.0)),
-                              "--csv", str(prefix), "--json-file", str(prefix), "--tier-stats", f"{prefix}_tiers.json"])
-    before = cpu_by_part() if args.cpu_breakdown else None
+    command = locust_command(options, mode, ["-u", str(users), "-r", str(users), "-t", f"{seconds:g}s",
+                                             "--stop-timeout", "10", "--csv", str(prefix), "--json-file", str(prefix),
+                                             "--tier-stats", f"{prefix}_tiers.json"])
+    before = cpu_by_part() if options.cpu_breakdown else None
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode not in (0, 1):  # 1 only means some requests failed; the stats say how many
         raise RuntimeError(f"locust exited with {done.returncode}:\n{done.stderr[-2000:]}")
@@ -218,14 +217,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def sweep(args) -> dict:
+def sweep(args, options: LocustOptions) -> dict:
     """Throughput and p99 per user count; the highest rps whose p99 stays within the limit."""
     out = {mode: [] for mode in COMPARED}
     for users in args.sweep:
         for mode in COMPARED:
             if args.warmup:
-                run_locust(args, mode, users, args.warmup, args.out / f"warmup-{mode}-{users}")
-            r = run_locust(args, mode, users, args.duration, args.out / f"sweep-{mode}-{users}")
+                run_locust(options, mode, users, args.warmup, args.out / f"warmup-{mode}-{users}")
+            r = run_locust(options, mode, users, args.duration, args.out / f"sweep-{mode}-{users}")
             keep = ("users", "rps", "p50_ms", "p99_ms", "failures", "shed", "shed_p99_ms", "fallback_or_degraded")
             out[mode].append({k: r[k] for k in keep})
             print(f"{users:4d} users {mode:>10}: {r['rps']:.1f} rps, p99 {r['p99_ms']:.0f} ms, "
@@ -280,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.warmup < 0 or args.think_time < 0:
         p.error("--duration must be positive; --warmup and --think-time not negative")
     args.out.mkdir(parents=True, exist_ok=True)
+    options = LocustOptions(args.host, args.texts_per_request, args.dataset, args.think_time,
+                            cpu_breakdown=args.cpu_breakdown)
 
     if args.sweep:
-        result = sweep(args)
+        result = sweep(args, options)
         (args.out / "sweep.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result["max_rps_within_p99_limit"], indent=2))
         return 0
@@ -291,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeat):
         for mode in COMPARED if repeat % 2 == 0 else COMPARED[::-1]:
             if args.warmup:
-                run_locust(args, mode, args.users, args.warmup, args.out / f"warmup-{mode}")
-            run = run_locust(args, mode, args.users, args.duration, args.out / f"{mode}-{repeat}")
+                run_locust(options, mode, args.users, args.warmup, args.out / f"warmup-{mode}")
+            run = run_locust(options, mode, args.users, args.duration, args.out / f"{mode}-{repeat}")
             runs.append({"repeat": repeat, **run})
             print(f"repeat {repeat} {mode:>10}: {run['rps']:.1f} rps, p50 {run['p50_ms']:.0f} ms, "
                   f"p99 {run['p99_ms']:.0f} ms, {run['failures']} failures, {run['shed']} shed", flush=True)

@@ -14,18 +14,16 @@ import requests
 
 from dimee_models import artifact
 from dimee_models.evaluate import predict_texts
-from load.client import CLASSIFY, DEFAULT_URL, emit
+from load.client import DEFAULT_URL, emit, post, request_body
 
 KEYS = ("tier", "label_id", "exit_layer")
 
 
 def compare(url: str, directory: Path, count: int, batch: int = 16) -> dict:
     texts = artifact.load_split(directory, "test").texts[:count]
-    served = []
+    session, served = requests.Session(), []
     for i in range(0, len(texts), batch):
-        reply = requests.post(url + CLASSIFY, json={"texts": texts[i:i + batch]}, timeout=60)
-        reply.raise_for_status()
-        served += reply.json()["predictions"]
+        served += post(session, url, request_body(texts[i:i + batch])).raise_unless_answered().predictions
     policy = requests.get(url + "/v1/info", timeout=30).json()["policy"]["name"]
     offline = predict_texts(directory, texts, policy_name=policy)
     differ = [i for i, (s, o) in enumerate(zip(served, offline))

@@ -24,7 +24,7 @@ import requests
 import yaml
 
 from deployments.local_cluster import DASHBOARD_PORT, HEAD_IP, ray_cli
-from load.client import DEFAULT_URL, INFO
+from load.client import DEFAULT_URL, INFO, LocustOptions
 from load.run import run_locust
 
 
@@ -63,19 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="rt-polarity")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    args.cpu_breakdown = False
     if not args.config.is_file():
         p.error(f"--config: no such file: {args.config}")
     config = yaml.safe_load(args.config.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
+    options = LocustOptions(args.host, args.texts_per_request, args.dataset, args.think_time)
     runs = []
     for round_ in range(args.rounds):
         rates = (args.shadow_rate, 0.0) if round_ % 2 == 0 else (0.0, args.shadow_rate)
         for rate in rates:
             deploy(config, rate, args.host, args.dashboard)
             prefix = args.out / f"r{round_}_shadow{rate:g}"
-            run_locust(args, "dimee", args.users, args.warmup, args.out / f"warmup_r{round_}_{rate:g}")
-            run = run_locust(args, "dimee", args.users, args.duration, prefix)
+            run_locust(options, "dimee", args.users, args.warmup, args.out / f"warmup_r{round_}_{rate:g}")
+            run = run_locust(options, "dimee", args.users, args.duration, prefix)
             info = requests.get(f"{args.host}{INFO}", timeout=30).json()  # one ingress replica's counts
             run.update(round=round_, shadow_rate=rate, live_risk=info["live_risk"], shadow_checks=info["shadow_checks"])
             runs.append(run)

@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     artifact = args.artifact.resolve()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    hosts.join_head()
-    ray.init(address=local_cluster.address(), logging_level="ERROR",
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
+    local_cluster.connect(runtime_env={"env_vars": {k: os.environ[k]
+                                                    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}})
     moto, uri = moto_on_head(artifact)
     try:
         weights.store()

@@ -8,7 +8,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 import yaml
 
 from deployments.local_cluster import ray_cli
+from deployments.schemas import ClassifyResponse, Prediction
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.calibration import run_calibration
@@ -244,6 +247,45 @@ def prometheus(cluster) -> str:
             pytest.fail(missing)
         pytest.skip(missing)
     return f"http://127.0.0.1:{local_cluster.PROMETHEUS_PORT}"
+
+
+class ClassifyStandIn(BaseHTTPRequestHandler):
+    """/v1/classify answering as the Router does, by the first text: a prediction (`Prediction`) per
+    text, all normal, or the first by fallback, degraded or both; 503 with Retry-After (at capacity),
+    a 503 without (not a refusal the service chose), 500, one prediction too few, or no answer for 1 s."""
+
+    def do_POST(self):
+        texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["texts"]
+        first, status, headers = texts[0], 200, {"Content-Type": "application/json", "x-request-id": "r1"}
+        if first == "slow":
+            time.sleep(1)  # the client has given up by now
+            return
+        if first in ("busy", "unavailable", "broken"):
+            status = 500 if first == "broken" else 503
+            headers = {"Retry-After": "2"} if first == "busy" else {}
+        flags = {"fallback": {"fallback": True}, "degraded": {"degraded": True},
+                 "both": {"fallback": True, "degraded": True}}.get(first, {})
+        normal = Prediction(label="positive", label_id=1, confidence=0.9, tier="edge", exit_layer=4, cost=0.6)
+        predictions = [normal.model_copy(update=flags)] + [normal] * (len(texts) - 1 - (first == "short"))
+        body = (ClassifyResponse(predictions=predictions, model="m").model_dump_json() if status == 200
+                else json.dumps({"detail": "no room now"})).encode()
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in():
+    """The URL of a ClassifyStandIn."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ClassifyStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
 
 
 def wait_http(url: str, seconds: float = 120) -> None:

@@ -1,5 +1,6 @@
-"""The load tooling without a cluster: Locust's stats parsed into the report, and the locustfile
-run headless against a small stand-in HTTP server (right and wrong answers)."""
+"""The load tooling without a cluster: the one client's judgement of every kind of answer, Locust's
+stats parsed into the report, and the locustfile run headless against a small stand-in HTTP server
+(right and wrong answers)."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import requests
 
 from load import client
 from load import run as load_run
@@ -129,9 +131,10 @@ def test_locustfile_counts_tiers_marks_wrong_answers_as_failures_and_503s_as_she
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        command = client.locust_command(f"http://127.0.0.1:{server.server_port}", "edge_only", 3, "rt-polarity", 0.0,
-                                        ["-u", "1", "-r", "1", "-t", "3s", "--csv", str(tmp_path / "x"),
-                                         "--json-file", str(tmp_path / "x"), "--tier-stats", str(tmp_path / "tiers.json")])
+        options = client.LocustOptions(f"http://127.0.0.1:{server.server_port}", texts_per_request=3)
+        command = client.locust_command(options, "edge_only", ["-u", "1", "-r", "1", "-t", "3s", "--csv", str(tmp_path / "x"),
+                                                              "--json-file", str(tmp_path / "x"),
+                                                              "--tier-stats", str(tmp_path / "tiers.json")])
         subprocess.run(command, capture_output=True, timeout=120)
     finally:
         server.shutdown()
@@ -146,6 +149,28 @@ def test_locustfile_counts_tiers_marks_wrong_answers_as_failures_and_503s_as_she
         assert abs(stats["shed"] - stats["requests"]) <= 1 if mode == "busy" else stats["shed"] == 0
         n = 3 * stats["requests"]
         assert tiers == {"tiers": {"edge": n}, "layers": 4 * n, "predictions": n, "fallback": 0, "degraded": 0}
+
+
+def test_every_answer_is_judged_once_into_its_outcome(stand_in):
+    session = requests.Session()
+    replies = {first: client.post(session, stand_in, client.request_body([first, "b", "c"]), timeout=0.5)
+               for first in ("normal", "fallback", "degraded", "both", "busy", "unavailable", "broken", "short", "slow")}
+    refused = client.post(session, "http://127.0.0.1:9", client.request_body(["a"]))  # nothing listens there
+    assert {k: (r.outcome, r.status, r.answered) for k, r in replies.items()} == {
+        "normal": ("ok", 200, True), "fallback": ("fallback", 200, True), "degraded": ("degraded", 200, True),
+        "both": ("degraded", 200, True), "busy": ("shed", 503, False), "unavailable": ("failed", 503, False),
+        "broken": ("failed", 500, False), "short": ("failed", 200, False), "slow": ("failed", None, False)}
+    assert (refused.outcome, refused.status, refused.answered) == ("failed", None, False)
+    assert "ConnectionError" in refused.error and "ReadTimeout" in replies["slow"].error
+    assert replies["short"].error == "sent 3 texts, got 2 predictions"
+    assert replies["unavailable"].error.startswith("HTTP 503: ") and replies["unavailable"].retry_after_s == 0
+    assert replies["busy"].retry_after_s == 2.0 and replies["busy"].error is None
+    assert [p["fallback"] for p in replies["fallback"].predictions] == [True, False, False]
+    assert replies["normal"].headers["x-request-id"] == "r1" and 0 < replies["normal"].latency_ms < 500
+    assert replies["slow"].latency_ms >= 500
+    assert replies["degraded"].raise_unless_answered() is replies["degraded"]
+    with pytest.raises(RuntimeError, match="shed \\(HTTP 503\\)"):
+        replies["busy"].raise_unless_answered()
 
 
 def test_steps_parse_and_bad_ones_are_named():
