@@ -23,7 +23,7 @@ BASELINES = ("mobile_only", "edge_only", "cloud_only")
 
 def compare(artifact_dir: Path, profile: Path, measured: dict[str, float]) -> list[dict]:
     result, _, _ = run_evaluation(artifact_dir, latency=latency_cost_model(read_profile(profile)))
-    default = load_policies(artifact_dir)[1]["default"]
+    default = load_policies(artifact_dir)[1].default
     rows = []
     for mode, method in [(b, b) for b in BASELINES] + [("dimee", default)]:
         predicted = result["methods"][method]["latency_ms"]["mean"]

@@ -368,8 +368,8 @@ def cmd_up(args) -> int:
     from dimee_models.policy import load_policies
 
     manifest = read_manifest(args.artifact)
-    stored = load_policies(args.artifact)[1]["cost_model"] if manifest.policy is not None else None
-    if stored is None or (args.no_tune and stored["unit"] != "abstract"):
+    stored = load_policies(args.artifact)[1].cost_model if manifest.policy is not None else None
+    if stored is None or (args.no_tune and stored.unit != "abstract"):
         run_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
     if not args.no_cluster:
         netns = args.hosts == "netns"
@@ -415,7 +415,7 @@ def tune_and_serve(args) -> int:
         profile = None
     latency = latency_cost_model(profile) if profile is not None else None
     doc = load_policies(args.artifact)[1]
-    if latency is not None and doc["cost_model"] == latency.model_dump() and "boundaries" in doc:
+    if latency is not None and doc.cost_model == latency and doc.boundaries is not None:
         return cmd_serve(args)
     if profile is None:
         cmd_serve(args)
@@ -432,8 +432,8 @@ def tune_and_serve(args) -> int:
         latency = latency_cost_model(profile)
     pairs = boundary_pairs(read_manifest(args.artifact).num_layers, args.mobile_layers, args.edge_layers)
     doc = run_calibration(args.artifact, latency, 0.3, pairs=pairs)
-    served = doc["policies"][doc["default"]]
-    print(f"tuned for the measured latency: {doc['default']} at mobile exit {served['exits']['mobile']}, "
+    served = doc.policies[doc.default]
+    print(f"tuned for the measured latency: {doc.default} at mobile exit {served['exits']['mobile']}, "
           f"edge exit {served['exits']['edge']} (thresholds {served['thresholds']})")
     return cmd_serve(args)
 

@@ -24,12 +24,16 @@ probation waits for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from ray import serve
 from ray.serve import metrics
+from ray.serve.handle import DeploymentHandle
 
+from dimee_models.policy import Policy
 from dimee_models.risk import RISK_PATH, confidence_sequence
 
 log = logging.getLogger("ray.serve")
@@ -151,3 +155,42 @@ class RiskMonitor:
 
     def state(self) -> dict:
         return self.live.state()
+
+
+class LiveGuard:
+    """The ingress's side of the live bound: its last copy of the monitor's state (read in the
+    background, at most every second, so a request never waits on the monitor) and the policy to
+    route with, the calibrated one or the setting the bound stepped to."""
+
+    def __init__(self, monitor: DeploymentHandle, background: Callable[[Awaitable], None]):
+        self.monitor, self.background = monitor, background
+        self.live: dict = {"state": "ok", "samples": 0, "disagreements": 0, "path_index": None}
+        self.checked = 0.0
+        self.stepped: tuple[Policy, int, Policy] | None = None  # (calibrated policy, path index, the policy there)
+
+    def refresh(self, watch: dict, every_s: float = 1.0) -> None:
+        if time.monotonic() - self.checked >= every_s:
+            self.checked = time.monotonic()
+            self.background(self.read(watch))
+
+    async def read(self, watch: dict) -> dict:
+        """The live bound on the settings `watch` (this replica's last copy if the monitor cannot be reached)."""
+        try:
+            self.live = await asyncio.wait_for(self.monitor.state.remote(), 10)
+        except Exception as err:
+            log.warning("could not read the live bound from the monitor: %r", err)
+        live = self.live if self.live.get("watch") == watch else LiveRisk.fresh(watch)
+        return {k: v for k, v in live.items() if k != "watch"}
+
+    async def record(self, watch: dict, at: int | None, samples: int, disagreements: int) -> None:
+        self.live = await asyncio.wait_for(self.monitor.record.remote(watch, at, samples, disagreements), 10)
+
+    def routing_policy(self, policy: Policy, watch: dict) -> tuple[Policy, int | None]:
+        """The policy to route with and its index on the risk path: the calibrated `policy`, or the
+        setting the live bound stepped to while it watches these settings."""
+        at = self.live.get("path_index")
+        if self.live.get("watch") != watch or at is None or at == watch["path_index"]:
+            return policy, watch["path_index"]
+        if self.stepped is None or self.stepped[0] is not policy or self.stepped[1] != at:
+            self.stepped = (policy, at, policy.at_path(at))
+        return self.stepped[2], at

@@ -5,7 +5,7 @@
     dimee profile --out profile.json           # then: dimee calibrate DIR --cost-profile profile.json
 
 The tier calls are measured where a request's hops start: in an ingress replica (`Router.profile`
-runs `measure_tiers` of deployments/router.py), with its own mobile slice, object store, handles
+runs `measure_tiers`, below), with its own mobile slice, object store, handles
 and event loop. A hop's cost is its round trip minus the compute the tier replica reports
 (`TierReply.compute_ms`). The fixed cost of a request is measured from here, over HTTP: a
 mobile_only request minus its mobile compute. Text by text, the two alternate, so that the
@@ -14,17 +14,23 @@ machine's drift hits both alike.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 import requests
 
 from deployments.placement import node_tier
+from deployments.schemas import HiddenArrays, TierRequest, Tokens
 from dimee_models.manifest import public_model_name
 from dimee_models.profile import HOPS, Links, Profile, Stat, TierCompute, latency_cost_model
 from dimee_models.tiers import Tier
+
+if TYPE_CHECKING:  # the CLI side of this module needs no torch
+    from deployments.tier import TierRunner
 
 WARMUP = 10
 
@@ -114,3 +120,39 @@ def format_profile(profile: Profile) -> str:
         lines.append(f"links added to the hops: {profile.links.model_dump_json()}")
     lines.append("predicted one-text latency per path (ms): " + ", ".join(f"{p} {v:.1f}" for p, v in paths.items()))
     return "\n".join(lines)
+
+
+async def measure_tiers(mobile: TierRunner, handle, rows: list[list[int]]) -> dict[str, float]:
+    """Run by the ingress: `rows` (token ids) as one request through every tier call it can make, each
+    by the handle `handle(tier, request)` serving picks; the mobile, edge and cloud compute and each
+    hop's overhead, in ms, and hidden-state bytes per token."""
+
+    async def call(tier: Tier, request: TierRequest):
+        began = time.perf_counter()
+        reply = await asyncio.wait_for(handle(tier, request).remote(request), 60)
+        return (time.perf_counter() - began) * 1000, reply.compute_ms, reply
+
+    async def from_store(tier: Tier, hidden: HiddenArrays, **keep):
+        """A hop as the router makes it: the hidden state stored, then the tier called at once."""
+        began = time.perf_counter()
+        stored = mobile.store(hidden)
+        store_ms = (time.perf_counter() - began) * 1000
+        round_trip, compute_ms, reply = await call(tier, TierRequest(stored, **keep))
+        return store_ms + round_trip - compute_ms, compute_ms, reply, stored
+
+    began = time.perf_counter()
+    await asyncio.wait_for(handle(Tier.EDGE, TierRequest(Tokens(rows))).describe.remote(), 60)
+    noop = (time.perf_counter() - began) * 1000
+    [local] = await mobile.forward([TierRequest(Tokens(rows), keep_hidden=True)])
+    ingress_edge, edge_ms, _, stored = await from_store(Tier.EDGE, local.hidden)
+    keeping, _, kept, _ = await from_store(Tier.EDGE, local.hidden, keep_hidden=True, keep_below=1.01)
+    escalate_rt, escalate_ms, _ = await call(Tier.CLOUD, TierRequest(kept.hidden))  # at once, as on escalation
+    ingress_cloud, _, _, _ = await from_store(Tier.CLOUD, local.hidden)
+    tokens_rt, cloud_ms, _ = await call(Tier.CLOUD, TierRequest(Tokens(rows)))
+    return {
+        "noop": noop, "mobile_ms": local.compute_ms, "edge_ms": edge_ms, "cloud_ms": cloud_ms,
+        "ingress_edge": ingress_edge, "ingress_cloud": ingress_cloud, "ingress_cloud_tokens": tokens_rt - cloud_ms,
+        # edge storing its hidden state for cloud, then cloud fetching it
+        "edge_cloud": keeping - ingress_edge + escalate_rt - escalate_ms,
+        "hidden_bytes_per_token": stored.nbytes / sum(len(row) for row in rows),
+    }

@@ -24,7 +24,6 @@ recalibrates every redraw the same way.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +37,7 @@ from dimee_models.cost import PATHS, CostModel
 from dimee_models.manifest import Exits, PolicyRef
 from dimee_models.data import read_texts
 from dimee_models.outputs import ExitOutputs, split_outputs, text_outputs
+from dimee_models.policy_doc import PolicyDoc, Unlabeled
 from dimee_models.policy import (EDGE_CLOUD, POLICY_JSON, POLICY_TENSORS, CascadePolicy, CentroidPolicy, CloudOnlyPolicy,
                                  DirectCascadePolicy, EscalatePolicy, LearnedPolicy, Policy, learned_scores,
                                  nearest_centroid, threshold_route)
@@ -533,49 +533,40 @@ def policy_outcome(out: ExitOutputs, policy: Policy, cost: CostModel) -> Outcome
 
 
 def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: str, max_drop_pp: float,
-                  extra: dict | None = None) -> dict:
-    """Write policy.safetensors and policy.json (`extra`: more fields for the JSON, e.g. the
-    cascade thresholds that evaluation compares against)."""
+                  **more) -> PolicyDoc:
+    """Write policy.safetensors and policy.json (`more`: PolicyDoc's delta, folds, unlabeled)."""
     tensors = {f"{name}/{key}": value for name, pol in cal.policies.items() for key, value in pol.tensors.items()}
     save_file(tensors, directory / POLICY_TENSORS)
-    doc = {
-        "default": default,
-        "cost_model": cost.model_dump(),
-        "max_accuracy_drop_pp": max_drop_pp,
-        "calibration_reference_accuracy": cal.reference_accuracy,
-        "policies": {name: pol.to_json() for name, pol in cal.policies.items()},
-        "curves": cal.curves,
-        "warnings": cal.warnings,
-        **({"boundaries": cal.boundaries} if cal.boundaries else {}),
-        **(extra or {}),
-    }
-    (directory / POLICY_JSON).write_text(json.dumps(doc, indent=1) + "\n")
+    doc = PolicyDoc(default=default, cost_model=cost, max_accuracy_drop_pp=max_drop_pp,
+                    calibration_reference_accuracy=cal.reference_accuracy,
+                    policies={name: pol.to_json() for name, pol in cal.policies.items()}, curves=cal.curves,
+                    warnings=cal.warnings, boundaries=cal.boundaries or None, **more)
+    (directory / POLICY_JSON).write_text(doc.to_json())
     return doc
 
 
 def run_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
                     default: str | None = None, delta: float | None = DEFAULT_DELTA,
-                    pairs: list[tuple[int, int]] | None = None, unlabeled: Path | None = None) -> dict:
+                    pairs: list[tuple[int, int]] | None = None, unlabeled: Path | None = None) -> PolicyDoc:
     """Calibrate every policy kind on the calibration split and store the policies in the artifact; with
     boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits; with an
     `unlabeled` file of texts (`data.read_texts`), certified on those too."""
     manifest = artifact.read_manifest(directory)
     out = split_outputs(directory, "calibration", manifest)
     choice = split_outputs(directory, "train", manifest) if pairs is not None and len(pairs) > 1 else None
-    extra = {"delta": delta, "folds": folds}
-    texts = None
+    texts, about = None, None
     if unlabeled is not None:
         if delta is None:
             raise ValueError("--unlabeled texts add to the guarantee: they need a --delta")
         texts = text_outputs(directory, read_texts(unlabeled), manifest)
-        extra["unlabeled"] = {"file": str(Path(unlabeled).resolve()), "rows": len(texts.labels)}
+        about = Unlabeled(file=str(Path(unlabeled).resolve()), rows=len(texts.labels))
     cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs, choice=choice,
                                  unlabeled=texts)
     exits = Exits(mobile=cal.policies[default].mobile_exit, edge=cal.policies[default].edge_exit)
     if exits != manifest.exits:
         tiers = artifact.write_tiers(directory, artifact.load_full(directory, manifest), exits.mobile, exits.edge)
         manifest = manifest.model_copy(update={"exits": exits, "tiers": tiers})
-    doc = save_policies(directory, cal, cost, default, max_drop_pp, extra)
+    doc = save_policies(directory, cal, cost, default, max_drop_pp, delta=delta, folds=folds, unlabeled=about)
     policy = PolicyRef(default=default, file="policy.json")
     artifact.write_manifest(directory, manifest.model_copy(update={"policy": policy}))
     return doc

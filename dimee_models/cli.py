@@ -230,9 +230,9 @@ def cmd_calibrate(args) -> int:
     doc = run_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
                           default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir),
                           unlabeled=args.from_traffic or args.unlabeled)
-    print(f"cost model: {json.dumps(doc['cost_model'])}")
-    print(f"calibration reference (final exit) accuracy: {doc['calibration_reference_accuracy']:.4f}")
-    for name, pol in doc["policies"].items():
+    print(f"cost model: {json.dumps(doc.cost_model.model_dump())}")
+    print(f"calibration reference (final exit) accuracy: {doc.calibration_reference_accuracy:.4f}")
+    for name, pol in doc.policies.items():
         print(f"  {name:28s} {pol['kind']:8s} thresholds {pol['thresholds']}")
         if "risk" in pol:
             r = pol["risk"]
@@ -241,13 +241,13 @@ def cmd_calibrate(args) -> int:
             labels = f" ({unlabeled} of them unlabelled: answers unlike the final exit's)" if unlabeled else ""
             print(f"  {'':28s} {r['losses']}/{r['n']} losses{labels}, loss rate <= {r['loss_ucb_pp']:.2f} pp with "
                   f"probability {1 - r['delta']:.0%}: {held}")
-    if "boundaries" in doc:
-        b = doc["boundaries"]
+    if doc.boundaries is not None:
+        b = doc.boundaries
         print(f"tier boundaries: mobile exit {b['mobile']}, edge exit {b['edge']} (chosen by {b['chosen_by']} among "
               f"{len(b['pairs'])} pairs on {b['choice_rows']} rows of the training split; the guarantee is "
               f"certified on the calibration split, which the choice did not see)")
-    print(f"default serving policy: {doc['default']}")
-    for warning in doc["warnings"]:
+    print(f"default serving policy: {doc.default}")
+    for warning in doc.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 

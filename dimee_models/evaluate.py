@@ -143,7 +143,7 @@ def run_evaluation(directory: Path, cost: CostModel | None = None,
     with the stored model if it is in ms."""
     manifest = artifact.read_manifest(directory)
     policies, doc = load_policies(directory)
-    stored = CostModel(**doc["cost_model"])
+    stored = doc.cost_model
     cost = cost or (stored if stored.unit == "abstract" else CostModel())
     latency = latency or (stored if stored.unit == "ms" else None)
     if cost.unit != "abstract" or (latency is not None and latency.unit != "ms"):
@@ -172,7 +172,7 @@ def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee",
         outs = model(**model_inputs(enc))
     probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in exits.items()}
     policies, doc = load_policies(directory)
-    policy = policies[policy_name or doc["default"]]
+    policy = policies[policy_name or doc.default]
     plan = policy.plan(mode)
     tiers = (np.full(len(texts), Tier.CLOUD) if plan.skips_mobile
              else plan.tiers(outs[exits[Tier.MOBILE] - 1].pooled.numpy(), probs[Tier.MOBILE]))

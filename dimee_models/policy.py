@@ -25,7 +25,6 @@ torch). Fitting and choosing them is calibration's (dimee_models/calibration.py)
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -34,6 +33,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from dimee_models.cost import PATHS
+from dimee_models.policy_doc import PolicyDoc
 from dimee_models.risk import RISK_PATH, RiskBound
 from dimee_models.tiers import Tier
 
@@ -258,15 +258,15 @@ def threshold_route(scores: np.ndarray, t_mobile: float, t_edge: float) -> np.nd
 # persistence -------------------------------------------------------------------------------------
 
 
-def load_policies(directory: str | Path) -> tuple[dict[str, Policy], dict]:
+def load_policies(directory: str | Path) -> tuple[dict[str, Policy], PolicyDoc]:
     """All stored policies by name, and the policy document (default name, cost model, curves)."""
     root = Path(directory)
     if not (root / POLICY_JSON).is_file():
         raise FileNotFoundError(f"{root} has no calibrated policy; run `dimee calibrate {root}` first")
-    doc = json.loads((root / POLICY_JSON).read_text())
+    doc = PolicyDoc.model_validate_json((root / POLICY_JSON).read_text())
     tensors = load_file(root / POLICY_TENSORS)
     policies = {}
-    for name, p in doc["policies"].items():
+    for name, p in doc.policies.items():
         own = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == name}
         ex = p["exits"]
         risk = RiskBound(**p["risk"]) if "risk" in p else None

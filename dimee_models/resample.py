@@ -100,19 +100,19 @@ def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test:
     redraws, recalibrated as the artifact was (its budget, delta, folds, boundary candidates, unlabelled
     texts, and its cost model if in ms, as `dimee up` calibrates, else the result's abstract one)."""
     _, doc = load_policies(directory)
-    delta, budget = doc.get("delta"), doc["max_accuracy_drop_pp"]
-    pairs = [tuple(p) for p in doc["boundaries"]["pairs"]] if "boundaries" in doc else None
-    stored = CostModel(**doc["cost_model"])
+    delta, budget = doc.delta, doc.max_accuracy_drop_pp
+    pairs = [tuple(p) for p in doc.boundaries["pairs"]] if doc.boundaries is not None else None
+    stored = doc.cost_model
     cost = stored if stored.unit == "ms" else CostModel(**result["cost_model"])
     choice = split_outputs(directory, "train") if pairs is not None else None
     unlabeled = None
-    if "unlabeled" in doc:
-        file = doc["unlabeled"]["file"]
+    if doc.unlabeled is not None:
+        file = doc.unlabeled.file
         unlabeled = text_outputs(directory, read_texts(file))
         labels = read_labels(file)
         if labels is not None:
             unlabeled = replace(unlabeled, labels=np.asarray(labels))
-    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.get("folds", 5), pairs, choice,
+    found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.folds or 5, pairs, choice,
                       unlabeled)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}

@@ -755,7 +755,7 @@ def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, se
     moved = shutil.copytree(served_artifact, tmp_path / "moved")
     doc = run_calibration(moved, CostModel(), 0.3, pairs=boundary_pairs(6, (3, 3), (5, 6)))
     exits = artifact.read_manifest(moved).exits
-    assert exits.mobile == 3 and exits.edge in (5, 6) and doc["boundaries"]["chosen_on"] == "train"
+    assert exits.mobile == 3 and exits.edge in (5, 6) and doc.boundaries["chosen_on"] == "train"
     texts = artifact.load_split(moved, "test").texts[:16] + THREE_WAY_TEXTS
     deploy(serve_config(moved, {"mobile": 1, "edge": 1, "cloud": 1}, policy=None), tmp_path)
     try:

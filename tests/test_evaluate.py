@@ -99,10 +99,10 @@ def test_calibration_writes_policy_and_caches_outputs(calibrated, monkeypatch):
     for name in (*POLICY_FILES, "outputs/calibration.safetensors"):
         assert name in files and manifest.files[name] == artifact.sha256(out / name)
     assert "outputs/test.safetensors" not in files  # calibration computed nothing on the test split
-    assert manifest.policy == PolicyRef(default=doc["default"], file="policy.json")
+    assert manifest.policy == PolicyRef(default=doc.default, file="policy.json")
     assert list(json.loads((out / "manifest.json").read_text()))[-2:] == ["files", "policy"]
     policies, stored = load_policies(out)
-    assert doc["default"] in policies and doc["default"].endswith("_constrained")
+    assert doc.default in policies and doc.default.endswith("_constrained")
     assert "cascade_thresholds" not in stored  # the cascade is a stored policy kind, dimee_cascade
     first = split_outputs(out, "calibration")
     assert first.logits.shape == (40, 6, 2) and first.z.shape == (40, 32)
@@ -150,11 +150,11 @@ def test_cli_calibrate_delta(base, tmp_path, capsys):
     out = shutil.copytree(base, tmp_path / "a")
     assert main(["calibrate", str(out), "--delta", "none"]) == 0
     _, doc = load_policies(out)
-    assert doc["delta"] is None and not any("risk" in p for p in doc["policies"].values())
+    assert doc.delta is None and not any("risk" in p for p in doc.policies.values())
     assert main(["calibrate", str(out), "--delta", "0.2", "--max-accuracy-drop", "5"]) == 0
     assert "losses, loss rate <=" in capsys.readouterr().out
     policies, doc = load_policies(out)
-    assert doc["delta"] == 0.2 and doc["folds"] == 5
+    assert doc.delta == 0.2 and doc.folds == 5
     assert {p.risk.delta for name, p in policies.items() if name.endswith("_constrained")} == {0.2}
     for bad in ("1.5", "0", "x"):
         with pytest.raises(SystemExit):
@@ -225,11 +225,11 @@ def test_cli_calibrate_and_evaluate_with_a_cost_profile(calibrated, tmp_path, ca
     out = shutil.copytree(calibrated[0], tmp_path / "ms")
     assert main(["calibrate", str(out), "--cost-profile", str(profile), "--mu", "2"]) == 0
     _, doc = load_policies(out)
-    assert doc["cost_model"]["unit"] == "ms" and doc["cost_model"]["o_cloud_only"] == 6.0
-    assert doc["cost_model"]["mu"] == pytest.approx(2 * 1.1 / 28)
+    assert doc.cost_model.unit == "ms" and doc.cost_model.o_cloud_only == 6.0
+    assert doc.cost_model.mu == pytest.approx(2 * 1.1 / 28)
     assert main(["evaluate", str(out), "--json", str(table)]) == 0  # in ms as calibrated, and the paper's cost
     result = json.loads(table.read_text())
-    assert result["cost_model"] == CostModel().model_dump() and result["latency_model"] == doc["cost_model"]
+    assert result["cost_model"] == CostModel().model_dump() and result["latency_model"] == doc.cost_model.model_dump()
     capsys.readouterr()
     assert main(["calibrate", str(out), "--cost-profile", str(profile), "--o-1", "0.3"]) == 2
     assert "--cost-profile sets every cost" in capsys.readouterr().err
@@ -304,7 +304,7 @@ def test_predict_texts_agrees_with_split_outputs(calibrated, tmp_path):
     policies, doc = load_policies(out)
     mobile_probs = test_out.probs(test_out.mobile_exit)
     for name in (None, "dimee_constrained"):  # the default policy, and one that splits this data three ways
-        policy = policies[name or doc["default"]]
+        policy = policies[name or doc.default]
         tiers, paths = policy.assign(test_out.z, mobile_probs, test_out.probs(test_out.edge_exit))
         rows = [int(i) for t in range(3) for i in np.flatnonzero(tiers == t)[:2]]  # up to two rows per tier
         expected = tiers[rows]
@@ -323,6 +323,6 @@ def test_predicted_latency_is_set_beside_the_measured_one(calibrated, tmp_path):
     rows = compare(calibrated[0], write_profile_of(tmp_path / "p.json"),
                    {"mobile_only": 20.0, "edge_only": 38.0, "cloud_only": 35.0, "dimee": 30.0})
     by_mode = {r["mode"]: r for r in rows}
-    assert by_mode["dimee"]["method"] == calibrated[1]["default"]
+    assert by_mode["dimee"]["method"] == calibrated[1].default
     assert by_mode["mobile_only"]["predicted_ms"] == pytest.approx(18) and by_mode["edge_only"]["error"] == 0
     assert by_mode["cloud_only"]["error"] == pytest.approx(28 / 35 - 1)

@@ -271,7 +271,7 @@ def test_save_load_round_trip(data, cal, tmp_path):
         load_policies(tmp_path)
     doc = save_policies(tmp_path, cal, cost, "dimee_constrained", 0.3)
     policies, loaded = load_policies(tmp_path)
-    assert loaded == doc and loaded["default"] == "dimee_constrained" and CostModel(**loaded["cost_model"]) == cost
+    assert loaded == doc and loaded.default == "dimee_constrained" and loaded.cost_model == cost
     assert set(policies) == NAMES
     for name, pol in cal.policies.items():
         back = policies[name]
@@ -294,4 +294,4 @@ def test_risk_controlled_calibration_stores_each_constrained_policys_bound(data,
     save_policies(tmp_path, cal, CostModel(mu=0.1), "dimee_learned_constrained", 5.0)
     policies, doc = load_policies(tmp_path)
     assert {name: p.risk for name, p in policies.items()} == {name: p.risk for name, p in cal.policies.items()}
-    assert doc["policies"]["dimee_constrained"]["risk"]["guaranteed"] is cal.policies["dimee_constrained"].risk.guaranteed
+    assert doc.policies["dimee_constrained"]["risk"]["guaranteed"] is cal.policies["dimee_constrained"].risk.guaranteed

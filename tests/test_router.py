@@ -1,12 +1,13 @@
 """The router's live settings without a cluster: what a user_config may change, and what it is refused."""
 
+import json
 import shutil
 
 import numpy as np
 
 import pytest
 
-from deployments.router import boundaries_info, build_settings
+from deployments.settings import boundaries_info, build_settings
 from deployments.schemas import AppArgs, RouterConfig
 from dimee_models import artifact
 from dimee_models.cost import CostModel
@@ -22,7 +23,7 @@ def settings(served_artifact, config: dict, policy: str | None = None):
 def test_an_empty_config_serves_the_artifact_as_calibrated(served_artifact):
     _, doc = load_policies(served_artifact)
     s = settings(served_artifact, {})
-    assert s.policy.name == doc["default"] and s.cost == CostModel(**doc["cost_model"]) and s.hop_timeout_s == 2.0
+    assert s.policy.name == doc.default and s.cost == doc.cost_model and s.hop_timeout_s == 2.0
     assert settings(served_artifact, {}, policy="three_way").policy.name == "three_way"
     assert s.path_cost["cloud_only"] == pytest.approx(s.cost.o_2 + 6 * s.cost.lambda_cloud)
 
@@ -82,7 +83,17 @@ def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
     assert info["chosen_by"] == "calibration" and info["unit"] == "ms" and info["candidates"] >= 15
     assert info["chosen_on"] == "train" and (out / "outputs" / "train.safetensors").is_file()
     assert info["cloud_only_cost"] == pytest.approx(10 + 4 + 6 * 2)
-    assert info["policy"] == doc["boundaries"]["chosen_by"] and info["expected_cost"] > 10
+    assert info["policy"] == doc.boundaries["chosen_by"] and info["expected_cost"] > 10
+    # a document written before a candidate's kind was called `policy` (`variant`), without the
+    # fields added since (delta, folds), still loads and reads the same
+    old = json.loads((out / "policy.json").read_text())
+    for c in old["boundaries"]["candidates"]:
+        c["variant"] = c.pop("policy")
+    for key in ("delta", "folds"):
+        del old[key]
+    (out / "policy.json").write_text(json.dumps(old))
+    again = load_policies(out)[1]
+    assert boundaries_info(again, 6) == info and again.delta is None and again.boundaries == doc.boundaries
 
 
 def test_the_ingress_counts_what_info_shows_since_start():
@@ -128,56 +139,45 @@ def test_bad_live_bound_settings_are_refused(config, message):
         RouterConfig.model_validate(config)
 
 
-# a replica built without Serve (__new__, no __init__): Serve's ingress wrapper's async __del__ is never awaited
-@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
 def test_a_shadow_check_is_dropped_whole_when_there_is_no_room(served_artifact):
     """Dropping is decided before a request's audited samples are looked at, and counted: the
     bound must not lose early answers more often than cloud ones."""
     import asyncio
-    import gc
 
     from deployments.metrics import RouterMetrics
-    from deployments.router import Router
     from deployments.schemas import Prediction
+    from deployments.shadow import ShadowAuditor
 
-    router = Router.func_or_class.__new__(Router.func_or_class)
-    router.rng, router.metrics, router.background_tasks = np.random.default_rng(0), RouterMetrics(), set()
-    router.shadow_in_flight, router.texts_in_flight = 0, 60
+    tasks = []
+    auditor = ShadowAuditor(None, None, RouterMetrics(), lambda work: tasks.append(work))
     s = settings(served_artifact, {"shadow_rate": 1.0, "max_texts_in_flight": 64})
     answers = [Prediction(label="a", label_id=0, confidence=1.0, tier=t, exit_layer=2, cost=1.0)
                for t in ("mobile", "cloud")] + [Prediction(label="a", label_id=0, confidence=1.0, tier="cloud",
                                                            exit_layer=2, cost=1.0, degraded=True)]
-    router.audit(answers, None, s, None, ["a", "b", "c"], None)  # 60 of 64 texts in flight: past the shadow room
-    assert router.metrics.since_start()["shadow_checks"] == {"dropped": 2} and not router.background_tasks
-    router.texts_in_flight, router.shadow_in_flight = 1, 1  # one shadow check in flight already
-    router.audit(answers, None, s, None, ["a", "b", "c"], None)
-    assert router.metrics.since_start()["shadow_checks"] == {"dropped": 4}
+    auditor.audit(answers, None, s, None, ["a", "b", "c"], None, 60)  # 60 of 64 texts in flight: past the room
+    assert auditor.metrics.since_start()["shadow_checks"] == {"dropped": 2} and not tasks
+    auditor.in_flight = 1  # one shadow check in flight already
+    auditor.audit(answers, None, s, None, ["a", "b", "c"], None, 1)
+    assert auditor.metrics.since_start()["shadow_checks"] == {"dropped": 4} and not tasks
 
     recorded = []
 
-    async def fake_shadow(rows, *args):
+    async def fake_check(rows, *args):
         recorded.append(rows)
-    router.shadow_in_flight, router.shadow = 0, fake_shadow
-
-    async def audit_in_loop():
-        router.audit(answers, None, s, None, ["a", "b", "c"], None)
-        await asyncio.gather(*router.background_tasks)
-    asyncio.run(audit_in_loop())
-    assert recorded == [[0, 1]] and router.shadow_in_flight == 1  # the degraded answer is no policy's
-    del router, fake_shadow, audit_in_loop  # collected here, where the warning filter applies
-    gc.collect()
+    auditor.in_flight, auditor.check = 0, fake_check
+    auditor.audit(answers, None, s, None, ["a", "b", "c"], None, 1)
+    asyncio.run(tasks.pop())
+    assert recorded == [[0, 1]] and auditor.in_flight == 1  # the degraded answer is no policy's
 
 
-@pytest.mark.filterwarnings("ignore:coroutine .*ASGIIngressWrapper.__del__. was never awaited")
 def test_a_controller_that_does_not_answer_takes_one_thread_and_no_request(monkeypatch):
     """With the head away, Serve's controller never answers: a read of it waits in one thread, and
-    every other asker gets None after its timeout instead of starting another (which used to take
-    the default pool's threads one per second, until requests waiting for one hung)."""
+    every other asker gets None after its timeout instead of starting another (which would take the
+    default pool's threads one per second, until requests waiting for one hung)."""
     import asyncio
-    import gc
     import threading
 
-    from deployments.router import Router
+    from deployments.dispatch import Dispatcher
 
     release, started = threading.Event(), []
 
@@ -186,14 +186,12 @@ def test_a_controller_that_does_not_answer_takes_one_thread_and_no_request(monke
         release.wait(10)
         return {}
 
-    router = Router.func_or_class.__new__(Router.func_or_class)
-    router.replicas_read = None
-    monkeypatch.setattr(router, "live_replicas", hanging)
+    tiers = Dispatcher.__new__(Dispatcher)
+    tiers.replicas_read = None
+    monkeypatch.setattr(tiers, "live_replicas", hanging)
 
     async def ask():
-        return await asyncio.gather(*(router.replica_counts(timeout_s=0.2) for _ in range(5)),
-                                    router.replica_counts(timeout_s=0.3))
+        return await asyncio.gather(*(tiers.replica_counts(timeout_s=0.2) for _ in range(5)),
+                                    tiers.replica_counts(timeout_s=0.3))
     assert asyncio.run(ask()) == [None] * 6 and len(started) == 1
     release.set()
-    del router, ask
-    gc.collect()
