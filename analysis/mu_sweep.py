@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from dimee_models.cost import CostModel
-from dimee_models.calibration import calibrate, score
+from dimee_models.calibration import calibrate
+from dimee_models.candidates import score
 from dimee_models.outputs import split_outputs
 from dimee_models.tiers import TIER_NAMES
 

@@ -1,4 +1,4 @@
-"""Why the policies behave as they do: two measurements behind docs/RESULTS.md section 2.
+"""Why the policies behave as they do: two measurements behind docs/RESULTS.md, "Offline: DIMEE against cloud-only on one test split".
 
 1. How well each mobile-side estimate ranks "this exit agrees with the final exit" (AUC): the
    mobile confidence alone, the `learned` policy's regressions (z + the exit's probabilities) and
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dimee_models.calibration import agreement_targets, cross_fitted_scores
+from dimee_models.candidates import agreement_targets, cross_fitted_scores
 from dimee_models.outputs import split_outputs
 from dimee_models.policy import policy_features
 

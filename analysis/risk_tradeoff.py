@@ -22,9 +22,9 @@ import json
 import time
 from pathlib import Path
 
-from dimee_models.cli import _delta
+from dimee_models.cli import delta_arg
 from dimee_models.cost import CostModel
-from dimee_models.calibration import choose, score_candidates
+from dimee_models.candidates import choose, score_candidates
 from dimee_models.outputs import ExitOutputs, split_outputs
 from dimee_models.resample import resampled
 from dimee_models.risk import binomial_cdf
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    deltas = [_delta(d) for d in args.deltas.split(",")]
+    deltas = [delta_arg(d) for d in args.deltas.split(",")]
     doc = {"resamples": args.resamples, "seed": args.seed, "budget_pp": args.max_accuracy_drop, "artifacts": {}}
     for directory in args.artifacts:
         started = time.time()

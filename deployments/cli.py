@@ -28,7 +28,7 @@ def _env_var_set(name: str) -> str:
 
 
 def _port(value: str) -> int:
-    port = model_cli._positive_int(value)
+    port = model_cli.positive_int(value)
     if port > 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value!r}")
     return port
@@ -55,15 +55,15 @@ def add_serve_flags(p) -> None:
     # the name of a variable, not the key: a key on the command line would show in `ps` and shell history
     p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
                    help="require the API key held in this environment variable in the X-API-Key header")
-    p.add_argument("--mobile-replicas", type=model_cli._positive_int, default=1,
+    p.add_argument("--mobile-replicas", type=model_cli.positive_int, default=1,
                    help="replicas of the mobile tier, which is the HTTP ingress (each runs the mobile slice)")
     for tier in ("edge", "cloud"):
-        p.add_argument(f"--{tier}-replicas", type=model_cli._positive_int, default=1, help=f"replicas of the {tier} tier")
-    p.add_argument("--hop-timeout", type=model_cli._positive_float, default=None, metavar="SECONDS",
+        p.add_argument(f"--{tier}-replicas", type=model_cli.positive_int, default=1, help=f"replicas of the {tier} tier")
+    p.add_argument("--hop-timeout", type=model_cli.positive_float, default=None, metavar="SECONDS",
                    help="longest wait for one tier call before falling back (default 2)")
-    p.add_argument("--request-timeout", type=model_cli._positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--request-timeout", type=model_cli.positive_float, default=None, metavar="SECONDS",
                    help="a request's deadline, across all its tier calls (default 3)")
-    p.add_argument("--max-texts-in-flight", type=model_cli._positive_int, default=None, metavar="N",
+    p.add_argument("--max-texts-in-flight", type=model_cli.positive_int, default=None, metavar="N",
                    help="texts each ingress replica works on at once; a request past it gets 503 (default 64)")
     p.add_argument("--shadow-rate", type=_share, default=None, metavar="SHARE",
                    help="share of routed samples checked against the final exit after their answer has gone out, "
@@ -72,7 +72,7 @@ def add_serve_flags(p) -> None:
                    help="route with the policies of this recalibrated copy of the artifact (e.g. `dimee calibrate "
                         "COPY --from-traffic LOG`); its tier weights must be the artifact's")
     p.add_argument("--shadow-log", default=None, metavar="DIR",
-                   help="append the shadow-checked texts to this directory on the ingress nodes, for `dimee "
+                   help="append the shadow-checked texts to this directory on the head's disk, for `dimee "
                         "calibrate --from-traffic` (they hold what clients sent: off unless set)")
     p.add_argument("--on-drift", choices=("tighten", "alarm"), default=None,
                    help="when the live bound shows the budget broken: step back to a safer setting (tighten, the "
@@ -112,7 +112,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("up", help="train and calibrate the default model if absent, start the local cluster, serve")
     p.add_argument("--artifact", type=Path, default=DEFAULT_ARTIFACT, help=f"artifact to serve (default {DEFAULT_ARTIFACT})")
     p.add_argument("--dataset", default="rt-polarity", help="dataset for the default model when it must be trained")
-    p.add_argument("--epochs", type=model_cli._positive_int, default=QUICK_EPOCHS,
+    p.add_argument("--epochs", type=model_cli.positive_int, default=QUICK_EPOCHS,
                    help=f"epochs for the default model when it must be trained (default {QUICK_EPOCHS})")
     p.add_argument("--no-cluster", action="store_true",
                    help="deploy onto the running cluster (--address) instead of starting the local one")
@@ -122,9 +122,9 @@ def add_commands(sub) -> None:
     p.add_argument("--no-tune", action="store_true",
                    help="serve the policy calibrated for the paper's abstract cost at the trained tier boundaries, "
                         "instead of measuring the cluster and calibrating boundaries and thresholds for its latency")
-    p.add_argument("--mobile-layers", type=model_cli._layers, default=None, metavar="RANGE",
+    p.add_argument("--mobile-layers", type=model_cli.layer_range, default=None, metavar="RANGE",
                    help="when tuning: layers the mobile exit may be at, e.g. 1-4 (default any)")
-    p.add_argument("--edge-layers", type=model_cli._layers, default=None, metavar="RANGE",
+    p.add_argument("--edge-layers", type=model_cli.layer_range, default=None, metavar="RANGE",
                    help="when tuning: layers the edge exit may be at (default any)")
     add_serve_flags(p)
     p.set_defaults(func=cmd_up)
@@ -137,9 +137,9 @@ def add_commands(sub) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: the local cluster's)")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's HTTP address")
     p.add_argument("--app", default="dimee", help="Serve application name")
-    p.add_argument("--texts", type=model_cli._positive_int, default=100,
+    p.add_argument("--texts", type=model_cli.positive_int, default=100,
                    help="texts of the served artifact's test split to measure, one at a time (default 100)")
-    p.add_argument("--batch", type=model_cli._positive_int, default=16,
+    p.add_argument("--batch", type=model_cli.positive_int, default=16,
                    help="texts per call in the batched compute measurement (default 16)")
     p.add_argument("--api-key-env", type=_env_var_set, default=None, metavar="VAR",
                    help="the environment variable holding the API key, if the deployment requires one")
@@ -364,13 +364,13 @@ def cmd_up(args) -> int:
         print(f"no artifact at {args.artifact}: training a {args.epochs}-epoch {args.dataset} model (cached there)")
         train(TrainConfig(dataset=args.dataset, epochs=args.epochs), args.artifact)
     from dimee_models.cost import CostModel
-    from dimee_models.calibration import run_calibration
+    from dimee_models.calibration import write_calibration
     from dimee_models.policy import load_policies
 
     manifest = read_manifest(args.artifact)
     stored = load_policies(args.artifact)[1].cost_model if manifest.policy is not None else None
     if stored is None or (args.no_tune and stored.unit != "abstract"):
-        run_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
+        write_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
     if not args.no_cluster:
         netns = args.hosts == "netns"
         local_cluster.up(ha=args.ha, netns=netns, nodes=local_cluster.netns_nodes(args.mobile_hosts) if netns else None)
@@ -399,7 +399,7 @@ def tune_and_serve(args) -> int:
 
     from deployments.profile import describe_nodes, format_profile, run_profile
     from dimee_models.artifact import CLUSTER_PROFILE, read_manifest
-    from dimee_models.calibration import boundary_pairs, run_calibration
+    from dimee_models.calibration import boundary_pairs, write_calibration
     from dimee_models.policy import load_policies
     from dimee_models.profile import latency_cost_model, read_profile, write_profile
 
@@ -431,7 +431,7 @@ def tune_and_serve(args) -> int:
         print(format_profile(profile))
         latency = latency_cost_model(profile)
     pairs = boundary_pairs(read_manifest(args.artifact).num_layers, args.mobile_layers, args.edge_layers)
-    doc = run_calibration(args.artifact, latency, 0.3, pairs=pairs)
+    doc = write_calibration(args.artifact, latency, 0.3, pairs=pairs)
     served = doc.policies[doc.default]
     print(f"tuned for the measured latency: {doc.default} at mobile exit {served['exits']['mobile']}, "
           f"edge exit {served['exits']['edge']} (thresholds {served['thresholds']})")

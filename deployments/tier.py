@@ -37,7 +37,7 @@ log = logging.getLogger("ray.serve")
 HIDDEN_TTL_S = 30.0
 # A hidden state up to this size travels inside the tier call itself, as Ray passes arguments up to
 # its max_direct_call_object_size (100 KiB) inline: one text's (~46 KB for MiniLM) then costs no put
-# and no fetch from the owner, which cost 7-8 ms more than its bytes (docs/RESULTS.md). Larger ones
+# and no fetch from the owner, which cost 7-8 ms more than its bytes (docs/DECISIONS.md, "Serving"). Larger ones
 # go through the object store.
 INLINE_BYTES = 100 * 1024
 

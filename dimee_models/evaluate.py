@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from dimee_models import artifact
-from dimee_models.calibration import ALPHA_GRID, Outcome, centroids_of, escalation_can_help, pools, score
+from dimee_models.candidates import ALPHA_GRID, Outcome, centroids_of, escalation_can_help, pools, score
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.outputs import ExitOutputs, split_outputs
 from dimee_models.policy import CascadePolicy, Mode, Policy, load_policies, nearest_centroid
 from dimee_models.risk import RISK_PATH
 from dimee_models.tiers import TIER_NAMES, Tier
-from dimee_models.train import batches, model_inputs
+from dimee_models.batching import batches, model_inputs
 
 
 def oracle_tiers(out: ExitOutputs) -> np.ndarray:

@@ -48,7 +48,7 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class ExitHead(nn.Module):
     """Masked mean pooling -> dropout -> linear. Mean pooling, not the shared [CLS] pooler:
-    on MiniLM the pooler heads of layers 1-3 stayed at chance (docs/METHOD.md section 3)."""
+    on MiniLM the pooler heads of layers 1-3 stayed at chance (docs/DECISIONS.md, "Model and training")."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()

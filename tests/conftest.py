@@ -23,7 +23,7 @@ from deployments.local_cluster import ray_cli
 from deployments.schemas import ClassifyResponse, Prediction
 from dimee_models import artifact
 from dimee_models.cost import CostModel
-from dimee_models.calibration import run_calibration
+from dimee_models.calibration import write_calibration
 from dimee_models.policy import (POLICY_JSON, POLICY_TENSORS, CentroidPolicy, CloudOnlyPolicy, DirectCascadePolicy,
                                   Policy, load_policies)
 from dimee_models.risk import RiskBound
@@ -80,7 +80,7 @@ def served_artifact(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifact") / "rt"
     train(TrainConfig(dataset="rt-polarity", epochs=1, max_train_samples=32, batch_size=16, max_length=32,
                       splits=(0.9, 0.05, 0.05)), out)
-    run_calibration(out, CostModel(), 0.3)
+    write_calibration(out, CostModel(), 0.3)
     manifest = artifact.read_manifest(out)
     model, tokenizer = artifact.load_full(out, manifest), artifact.load_tokenizer(out)
     with torch.inference_mode():
@@ -125,7 +125,7 @@ def hostile_artifact(tmp_path_factory) -> Path:
     out = folder / "artifact"
     train(TrainConfig(dataset=f"csv:{folder / 'reviews.csv'}", text_column="review", label_column="sentiment",
                       epochs=1, max_train_samples=32, batch_size=16, max_length=32, splits=(0.5, 0.25, 0.25)), out)
-    run_calibration(out, CostModel(), 0.3)
+    write_calibration(out, CostModel(), 0.3)
     return out
 
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from dimee_models import calibration
-from dimee_models.calibration import boundary_pairs, choose_boundaries, parse_layers
+from dimee_models.boundaries import boundary_pairs, choose_boundaries, parse_layers
 from dimee_models.cost import CostModel
 from dimee_models.outputs import ExitOutputs
+from dimee_models.policy import EDGE_CLOUD, DirectCascadePolicy
 from dimee_models.tiers import Tier
 
 L, H = 6, 8
@@ -98,7 +99,7 @@ def test_an_edge_at_the_last_layer_hands_nothing_on_to_cloud():
         policy = cal.policies[name]
         assert policy.thresholds["escalate"] == 0.0, name
         _, paths = policy.assign(out.z, out.probs(3), out.probs(6))
-        assert not (paths == calibration.EDGE_CLOUD).any(), name
+        assert not (paths == EDGE_CLOUD).any(), name
     assert (cal.policies["dimee_cascade_constrained"].assign(out.z, out.probs(3), out.probs(6))[0] == Tier.EDGE).mean() > 0.9
 
 
@@ -128,7 +129,7 @@ def test_unlabeled_texts_that_agree_with_the_final_exit_certify_what_too_few_lab
 def test_unlabeled_texts_where_the_exits_disagree_with_the_final_exit_count_against_the_guarantee():
     out = outputs(600, good_from=4).at(4, 6)
     more = unlabeled(outputs(1000, good_from=4, seed=1).at(4, 6), disagree=0.05)
-    assert calibration.disagreements(calibration.DirectCascadePolicy("p", 4, 6, 6, {"mobile": 0.0}, {}), more) > 30
+    assert calibration.disagreements(DirectCascadePolicy("p", 4, 6, 6, {"mobile": 0.0}, {}), more) > 30
     policy = calibration.calibrate(out, CostModel(), 0.3, delta=0.1, unlabeled=more).policies[
         "dimee_direct_cascade_constrained"]
     tiers, _ = policy.assign(out.z, out.probs(4), out.probs(6))

@@ -595,7 +595,7 @@ def test_a_lost_head_costs_no_request_and_serve_recovers_the_app_without_a_redep
         [entry for entry in traffic.log if entry[2] != 200][:3]
     # On loopback nodes, which share the CPU with no group of their own, the head's dozen processes
     # starting again starve the ingress and the GCS for seconds, and a few requests wait up to ~0.9 s
-    # past their deadline (RESULTS §7); the namespaced hosts have a CPU group each.
+    # past their deadline (docs/RESULTS.md, "Replicas killed, a lost host, a lost head: on hosts that share nothing"); the namespaced hosts have a CPU group each.
     slack = 0.5 if HOSTS == "netns" else 1.0
     assert max(latency for _, latency, _, _ in traffic.log) < RouterConfig().request_timeout_s + slack
     after = replicas()
@@ -749,11 +749,12 @@ def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, se
     import shutil
 
     from dimee_models import artifact
-    from dimee_models.calibration import boundary_pairs, run_calibration
+    from dimee_models.boundaries import boundary_pairs
+    from dimee_models.calibration import write_calibration
     from dimee_models.cost import CostModel
 
     moved = shutil.copytree(served_artifact, tmp_path / "moved")
-    doc = run_calibration(moved, CostModel(), 0.3, pairs=boundary_pairs(6, (3, 3), (5, 6)))
+    doc = write_calibration(moved, CostModel(), 0.3, pairs=boundary_pairs(6, (3, 3), (5, 6)))
     exits = artifact.read_manifest(moved).exits
     assert exits.mobile == 3 and exits.edge in (5, 6) and doc.boundaries["chosen_on"] == "train"
     texts = artifact.load_split(moved, "test").texts[:16] + THREE_WAY_TEXTS

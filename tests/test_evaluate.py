@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
 from dimee_models import artifact, calibration
-from dimee_models.calibration import run_calibration
+from dimee_models.calibration import write_calibration
 from dimee_models.cli import main
 from dimee_models.cost import PATHS, CostModel
 from dimee_models.data import Splits, TextDataset
@@ -20,7 +20,8 @@ from dimee_models.model import MultiExitEncoder
 from dimee_models.outputs import split_outputs
 from dimee_models.policy import EDGE_CLOUD, CloudOnlyPolicy, load_policies
 from dimee_models.tiers import Tier
-from dimee_models.train import encode, model_inputs, resolve_backbone, weighted_exit_loss
+from dimee_models.batching import encode, model_inputs
+from dimee_models.train import resolve_backbone, weighted_exit_loss
 from tests.conftest import add_policy, tiny_facts
 
 VOCAB = (["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"],
@@ -68,7 +69,7 @@ def calibrated(base, tmp_path_factory):
     """(directory, policy doc, files present right after calibration). The point estimate: 40
     calibration samples certify no saving at 0.3 pp, and the tests below need policies that route."""
     out = shutil.copytree(base, tmp_path_factory.mktemp("eval") / "cal")
-    doc = run_calibration(out, CostModel(), 0.3, delta=None)
+    doc = write_calibration(out, CostModel(), 0.3, delta=None)
     return out, doc, {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 
 
@@ -120,7 +121,7 @@ def test_calibration_never_reads_the_test_split(base, calibrated, tmp_path):
     artifact.write_manifest(poisoned, artifact.read_manifest(poisoned, verify=False))
     poison = artifact.load_split(poisoned, "test")  # in place, and the manifest verifies it
     assert not set(poison.texts) & set(clean.texts) and all(a != b for a, b in zip(poison.labels, clean.labels))
-    run_calibration(poisoned, CostModel(), 0.3, delta=None)
+    write_calibration(poisoned, CostModel(), 0.3, delta=None)
     for name in POLICY_FILES:
         assert (poisoned / name).read_bytes() == (calibrated[0] / name).read_bytes(), name
     assert not (poisoned / "outputs" / "test.safetensors").exists()

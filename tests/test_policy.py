@@ -4,8 +4,8 @@ calibration, choice of operating point, persistence."""
 import numpy as np
 import pytest
 
-from dimee_models.calibration import (ALPHA_GRID, Candidates, Outcome, calibrate, centroids_of, certify, choose,
-                                      fit_learned, pools, save_policies, score)
+from dimee_models.calibration import calibrate, certify, save_policies
+from dimee_models.candidates import ALPHA_GRID, Candidates, Outcome, centroids_of, choose, fit_learned, pools, score
 from dimee_models.cost import CostModel
 from dimee_models.outputs import ExitOutputs
 from dimee_models.policy import (EDGE_CLOUD, CascadePolicy, CentroidPolicy, CloudOnlyPolicy, EscalatePolicy,
@@ -254,7 +254,7 @@ def test_certify_takes_the_cheapest_setting_the_bound_certifies():
     # 0 losses of 100 certify a loss rate <= 3 pp at delta 0.05 (1 - 0.97**100 = 0.95); 2 of 100 do not
     o = [Outcome(0.9, 1.0, 0.0, (0, 0, 1), 0.0, 100), Outcome(0.9, 0.5, 0.0, (0, 1, 0), 0.0, 100),
          Outcome(0.9, 0.2, 0.0, (1, 0, 0), 0.02, 100)]
-    settings = Candidates("x", o, 3, True, [], lambda *args: None, [0, 1, 2])
+    settings = Candidates("x", CentroidPolicy, None, o, 3, True, [], [{}] * 3, [0, 1, 2])
     constrained, risk = certify(settings, 3.0, 0.05)
     assert constrained == 1 and risk.guaranteed and risk.losses == 0 and risk.n == 100 and risk.unlabeled == 0
     assert risk.loss_ucb_pp == pytest.approx(100 * (1 - 0.05 ** (1 / 100)), rel=1e-6)

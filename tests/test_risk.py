@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dimee_models.calibration import Outcome, choose
+from dimee_models.candidates import Outcome, choose
 from dimee_models.risk import binomial_cdf, fixed_sequence, loss_ucb
 
 

@@ -73,12 +73,12 @@ def test_a_recalibrated_copy_can_be_switched_to_but_other_weights_cannot(served_
 
 def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
     assert boundaries_info(load_policies(served_artifact)[1], 6) == {"chosen_by": "training"}
-    from dimee_models.calibration import run_calibration
+    from dimee_models.calibration import write_calibration
 
     out = shutil.copytree(served_artifact, tmp_path / "chosen")
     cost = CostModel(unit="ms", fixed=10.0, lambda_mobile=3.0, lambda_edge=3.0, lambda_cloud=2.0, o_1=4.0, o_2=4.0,
                      o_edge_cloud=4.0, o_cloud_only=4.0, mu=0.05)
-    doc = run_calibration(out, cost, 0.3, pairs=[(m, e) for m in range(1, 6) for e in range(m + 1, 7)])
+    doc = write_calibration(out, cost, 0.3, pairs=[(m, e) for m in range(1, 6) for e in range(m + 1, 7)])
     info = boundaries_info(doc, 6)
     assert info["chosen_by"] == "calibration" and info["unit"] == "ms" and info["candidates"] >= 15
     assert info["chosen_on"] == "train" and (out / "outputs" / "train.safetensors").is_file()
