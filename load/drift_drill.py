@@ -4,7 +4,7 @@ is read from /v1/info. Since the texts are labelled and the final exit's answers
 offline (served == offline is tested), the true disagreement and accuracy drop of every request
 are known, to set beside what the live bound said.
 
-Reproduce (every sample shadow-checked, so that the drill is short; docs/RESULTS.md §8):
+Reproduce (every sample shadow-checked, so that the drill is short; docs/RESULTS.md, "The live bound and a drift drill"):
     dimee up --shadow-rate 1
     python -m load.drift_drill --artifact artifacts/default --before 50 --after 300 --out runs/drift
     # no false alarm: a long run in distribution, on a fresh deployment
