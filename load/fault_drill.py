@@ -151,7 +151,7 @@ def head_timeline(app: str, down_at: float, up_at: float, began: float) -> dict:
             "serve_running_s": running, "serve_back_after_start_s": running and round(running - starting, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default=DEFAULT_URL)
     p.add_argument("--address", default=None, help="Ray address (default: the local cluster's)")
@@ -180,14 +180,40 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--head-down: the drill holds no Ray connection then, so no --kill or --node-down with it")
     if args.texts_per_request < 1:
         p.error("--texts-per-request must be at least 1")
-    kills = (args.kill if args.kill is not None else [] if args.node_down or args.head_down is not None
-             else [(Tier.EDGE.deployment, 20.0), (Tier.CLOUD.deployment, 40.0)])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     hosts.join_head()  # namespaced hosts: this drill's Locust on the head's network, with or without a driver
     if args.head_down is None:
         local_cluster.connect(args.address)
     retries = local_cluster.front_retries()
+    result, recoveries, timelines, head, probes = drill(args)
+    ray.shutdown()
+    seen = json.loads((args.out / "drill_tiers.json").read_text())
+    report = {
+        "users": args.users, "duration_s": args.duration, "requests": result["requests"], "failed": result["failures"],
+        "answered": seen["predictions"], "answered_by_fallback": seen["fallback"], "answered_degraded": seen["degraded"],
+        "answered_normally": seen["predictions"] - seen["fallback"] - seen["degraded"],
+        "longest_wait_ms": result["max_ms"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+        "shed": result["shed"], "shed_p99_ms": result["shed_p99_ms"],
+        "kills": recoveries, "nodes": timelines, "head": head or None,
+        "front_door_retries": None if retries is None else local_cluster.front_retries() - retries,
+        "probe_failed": sum(outcome not in ANSWERED for log in probes.values() for _, outcome in log),
+    }
+    (args.out / "drill.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 1 if report["failed"] or report["probe_failed"] else 0
 
+
+def drill(args: argparse.Namespace) -> tuple[dict, list, list, dict, dict]:
+    """The load, and meanwhile the kills, node losses and head loss asked for: Locust's result,
+    each kill's recovery, each node's and the head's timeline, each probe's log."""
+    ups = dict(args.node_up)
+    kills = (args.kill if args.kill is not None else [] if args.node_down or args.head_down is not None
+             else [(Tier.EDGE.deployment, 20.0), (Tier.CLOUD.deployment, 40.0)])
     # a request unanswered after 8 s (its deadline is 3) fails, and is counted before Locust's 10 s stop timeout
     options = LocustOptions(args.host, args.texts_per_request, args.dataset, client_timeout=8.0)
     result: dict = {}
@@ -217,22 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     for thread in killers:
         thread.join()
-    ray.shutdown()
-
-    seen = json.loads((args.out / "drill_tiers.json").read_text())
-    report = {
-        "users": args.users, "duration_s": args.duration, "requests": result["requests"], "failed": result["failures"],
-        "answered": seen["predictions"], "answered_by_fallback": seen["fallback"], "answered_degraded": seen["degraded"],
-        "answered_normally": seen["predictions"] - seen["fallback"] - seen["degraded"],
-        "longest_wait_ms": result["max_ms"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-        "shed": result["shed"], "shed_p99_ms": result["shed_p99_ms"],
-        "kills": recoveries, "nodes": timelines, "head": head or None,
-        "front_door_retries": None if retries is None else local_cluster.front_retries() - retries,
-        "probe_failed": sum(outcome not in ANSWERED for log in probes.values() for _, outcome in log),
-    }
-    (args.out / "drill.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-    return 1 if report["failed"] or report["probe_failed"] else 0
+    return result, recoveries, timelines, head, probes
 
 
 if __name__ == "__main__":

@@ -341,7 +341,7 @@ def _fmt(x) -> str:
 
 
 def markdown(report: dict) -> str:
-    a, c = report["args"], report["checks"]
+    a = report["args"]
     rate = (f"{report['rps']:g} requests/s" if report["probe"] is None else
             f"{report['rps']:g} requests/s (half of the {report['probe']['answered_rps']:g} answered per second "
             f"by {report['probe']['threads']} closed-loop threads in {report['probe']['seconds']:g} s)")
@@ -357,6 +357,14 @@ def markdown(report: dict) -> str:
         f"| {report['requests']} | {report['ok']} | {report['shed']} | {report['failed']} | {_fmt(report['p50_ms'])} | "
         f"{_fmt(report['p99_ms'])} | {_fmt(report['longest_wait_ms'])} | {_fmt(report['send_delay_max_ms'])} |", "",
     ]
+    lines += _kills_table(report) + _checks(report["checks"])
+    if report["failures"]:
+        lines += ["First failures:", ""] + [f"- at {f['sent_s']:.1f} s: {f['error']}" for f in report["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _kills_table(report: dict) -> list[str]:
+    a, lines = report["args"], []
     if report["kills"]:
         costs = kill_costs(report)
         lines += [f"Until a window after each replacement ran: the worst {_fmt(a['sample_every'])} s window's p99 and the "
@@ -368,7 +376,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {k['at_s']:g} | {k['deployment']} | {actor} | {back} | {_fmt(cost['worst_p99_ms'])} | "
                          f"{cost['shed']} |")
         lines.append("")
+    return lines
 
+
+def _checks(c: dict) -> list[str]:
     def mark(check: dict) -> str:
         return "**PASS**" if check["pass"] else "**MISS**"
 
@@ -378,7 +389,7 @@ def markdown(report: dict) -> str:
     rss, store, p99, refs = c["rss_growth"], c["object_store_growth"], c["p99_ratio"], c["refs_bounded"]
     span = ("no sample after the warm-up" if rss["from_s"] is None else
             "samples at {:g}-{:g} s vs {:g}-{:g} s".format(*rss["from_s"], *rss["to_s"]))
-    lines += ["## Checks", "",
+    return ["## Checks", "",
               f"- {mark(rss)} RSS growth at most x{GROWTH_LIMIT} ({span}), per deployment (live replicas summed): "
               + "; ".join(ends(d, x) for d, x in rss["by_deployment"].items())
               + "; per replica alive at both ends: "
@@ -393,9 +404,6 @@ def markdown(report: dict) -> str:
                   f"{t} {_fmt(x['first_half_max'])} then {_fmt(x['second_half_max'])} (limit {x['limit']:g})"
                   for t, x in refs["by_tier"].items()) or f"no data ({REFS_METRIC} not exported)"),
               f"- {mark(c['no_failures'])} no failed request: {c['no_failures']['failed']} failed", ""]
-    if report["failures"]:
-        lines += ["First failures:", ""] + [f"- at {f['sent_s']:.1f} s: {f['error']}" for f in report["failures"]]
-    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -499,37 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         rps = args.rps or probe["answered_rps"] / 2
         print(f"soak: {args.duration:g} s at {rps:g} requests/s", flush=True)
 
-        series, kills = [], []
-        began = time.monotonic()
-
-        def sampler() -> None:
-            for k in itertools.count():
-                if k * args.sample_every > args.duration:
-                    return
-                time.sleep(max(0.0, k * args.sample_every - (time.monotonic() - began)))
-                try:
-                    series.append(sample(args.app, deployments, began))
-                except Exception as err:  # a soak is long: one failed call to Ray's state API must not end it
-                    print(f"{time.monotonic() - began:.0f} s: sample skipped: {err!r}", flush=True)
-
-        def killer() -> None:
-            for k in range(math.ceil(args.duration / args.kill_every) if args.kill_every else 0):
-                time.sleep(max(0.0, k * args.kill_every - (time.monotonic() - began)))
-                at, deployment = round(time.monotonic() - began, 1), args.kill_order[k % len(args.kill_order)]
-                try:
-                    kills.append({"at_s": at, **kill_and_time_recovery(args.app, deployment)})
-                except Exception as err:  # e.g. no live replica to kill: recorded, and the soak goes on
-                    kills.append({"at_s": at, "deployment": deployment, "killed_actor": None, "back_after_s": None,
-                                  "error": repr(err)[:200]})
-                print(f"{at:g} s: killed a {kills[-1]['deployment']} replica; back after {kills[-1]['back_after_s']} s",
-                      flush=True)
-
-        background = [threading.Thread(target=f, daemon=True) for f in (sampler, killer)]
-        for thread in background:
-            thread.start()
-        sent = open_loop(url, test, rps, args.duration, args.share_16, began)
-        for thread in background:
-            thread.join()
+        series, kills, sent = soak(args, url, test, deployments, rps)
     finally:
         if connect:
             ray.shutdown()
@@ -553,6 +531,43 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, args.out / "soak.png")
     print((args.out / "soak.md").read_text())
     return 1 if report["failed"] else 0
+
+
+def soak(args: argparse.Namespace, url: str, test, deployments: list[str], rps: float) -> tuple[list, list, list]:
+    """The open-loop load for `args.duration` s, with the samples and the replica kills beside it:
+    the samples' series, the kills, the requests sent."""
+    series, kills = [], []
+    began = time.monotonic()
+
+    def sampler() -> None:
+        for k in itertools.count():
+            if k * args.sample_every > args.duration:
+                return
+            time.sleep(max(0.0, k * args.sample_every - (time.monotonic() - began)))
+            try:
+                series.append(sample(args.app, deployments, began))
+            except Exception as err:  # a soak is long: one failed call to Ray's state API must not end it
+                print(f"{time.monotonic() - began:.0f} s: sample skipped: {err!r}", flush=True)
+
+    def killer() -> None:
+        for k in range(math.ceil(args.duration / args.kill_every) if args.kill_every else 0):
+            time.sleep(max(0.0, k * args.kill_every - (time.monotonic() - began)))
+            at, deployment = round(time.monotonic() - began, 1), args.kill_order[k % len(args.kill_order)]
+            try:
+                kills.append({"at_s": at, **kill_and_time_recovery(args.app, deployment)})
+            except Exception as err:  # e.g. no live replica to kill: recorded, and the soak goes on
+                kills.append({"at_s": at, "deployment": deployment, "killed_actor": None, "back_after_s": None,
+                              "error": repr(err)[:200]})
+            print(f"{at:g} s: killed a {kills[-1]['deployment']} replica; back after {kills[-1]['back_after_s']} s",
+                  flush=True)
+
+    background = [threading.Thread(target=f, daemon=True) for f in (sampler, killer)]
+    for thread in background:
+        thread.start()
+    sent = open_loop(url, test, rps, args.duration, args.share_16, began)
+    for thread in background:
+        thread.join()
+    return series, kills, sent
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ for entry in $HOSTS; do
   name=${entry%%:*} ip=${entry##*:}
   printf 'Port 22\nListenAddress %s\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nPidFile %s\n' \
     "$ip" "$WORK/sshd-$name.pid" > "$WORK/sshd-$name.conf"
-  $(python -c "from deployments import hosts; print(' '.join(hosts.enter('$name')))") /usr/sbin/sshd -f "$WORK/sshd-$name.conf"
+  python -c "import subprocess, sys; from deployments import hosts
+subprocess.run([*hosts.enter(sys.argv[1]), '/usr/sbin/sshd', '-f', sys.argv[2]], check=True)" "$name" "$WORK/sshd-$name.conf"
 done
 
 echo "== ray up"
