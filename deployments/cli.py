@@ -399,7 +399,8 @@ def tune_and_serve(args) -> int:
 
     from deployments.profile import describe_nodes, format_profile, run_profile
     from dimee_models.artifact import CLUSTER_PROFILE, read_manifest
-    from dimee_models.calibration import boundary_pairs, write_calibration
+    from dimee_models.boundaries import boundary_pairs
+    from dimee_models.calibration import write_calibration
     from dimee_models.policy import load_policies
     from dimee_models.profile import latency_cost_model, read_profile, write_profile
 

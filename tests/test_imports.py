@@ -85,3 +85,19 @@ def test_serving_policy_and_router_import_no_torch_at_module_level():
 def test_loading_policies_does_not_load_torch():
     code = "import sys, dimee_models.policy; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_every_name_imported_from_the_project_exists():
+    """Function-level imports run only when their command does (`dimee up`'s tuning, say): a name
+    moved to another module must not wait for a user to find it missing."""
+    import importlib
+
+    files, missing = module_files(), []
+    for path in [*files.values(), *sorted((ROOT / "tests").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in files and not node.level:
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{alias.name}"
+                            for alias in node.names if not hasattr(module, alias.name)
+                            and f"{node.module}.{alias.name}" not in files]
+    assert missing == []
