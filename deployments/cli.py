@@ -89,6 +89,19 @@ def add_hosts_flags(p) -> None:
                         "and mount namespaces; docs/DEPLOYING.md)")
     p.add_argument("--mobile-hosts", type=int, choices=(1, 2), default=1,
                    help="with --hosts netns: how many mobile hosts (default 1)")
+    p.add_argument("--links", type=_links_arg, default=None, metavar="lan|mobile|FILE",
+                   help="with --hosts netns: give the hosts of each pair of tiers this network's round trip and "
+                        "bandwidth (a preset, or a JSON file {mobile_edge, mobile_cloud, edge_cloud: {rtt_ms, "
+                        "mbit_s}}; docs/DEPLOYING.md); default: the bridge, unshaped")
+
+
+def _links_arg(value: str):
+    from dimee_models.profile import read_links
+
+    try:
+        return read_links(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--links {value}: ")) from None
 
 
 def add_commands(sub) -> None:
@@ -100,10 +113,10 @@ def add_commands(sub) -> None:
     p = sub.add_parser("cluster", help="start or stop a local cluster (a head, then a node per tier), or lose "
                                        "one tier's node and bring it back")
     p.add_argument("action", choices=("up", "down", "node-down", "node-up", "head-down", "head-up", "link-down",
-                                       "link-up"))
+                                       "link-up", "links"))
     p.add_argument("tier", nargs="*", metavar="TIER",
                    help="with node-down and node-up: whose node; with link-down and link-up (--hosts netns): the two "
-                        "hosts whose link to cut or restore, e.g. mobile cloud")
+                        "hosts whose link to cut or restore, e.g. mobile cloud; `links` measures each shaped link")
     p.add_argument("--metrics", action="store_true", help=METRICS_HELP)
     p.add_argument("--ha", action="store_true", help=HA_HELP)
     add_hosts_flags(p)
@@ -156,7 +169,7 @@ def cmd_cluster(args) -> int:
     from deployments import local_cluster
 
     if args.action == "up":
-        address = local_cluster.up(ha=args.ha, netns=args.hosts == "netns",
+        address = local_cluster.up(ha=args.ha, netns=args.hosts == "netns", links=args.links,
                                    nodes=local_cluster.netns_nodes(args.mobile_hosts) if args.hosts == "netns" else None)
         print(f"cluster up at {address}" + (" (head fault tolerant: GCS on Redis)" if args.ha else ""))
         if args.metrics:
@@ -172,12 +185,23 @@ def cmd_cluster(args) -> int:
         local_cluster.start_head()
         print(f"head up at {local_cluster.address()}; Serve's controller recovers the application from Redis")
         return 0
+    if args.action == "links":
+        from deployments import links
+
+        if not links.active():
+            raise ValueError("links: no shaped links are up (`dimee cluster up --hosts netns --links lan|mobile|FILE`)")
+        print("link              configured             measured")
+        for pair in links.active():
+            got = links.check(pair["a"], pair["b"])
+            print(f"{pair['a'] + ' -> ' + pair['b']:<17} {pair['rtt_ms']:7.2f} ms {pair['mbit_s']:7.1f} Mbit/s "
+                  f"{got['rtt_ms']:7.2f} ms {got['mbit_s']:7.1f} Mbit/s")
+        return 0
     if args.action in ("link-down", "link-up"):
-        from deployments import hosts
+        from deployments import links
 
         if len(args.tier) != 2:
             raise ValueError(f"{args.action} needs the two hosts whose link to cut or restore, e.g. mobile cloud")
-        hosts.link(*args.tier, up_=args.action == "link-up")
+        links.link(*args.tier, up_=args.action == "link-up")
         print(f"link {' <-> '.join(args.tier)} {args.action.removeprefix('link-')}")
         return 0
     if len(args.tier) != 1 or args.tier[0] not in TIER_NAMES:
@@ -373,7 +397,8 @@ def cmd_up(args) -> int:
         write_calibration(args.artifact, CostModel(), 0.3, pairs=[trained_exits(manifest)])
     if not args.no_cluster:
         netns = args.hosts == "netns"
-        local_cluster.up(ha=args.ha, netns=netns, nodes=local_cluster.netns_nodes(args.mobile_hosts) if netns else None)
+        local_cluster.up(ha=args.ha, netns=netns, links=args.links,
+                         nodes=local_cluster.netns_nodes(args.mobile_hosts) if netns else None)
         if args.metrics:
             print(f"Prometheus at {local_cluster.start_prometheus()}")
     hosts.join_head()  # namespaced hosts: a driver runs on the head's network
@@ -404,6 +429,7 @@ def tune_and_serve(args) -> int:
     from dimee_models.policy import load_policies
     from dimee_models.profile import latency_cost_model, read_profile, write_profile
 
+    from deployments import links as shaped_links
     from deployments import local_cluster
 
     path = args.artifact / CLUSTER_PROFILE  # reused while the cluster's nodes are the same
@@ -411,8 +437,9 @@ def tune_and_serve(args) -> int:
     nodes = describe_nodes()
     ray.shutdown()
     profile = read_profile(path) if path.is_file() else None
-    if profile is not None and _node_kinds(profile.nodes) != _node_kinds(nodes):
-        print(f"the cluster's nodes differ from those {path} was measured on: measuring again")
+    if profile is not None and (_node_kinds(profile.nodes) != _node_kinds(nodes)
+                                or profile.measured_across != shaped_links.network()):
+        print(f"the cluster's nodes or links differ from those {path} was measured on: measuring again")
         profile = None
     latency = latency_cost_model(profile) if profile is not None else None
     doc = load_policies(args.artifact)[1]
@@ -448,11 +475,15 @@ def _node_kinds(nodes: list[dict]) -> list[tuple]:
 def cmd_profile(args) -> int:
     import ray
 
+    from deployments import links as shaped_links
     from deployments import local_cluster
     from deployments.profile import format_profile, run_profile
     from dimee_models.profile import read_links, write_profile
 
     links = read_links(args.links) if args.links is not None else None  # a bad one before any measuring
+    if links is not None and shaped_links.network() is not None:
+        raise ValueError("--links adds a network to hops measured without one, and this cluster's hosts are "
+                         "linked already (`dimee cluster up --links`): measure without --links")
     address = args.address or local_cluster.address()
     hosts.join_head()  # namespaced hosts: the check from the head's network, where connect puts the driver
     check_cluster_answers(address)

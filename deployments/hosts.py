@@ -14,7 +14,7 @@ Each host's processes also share one CPU group (cgroup `dimee-<name>`, equal wei
 machines do not take each other's CPU: without it, the dozen processes of a head started again
 outran the mobile host's ingress on this machine's cores for seconds.
 
-The link between two hosts can be cut and restored (`link`): a network partition between them.
+The link between two hosts can be cut and restored (deployments/links.py): a network partition.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import threading
 from pathlib import Path
 
 BRIDGE, GATEWAY, PREFIX = "dimee-br0", "10.77.0.1", 24
-STATE = Path("/run/dimee-hosts")  # hosts.json and each tier host's mount-namespace file
+STATE = Path("/run/dimee-hosts")  # hosts.json, each tier host's mount-namespace file, the shaped links
+LINKS_PID = STATE / "links.pid"  # the shaped links' forwarder (deployments/links.py)
 NETNS_DIR = Path("/run/netns")
 REPO = Path(__file__).resolve().parents[1]
 CLONE_NEWNET = 0x40000000
@@ -101,7 +102,7 @@ def enter(name: str) -> list[str]:
     return prefix
 
 
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()}")
@@ -115,21 +116,21 @@ def up(hosts: dict[str, str], private: set[str]) -> None:
         raise PermissionError("--hosts netns needs root (network and mount namespaces); the loopback cluster "
                               "(the default) does not")
     down()
-    _run("ip", "link", "add", BRIDGE, "type", "bridge")
-    _run("ip", "addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE)
-    _run("ip", "link", "set", BRIDGE, "up")
+    run("ip", "link", "add", BRIDGE, "type", "bridge")
+    run("ip", "addr", "add", f"{GATEWAY}/{PREFIX}", "dev", BRIDGE)
+    run("ip", "link", "set", BRIDGE, "up")
     STATE.mkdir(parents=True, exist_ok=True)
     # a mount-namespace file must sit on a private mount
-    _run("mount", "--bind", str(STATE), str(STATE))
-    _run("mount", "--make-private", str(STATE))
+    run("mount", "--bind", str(STATE), str(STATE))
+    run("mount", "--make-private", str(STATE))
     for name, ip in hosts.items():
-        _run("ip", "netns", "add", netns(name))
+        run("ip", "netns", "add", netns(name))
         veth = f"dv-{name}"[:15]
-        _run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns(name))
-        _run("ip", "link", "set", veth, "master", BRIDGE, "up")
+        run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns(name))
+        run("ip", "link", "set", veth, "master", BRIDGE, "up")
         for cmd in (["ip", "addr", "add", f"{ip}/{PREFIX}", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
                     ["ip", "link", "set", "lo", "up"]):
-            _run("ip", "netns", "exec", netns(name), *cmd)
+            run("ip", "netns", "exec", netns(name), *cmd)
         if name in private:
             _private_files(name)
         if _cpu_cgroups() is not None:
@@ -152,23 +153,11 @@ def _private_files(name: str) -> None:
         script.append(f"mount -t tmpfs tmpfs {REPO / 'artifacts'}")
     mounts = STATE / f"{name}.mnt"
     mounts.touch()
-    _run("unshare", f"--mount={mounts}", "--propagation", "private", "sh", "-c", "; ".join(script))
-
-
-def link(a: str, b: str, up_: bool) -> None:
-    """Cut the link between hosts `a` and `b` (a network partition: packets between them are
-    dropped, in both directions, and nothing else changes), or restore it."""
-    up_hosts = active() or {}
-    for here, there in ((a, b), (b, a)):
-        if here not in up_hosts or there not in up_hosts:
-            raise ValueError(f"no namespaced host {here if here not in up_hosts else there!r}: the hosts are "
-                             f"{sorted(up_hosts)} (`dimee cluster up --hosts netns`)")
-        _run("ip", "netns", "exec", netns(here), "ip", "route", "del" if up_ else "add", "blackhole",
-             f"{up_hosts[there]}/32", check=not up_)
+    run("unshare", f"--mount={mounts}", "--propagation", "private", "sh", "-c", "; ".join(script))
 
 
 def pids(name: str) -> list[int]:
-    out = _run("ip", "netns", "pids", netns(name), check=False).stdout
+    out = run("ip", "netns", "pids", netns(name), check=False).stdout
     return [int(p) for p in out.split()]
 
 
@@ -177,6 +166,12 @@ def down() -> None:
     if os.geteuid() != 0:  # only root makes them
         return
     import psutil
+
+    from deployments.processes import stop_pid_file
+
+    stop_pid_file(LINKS_PID, "python")  # its devices, and so the links, go with it
+    for path in STATE.glob("links.*") if STATE.is_dir() else []:
+        path.unlink()
 
     for path in sorted(NETNS_DIR.glob("dimee-*")) if NETNS_DIR.is_dir() else []:
         name = path.name.removeprefix("dimee-")
@@ -188,20 +183,20 @@ def down() -> None:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(procs, timeout=10)
-        _run("ip", "netns", "del", path.name, check=False)
+        run("ip", "netns", "del", path.name, check=False)
     for group in _cpu_cgroups().glob("dimee-*") if _cpu_cgroups() is not None else []:
         try:
             group.rmdir()
         except OSError:  # a process outside the namespace still in it: the group goes with the next `down`
             pass
-    for line in _run("ip", "-o", "link", "show", "type", "veth", check=False).stdout.splitlines():
+    for line in run("ip", "-o", "link", "show", "type", "veth", check=False).stdout.splitlines():
         veth = line.split(":")[1].strip().split("@")[0]
         if veth.startswith("dv-"):  # one whose namespace something still holds
-            _run("ip", "link", "del", veth, check=False)
+            run("ip", "link", "del", veth, check=False)
     for mounts in STATE.glob("*.mnt") if STATE.is_dir() else []:
-        _run("umount", str(mounts), check=False)
+        run("umount", str(mounts), check=False)
         mounts.unlink(missing_ok=True)
     (STATE / "hosts.json").unlink(missing_ok=True)
     if STATE.is_dir():
-        _run("umount", str(STATE), check=False)
-    _run("ip", "link", "del", BRIDGE, check=False)
+        run("umount", str(STATE), check=False)
+    run("ip", "link", "del", BRIDGE, check=False)

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deployments import hosts
+from deployments import links as shaped_links
 from deployments.processes import stop_pid_file
 from deployments.weights import HEAD_LABEL
+from dimee_models.profile import Links
 from dimee_models.tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -171,13 +173,18 @@ def check_head_ports(dashboard: bool = True) -> None:
 
 
 def up(nodes: tuple[NodeSpec, ...] | None = None, dashboard: bool = True, ha: bool = False,
-       netns: bool = False) -> str:
+       netns: bool = False, links: Links | None = None) -> str:
     """Start the head (with `ha`, on a fresh Redis) and a node per tier; returns the cluster address.
-    `netns`: each on a host of its own (deployments/hosts.py; `nodes` default to NETNS_NODES')."""
+    `netns`: each on a host of its own (deployments/hosts.py; `nodes` default to NETNS_NODES'), with
+    `links` between the tiers' hosts (deployments/links.py)."""
     started = time.time()
+    if links is not None and not netns:
+        raise ValueError("--links shapes the links between namespaced hosts: it needs --hosts netns")
     if netns:
         nodes = nodes or netns_nodes()
         hosts.up({"head": NETNS_HEAD, **{n.host: n.ip for n in nodes}}, {n.host for n in nodes})
+        if links is not None:
+            shaped_links.up({n.host: n.tier.label for n in nodes}, links)
     else:
         nodes = nodes or DEFAULT_NODES
         check_head_ports(dashboard)

@@ -23,6 +23,7 @@ import numpy as np
 import ray
 import requests
 
+from deployments import links as shaped_links
 from deployments.placement import node_tier
 from deployments.schemas import HiddenArrays, TierRequest, Tokens
 from dimee_models.manifest import public_model_name
@@ -95,6 +96,7 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict, links
         hops={hop: Stat.of(per_text[hop]) for hop in HOPS},
         hidden_bytes_per_token=float(np.median(per_text["hidden_bytes_per_token"])),
         tokens_per_text=float(np.mean([len(row) for row in ids[WARMUP:WARMUP + texts]])), links=links,
+        measured_across=shaped_links.network(),
     )
 
 
@@ -118,6 +120,8 @@ def format_profile(profile: Profile) -> str:
                  + (f", {profile.tokens_per_text:.1f} tokens per text" if profile.tokens_per_text else ""))
     if profile.links is not None:
         lines.append(f"links added to the hops: {profile.links.model_dump_json()}")
+    if profile.measured_across is not None:
+        lines.append(f"measured across the shaped links {profile.measured_across.model_dump_json()}")
     lines.append("predicted one-text latency per path (ms): " + ", ".join(f"{p} {v:.1f}" for p, v in paths.items()))
     return "\n".join(lines)
 

@@ -117,6 +117,8 @@ class Profile(BaseModel):
     hidden_bytes_per_token: float = Field(..., gt=0)
     tokens_per_text: float | None = Field(None, gt=0, description="mean tokens of the measured texts")
     links: Links | None = Field(None, description="the network between tiers, added to the measured hops")
+    measured_across: Links | None = Field(None, description="the shaped links between the hosts the hops were "
+                                                            "measured across (`dimee cluster up --links`), if any")
 
 
 def read_profile(path: str | Path) -> Profile:
@@ -140,29 +142,46 @@ def write_profile(path: str | Path, profile: Profile) -> None:
     Path(path).write_text(json.dumps(profile.model_dump(), indent=1) + "\n")
 
 
+def link_costs(links: Links, hidden_bytes: float, token_bytes: float) -> dict[str, float]:
+    """What `links` add to each hop of HOPS for one text, along the path the router's call takes."""
+    return {
+        "noop": links.mobile_edge.rtt_ms,
+        "ingress_edge": links.mobile_edge.ms(hidden_bytes),
+        "ingress_cloud": links.mobile_cloud.ms(hidden_bytes),
+        "ingress_cloud_tokens": links.mobile_cloud.ms(token_bytes),
+        # escalation: one text's hidden state is small enough to ride inline, so edge hands it back to
+        # the ingress in its reply (the bytes, on a round trip already paid), which sends it to cloud
+        "edge_cloud": links.mobile_edge.ms(hidden_bytes) - links.mobile_edge.rtt_ms + links.mobile_cloud.ms(hidden_bytes),
+    }
+
+
+def predicted_hops(profile: Profile, links: Links) -> dict[str, float]:
+    """Each hop's mean (ms) with the network of `links` added to what `profile` measured."""
+    if profile.tokens_per_text is None:
+        raise ValueError("this cost profile predates tokens_per_text, which link costs need: measure it again "
+                         "with `dimee profile`")
+    if profile.measured_across is not None:
+        raise ValueError("this cost profile was measured across shaped links, which its hops hold already: "
+                         "--links adds a network to hops measured without one")
+    added = link_costs(links, profile.hidden_bytes_per_token * profile.tokens_per_text,
+                       profile.tokens_per_text * TOKEN_ID_BYTES)
+    return {hop: stat.mean_ms + added[hop] for hop, stat in profile.hops.items()}
+
+
 def latency_cost_model(profile: Profile, mu: float = 1.0, links: Links | None = None) -> CostModel:
     """The cost model in ms per text from a profile's means, with the network of `links` (else the
     profile's own, if any) added to each hop. Its reward weight is scaled so that `mu` weighs a
     cloud-only request as it does in the paper's abstract model (confidence is in [0, 1] whatever
     the unit of cost)."""
-    c, h = profile.compute, profile.hops
+    c = profile.compute
     links = links or profile.links
-    extra = dict.fromkeys(("o_1", "o_2", "o_cloud_only", "o_edge_cloud"), 0.0)
-    if links is not None:
-        if profile.tokens_per_text is None:
-            raise ValueError("this cost profile predates tokens_per_text, which link costs need: measure it again "
-                             "with `dimee profile`")
-        hidden = profile.hidden_bytes_per_token * profile.tokens_per_text
-        extra = {"o_1": links.mobile_edge.ms(hidden), "o_2": links.mobile_cloud.ms(hidden),
-                 "o_cloud_only": links.mobile_cloud.ms(profile.tokens_per_text * TOKEN_ID_BYTES),
-                 "o_edge_cloud": links.edge_cloud.ms(hidden)}
+    h = predicted_hops(profile, links) if links is not None else {hop: s.mean_ms for hop, s in profile.hops.items()}
     model = CostModel(
         unit="ms", fixed=profile.fixed.mean_ms,
         lambda_mobile=c["mobile"].per_layer_ms, lambda_edge=c["edge"].per_layer_ms,
         lambda_cloud=c["cloud"].per_layer_ms,
-        o_1=h["ingress_edge"].mean_ms + extra["o_1"], o_2=h["ingress_cloud"].mean_ms + extra["o_2"],
-        o_cloud_only=h["ingress_cloud_tokens"].mean_ms + extra["o_cloud_only"],
-        o_edge_cloud=h["edge_cloud"].mean_ms + extra["o_edge_cloud"],
+        o_1=h["ingress_edge"], o_2=h["ingress_cloud"], o_cloud_only=h["ingress_cloud_tokens"],
+        o_edge_cloud=h["edge_cloud"],
     )
     m, e, layers = (profile.exits[t] for t in ("mobile", "edge", "cloud"))
     scale = (CostModel().path_costs(m, e, layers)["cloud_only"] / model.path_costs(m, e, layers)["cloud_only"])

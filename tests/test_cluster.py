@@ -620,17 +620,17 @@ def test_a_cut_link_between_mobile_and_cloud_degrades_hard_answers_and_fails_non
     """A network partition between the mobile and cloud hosts: EASY and MEDIUM answers go on as
     before, HARD ones come back from the mobile exit (degraded) within the deadline, none fails;
     once the link is back, no answer is degraded."""
-    from deployments import hosts
+    from deployments import links
 
     with Traffic(cluster) as traffic:
         time.sleep(2)
-        hosts.link("mobile", "cloud", up_=False)
+        links.link("mobile", "cloud", up_=False)
         cut = time.monotonic()
         try:
             time.sleep(10)
         finally:
             restoring = time.monotonic()
-            hosts.link("mobile", "cloud", up_=True)
+            links.link("mobile", "cloud", up_=True)
         back = time.monotonic()
         wait_for(lambda: traffic.log[-1][0] > back and traffic.log[-1][2] == 200
                  and not traffic.log[-1][3]["predictions"][2]["degraded"], 60, "undegraded answers after the link is back")

@@ -104,8 +104,11 @@ def test_links_add_their_round_trip_and_the_bytes_to_each_hop(tmp_path):
     assert far.o_1 - base.o_1 == pytest.approx(2 + hidden / 1000)
     assert far.o_2 - base.o_2 == pytest.approx(50 + hidden / 10000)
     assert far.raw_to_cloud - base.raw_to_cloud == pytest.approx(50 + 20 * TOKEN_ID_BYTES / 10000)
-    assert far.o_edge_cloud - base.o_edge_cloud == pytest.approx(10 + hidden / 100000)
+    # escalation: the hidden state back to the ingress in edge's reply, then on to cloud
+    assert far.o_edge_cloud - base.o_edge_cloud == pytest.approx(hidden / 1000 + 50 + hidden / 10000)
     assert latency_cost_model(profile(tokens_per_text=20.0, links=links)) == far  # stored in the profile
+    with pytest.raises(ValueError, match="measured across shaped links"):
+        latency_cost_model(profile(tokens_per_text=20.0, measured_across=links), links=links)
     assert read_links("mobile") == LINK_PRESETS["mobile"]
     (tmp_path / "links.json").write_text(links.model_dump_json())
     assert read_links(str(tmp_path / "links.json")) == links
