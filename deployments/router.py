@@ -24,7 +24,7 @@ from deployments.live_risk import LiveGuard
 from deployments.metrics import RouterMetrics
 from deployments.profile import measure_tiers
 from deployments.schemas import AppArgs, ClassifyRequest, ClassifyResponse, RouterConfig, TierReply, TierRequest
-from deployments.settings import build_settings
+from deployments.settings import Settings, build_settings
 from deployments.shadow import ShadowAuditor
 from deployments.tier import fetched_runner, threads_from_cpu_share
 from dimee_models import artifact
@@ -39,6 +39,30 @@ api = FastAPI(title="DIMEE-Serve", description="Early-exit text classification a
 async def one_sentence_422(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Every error body is {"detail": "<one sentence>"}, FastAPI's own 422s included."""
     return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+
+class TextBudget:
+    """The texts this replica admits at once: the configured budget while answers come within a
+    third of the request deadline; less, down to FLOOR, while they do not, since past the tiers'
+    pace more texts in flight only wait longer, until the deadline answers them degraded. Additive
+    increase and multiplicative decrease, as TCP's congestion window."""
+
+    FLOOR, SLOW, CUT = 8, 1 / 3, 0.9  # texts; the share of the request deadline; the cut per slow answer
+
+    def __init__(self):
+        self.now: float | None = None  # None: the configured budget
+
+    def limit(self, configured: int) -> float:
+        return configured if self.now is None else min(self.now, configured)
+
+    def answered(self, texts: int, seconds: float, s: Settings) -> None:
+        limit = self.limit(s.max_texts_in_flight)
+        if seconds > self.SLOW * s.request_timeout_s:
+            self.now = max(min(self.FLOOR, s.max_texts_in_flight), limit * self.CUT)
+        elif self.now is not None:  # a text more per budget's worth of texts answered in time
+            self.now = limit + texts / limit
+            if self.now >= s.max_texts_in_flight:
+                self.now = None
 
 
 @serve.deployment
@@ -59,6 +83,7 @@ class Router:
         self.settings = build_settings(RouterConfig(), args, self.manifest, self.directory)
         self.metrics = RouterMetrics()
         self.texts_in_flight = 0
+        self.budget = TextBudget()
         self.background_tasks: set[asyncio.Task] = set()
         self.tiers = Dispatcher(edge, cloud, args, self.mobile, self.mobile_batch, self.manifest.labels,
                                 self.metrics, self.background)
@@ -131,6 +156,7 @@ class Router:
             "shadow_rate": s.shadow_rate,
             "live_risk": await self.guard.read(s.watch),
             "texts_in_flight": self.texts_in_flight,
+            "texts_admitted_now": round(self.budget.limit(s.max_texts_in_flight), 1),
             "config_error": self.config_error,
             "replicas": None if replicas is None else {t.label: n for t, n in replicas.items()},  # None: the head is away
             "no_live_replica": [t.label for t, n in sorted((replicas or {}).items()) if n == 0],
@@ -150,11 +176,12 @@ class Router:
         deadline = time.monotonic() + s.request_timeout_s
         # Admission by texts, the unit the tiers' work grows with (Serve's bounded queues count
         # requests): past the budget, refuse now rather than answer late or degraded.
-        n = len(body.texts)
-        if self.texts_in_flight and self.texts_in_flight + n > s.max_texts_in_flight:
+        n, limit = len(body.texts), self.budget.limit(s.max_texts_in_flight)
+        if self.texts_in_flight and self.texts_in_flight + n > limit:
             raise self.refuse("ingress", f"the service is at capacity ({self.texts_in_flight} texts in progress, "
-                                         f"the limit is {s.max_texts_in_flight}): retry later")
+                                         f"the limit is {limit:.0f} now): retry later")
         self.texts_in_flight += n
+        began = time.monotonic()
         try:
             self.metrics.request(body.mode)
             self.guard.refresh(s.watch)
@@ -167,6 +194,7 @@ class Router:
             raise self.refuse(busy.tier.label, str(busy)) from None
         finally:
             self.texts_in_flight -= n
+        self.budget.answered(n, time.monotonic() - began, s)
         for answer, was_cut in zip(answers, cut):
             answer.truncated = was_cut
         self.metrics.answered(body.mode, answers, s.cost.unit)

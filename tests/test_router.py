@@ -195,3 +195,23 @@ def test_a_controller_that_does_not_answer_takes_one_thread_and_no_request(monke
                                     tiers.replica_counts(timeout_s=0.3))
     assert asyncio.run(ask()) == [None] * 6 and len(started) == 1
     release.set()
+
+
+def test_the_text_budget_shrinks_while_answers_come_late_and_grows_back_once_they_do_not():
+    from types import SimpleNamespace
+
+    from deployments.router import TextBudget
+
+    s = SimpleNamespace(request_timeout_s=3.0, max_texts_in_flight=64)
+    budget = TextBudget()
+    budget.answered(16, 0.9, s)  # well within the deadline: the configured budget
+    assert budget.limit(64) == 64
+    for _ in range(30):  # answers past half the deadline: less admitted, never below the floor
+        budget.answered(16, 1.5, s)
+    assert budget.limit(64) == TextBudget.FLOOR
+    texts = 0
+    while budget.limit(64) < 64:  # a text more per budget's worth of texts answered in time
+        budget.answered(16, 0.2, s)
+        texts += 16
+    assert 64 * 56 / 2 < texts < 64 * 56
+    assert budget.limit(8) == 8  # a budget set lower live is kept
