@@ -32,7 +32,8 @@ from dimee_models.profile import Link, Links
 
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 JUMBO_MBIT_S = 500  # links this fast are a data centre's, with 9000-byte frames; slower ones carry 1500
-CONFIG, PID_FILE, READY = hosts.STATE / "links.json", hosts.LINKS_PID, hosts.STATE / "links.ready"
+CONFIG, PID_FILE, READY, LOG = (hosts.STATE / "links.json", hosts.LINKS_PID, hosts.STATE / "links.ready",
+                                hosts.STATE / "links.log")
 TIER_PAIRS = {("mobile", "edge"): "mobile_edge", ("mobile", "cloud"): "mobile_cloud", ("edge", "cloud"): "edge_cloud"}
 
 
@@ -61,14 +62,15 @@ def up(tiers: dict[str, str], links: Links) -> None:
     pairs = plan(tiers, hosts.active(), links)
     CONFIG.write_text(json.dumps(pairs))
     READY.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, "-m", "deployments.links"], cwd=hosts.REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with LOG.open("w") as log:  # a file, not a pipe: the forwarder outlives this process
+        proc = subprocess.Popen([sys.executable, "-m", "deployments.links"], cwd=hosts.REPO, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=log)
     PID_FILE.write_text(str(proc.pid))
     deadline = time.monotonic() + 30
     while not READY.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"the links' forwarder did not start: {proc.communicate()[1].strip()[-2000:]}")
+            raise RuntimeError(f"the links' forwarder did not start: {LOG.read_text().strip()[-2000:]}")
         time.sleep(0.05)
 
 
@@ -168,7 +170,7 @@ def forward() -> None:
         if not readable and wait:  # the timer woke it, after sleeping
             late = min(max(late + 0.1 * (now - wake - late), 0.0), 0.0005)
         for fd in readable:
-            to, delay = out[fd]
+            delay = out[fd][1]
             while True:
                 try:
                     queues[fd].append((now - late + delay, os.read(fd, 65536)))
@@ -205,14 +207,14 @@ def run_in(host: str, fn, *args):
 
 def check(a: str, b: str, pings: int = 50, seconds: float = 3.0) -> dict:
     """What the network gives between hosts `a` and `b`: the median round trip of a 64-byte message
-    over TCP (ms) and the rate of a bulk transfer from `a` to `b` (Mbit/s, after its first second)."""
+    over TCP (ms) and the rate of a bulk transfer from `a` to `b` (Mbit/s; after its first second, in
+    a transfer of more than one)."""
     addresses = hosts.active()
     server = run_in(b, socket.create_server, (addresses[b], 0))
     port = server.getsockname()[1]
     results = {}
 
-    def serve():
-        hosts.join(b)
+    def serve():  # the socket is in b's network whichever thread accepts on it
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while data := conn.recv(64):

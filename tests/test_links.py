@@ -64,7 +64,8 @@ def test_each_link_of_a_preset_gives_its_round_trip_and_rate_within_ten_percent(
     for a, b, link in (("mobile", "edge", network.mobile_edge), ("mobile", "cloud", network.mobile_cloud),
                        ("edge", "cloud", network.edge_cloud), ("cloud", "mobile2", network.mobile_cloud)):
         got = links.check(a, b, seconds=2)
-        assert got["rtt_ms"] == pytest.approx(link.rtt_ms, rel=0.1), (a, b, link, got)
+        # a packet's way through the forwarder and the hosts' wake-ups add 0.05-0.15 ms whatever the link
+        assert got["rtt_ms"] == pytest.approx(link.rtt_ms, rel=0.1, abs=0.15), (a, b, link, got)
         assert got["mbit_s"] == pytest.approx(link.mbit_s, rel=0.1), (a, b, link, got)
     # hosts of one tier, and the head, keep the bridge: nothing between them is shaped
     assert links.check("mobile", "mobile2", pings=20, seconds=1)["rtt_ms"] < 0.5
