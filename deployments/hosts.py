@@ -70,6 +70,8 @@ def join(name: str | None) -> None:
     network (None: the machine's own, as this process was started). A Ray driver must run on the
     head's network: Ray finds the driver's node by the address it reaches the cluster from."""
     global _machine
+    if name is None and _machine is None:  # never left it (and a user who is not root may not setns)
+        return
     if _machine is None:
         _machine = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
     fd = os.open(NETNS_DIR / netns(name), os.O_RDONLY) if name else _machine

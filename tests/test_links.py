@@ -1,5 +1,6 @@
 """Shaped links between namespaced hosts (deployments/links.py): which pairs of hosts get one, and
-(as root) that the emulation gives each link of the presets its round trip and rate within 10%."""
+(as root) that the emulation gives each link of the presets its round trip and rate within 10%;
+and that a process that never joined a host needs no setns to stay on the machine's network."""
 
 import os
 import socket
@@ -43,6 +44,14 @@ def test_a_bad_links_flag_is_named(args, error):
     assert result.returncode == 2
     assert error in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_process_that_never_joined_a_host_stays_on_the_machines_network_without_setns(monkeypatch):
+    """The cluster fixtures join the machine's network on teardown whatever the hosts; a user who
+    is not root may not call setns, and need not: nothing moved."""
+    monkeypatch.setattr(hosts, "_machine", None)
+    monkeypatch.setattr(hosts.os, "open", lambda *a, **k: pytest.fail(f"opened {a[0]}"))
+    hosts.join(None)
 
 
 @pytest.fixture
