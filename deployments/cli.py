@@ -432,9 +432,9 @@ def tune_and_serve(args) -> int:
     from deployments.profile import describe_nodes, format_profile, run_profile
     from dimee_models.artifact import CLUSTER_PROFILE, read_manifest
     from dimee_models.boundaries import boundary_pairs
-    from dimee_models.calibration import write_calibration
+    from dimee_models.calibration import wire_cost, write_calibration
     from dimee_models.policy import load_policies
-    from dimee_models.profile import latency_cost_model, read_profile, write_profile
+    from dimee_models.profile import latency_cost_model, read_profile, wire_savings, write_profile
 
     from deployments import links as shaped_links
     from deployments import local_cluster
@@ -450,7 +450,8 @@ def tune_and_serve(args) -> int:
         profile = None
     latency = latency_cost_model(profile) if profile is not None else None
     doc = load_policies(args.artifact)[1]
-    if latency is not None and doc.cost_model == latency and doc.boundaries is not None:
+    if latency is not None and doc.boundaries is not None and doc.cost_model == wire_cost(
+            latency, wire_savings(profile), doc.wire, doc.boundaries["mobile"]):
         return cmd_serve(args)
     if profile is None:
         cmd_serve(args)
@@ -466,10 +467,11 @@ def tune_and_serve(args) -> int:
         print(format_profile(profile))
         latency = latency_cost_model(profile)
     pairs = boundary_pairs(read_manifest(args.artifact).num_layers, args.mobile_layers, args.edge_layers)
-    doc = write_calibration(args.artifact, latency, 0.3, pairs=pairs)
+    doc = write_calibration(args.artifact, latency, 0.3, pairs=pairs, savings=wire_savings(profile))
     served = doc.policies[doc.default]
     print(f"tuned for the measured latency: {doc.default} at mobile exit {served['exits']['mobile']}, "
-          f"edge exit {served['exits']['edge']} (thresholds {served['thresholds']})")
+          f"edge exit {served['exits']['edge']} (thresholds {served['thresholds']}), {doc.wire.format} hidden "
+          f"states, {doc.wire.carrier} to cloud")
     return cmd_serve(args)
 
 

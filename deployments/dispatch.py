@@ -88,8 +88,8 @@ class Dispatcher:
         answers = self.answer(mobile, Tier.MOBILE, s.path_cost["mobile"])
         on_mobile = list(answers)  # what a degraded sample falls back to
         offloaded = [(tier, np.flatnonzero(tiers == tier).tolist()) for tier in (Tier.EDGE, Tier.CLOUD)]
-        calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, ctx)) for tier, rows in offloaded
-                 if rows]
+        calls = [asyncio.ensure_future(self.offload(tier, rows, mobile, on_mobile, ctx, tokens))
+                 for tier, rows in offloaded if rows]
         try:
             results = await asyncio.gather(*calls)
         except TierBusy:  # the request gets 503, so the other tier's call is not needed
@@ -102,18 +102,23 @@ class Dispatcher:
         return answers, mobile.hidden
 
     async def offload(self, tier: Tier, rows: list[int], mobile: TierReply, on_mobile: list[Prediction],
-                      ctx: RequestContext) -> tuple[list[int], list[Prediction]]:
+                      ctx: RequestContext, tokens: Tokens) -> tuple[list[int], list[Prediction]]:
         """Rows the policy sent past mobile: edge (else cloud, as fallback) or cloud; if neither
-        answers, the mobile exit's predictions, marked degraded. Only these rows' hidden state goes
-        into the object store, for whichever tier reads it."""
-        stored, plan, costs = self.mobile.store(mobile.hidden, rows), ctx.plan, ctx.settings.path_cost
+        answers, the mobile exit's predictions, marked degraded. Only these rows' hidden state is
+        sent on (in the wire's format), or for cloud their token ids where the wire carries those."""
+        plan, costs, wire = ctx.plan, ctx.settings.path_cost, ctx.settings.wire
+        if tier is Tier.CLOUD and plan.decides and wire.carrier == "tokens":
+            sent = tokens.take(rows)
+        else:
+            sent = self.mobile.store(mobile.hidden, rows, wire.format)
         if tier is Tier.EDGE:
             # edge keeps the hidden state of the rows cloud will need, if the plan escalates
-            request = TierRequest(stored, keep_hidden=plan.escalate_below is not None, keep_below=plan.escalate_below)
+            request = TierRequest(sent, keep_hidden=plan.escalate_below is not None, keep_below=plan.escalate_below,
+                                  wire=wire.format)
             reply = await self.call(Tier.EDGE, request, ctx)
             if reply is not None:
                 return rows, await self.escalate(reply, self.answer(reply, Tier.EDGE, costs["edge"]), ctx)
-        reply = await self.call(Tier.CLOUD, TierRequest(stored), ctx)
+        reply = await self.call(Tier.CLOUD, TierRequest(sent), ctx)
         if reply is not None:
             return rows, self.answer(reply, Tier.CLOUD, costs["cloud"], fallback=tier is Tier.EDGE)
         return rows, [on_mobile[row].model_copy(update={"degraded": True}) for row in rows]

@@ -150,6 +150,7 @@ class Router:
             "policy": {"name": policy.name, "kind": policy.kind, "thresholds": policy.thresholds,
                        "risk": policy.risk.to_json() if policy.risk else None},
             "cost_model": s.cost.model_dump(),
+            "wire": s.wire.model_dump(),
             "hop_timeout_s": s.hop_timeout_s,
             "request_timeout_s": s.request_timeout_s,
             "max_texts_in_flight": s.max_texts_in_flight,

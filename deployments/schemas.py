@@ -12,6 +12,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, mode
 from dimee_models.cost import CostModel
 from dimee_models.policy import Mode
 from dimee_models.tiers import TierName
+from dimee_models.wire import Format, Packed
 
 Transport = Literal["grpc", "actor"]
 
@@ -159,23 +160,31 @@ class HiddenRef:
     in a dataclass so that Serve and Ray pass the reference along instead of resolving it: the
     router never holds the bytes."""
 
-    ref: ray.ObjectRef  # -> (hidden (B, T, H) float32, attention_mask (B, T) int64)
+    ref: ray.ObjectRef  # -> wire.Packed
     layer: int
     nbytes: int
 
 
 @dataclass
-class HiddenArrays:
-    """A tier's last hidden state as arrays: in the process that computed it, or inside a tier call
-    when it is small (`TierRunner.store`: Ray inlines small arguments the same way)."""
+class HiddenWire:
+    """A tier's last hidden state as it crosses a link (`wire.pack`: its format, padding dropped),
+    inside a tier call when it is small (`TierRunner.store`: Ray inlines small arguments the same way)."""
 
-    hidden: np.ndarray  # (B, T, H) float32
-    mask: np.ndarray  # (B, T) int64
+    packed: Packed
     layer: int
 
     @property
     def nbytes(self) -> int:
-        return self.hidden.nbytes
+        return self.packed.nbytes
+
+
+@dataclass
+class HiddenArrays:
+    """A tier's last hidden state as arrays, in the process that computed it."""
+
+    hidden: np.ndarray  # (B, T, H) float32
+    mask: np.ndarray  # (B, T) int64
+    layer: int
 
 
 @dataclass(frozen=True)
@@ -184,18 +193,23 @@ class Tokens:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None = None
-    # the layer whose output a tier starts from, as in HiddenRef and HiddenArrays: tokens go into layer 1
+    # the layer whose output a tier starts from, as in HiddenRef and HiddenWire: tokens go into layer 1
     layer: ClassVar[int] = 0
+
+    def take(self, rows: list[int]) -> Tokens:
+        return Tokens([self.input_ids[r] for r in rows],
+                      None if self.token_type_ids is None else [self.token_type_ids[r] for r in rows])
 
 
 @dataclass(frozen=True)
 class TierRequest:
     """What a tier starts from: token ids, or a hidden state (inline when small, else in the object store)."""
 
-    input: Tokens | HiddenArrays | HiddenRef
+    input: Tokens | HiddenWire | HiddenRef
     keep_hidden: bool = False  # keep this tier's hidden state for a later tier
     # ... only of the rows whose exit confidence is below this (escalation: what cloud will need)
     keep_below: float | None = None
+    wire: Format = "float32"  # the format a kept hidden state is sent on in
 
 
 @dataclass
@@ -203,7 +217,7 @@ class TierReply:
     probs: np.ndarray  # (B, C) at the tier's exit
     exit_layer: int
     z: np.ndarray | None  # (B, H) mobile embedding, mobile only
-    hidden: HiddenRef | HiddenArrays | None  # when asked to keep it: arrays in-process, a reference once stored
+    hidden: HiddenRef | HiddenWire | HiddenArrays | None  # when asked to keep it: arrays in-process, sent on once stored
     compute_ms: float  # layer compute for the whole batch this request rode in
     batch_size: int  # requests that shared this forward pass (@serve.batch)
     received: str  # how the input arrived: "tokens", "inline" (a small hidden state) or "object_store"

@@ -11,6 +11,7 @@ from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest
 from dimee_models.policy import CentroidPolicy, Policy, load_policies
 from dimee_models.policy_doc import PolicyDoc
+from dimee_models.wire import Wire
 from dimee_models.risk import DEFAULT_DELTA
 
 TIER_WEIGHTS = ("mobile.safetensors", "edge.safetensors", "cloud.safetensors")
@@ -30,6 +31,7 @@ class Settings:
     shadow_rate: float
     shadow_log: str | None
     watch: dict  # what the live bound watches (deployments/live_risk.py): the policy, its path, budget, delta
+    wire: Wire  # what crosses the links: the hidden state's format, and what a text sent straight to cloud carries
 
 
 def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest, directory: Path) -> Settings:
@@ -62,7 +64,8 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest, dire
              "delta": risk.delta if risk else doc.delta or DEFAULT_DELTA}
     return Settings(policy, cost, cost.path_costs(manifest.exits.mobile, manifest.exits.edge, manifest.num_layers),
                     config.hop_timeout_s, config.request_timeout_s, config.max_texts_in_flight,
-                    boundaries_info(doc, manifest.num_layers), config.shadow_rate, config.shadow_log, watch)
+                    boundaries_info(doc, manifest.num_layers), config.shadow_rate, config.shadow_log, watch,
+                    doc.wire)
 
 
 def boundaries_info(doc: PolicyDoc, num_layers: int) -> dict:

@@ -53,9 +53,10 @@ class ShadowAuditor:
                     at: int | None, texts: list[str], pairs: list[str] | None) -> None:
         """The final exit on the audited rows answered early, from the mobile hidden state (cloud runs
         the layers after mobile's), compared with what was answered; the counts go to the monitor."""
-        early = [r for r in rows if answers[r].tier != Tier.CLOUD.label]
+        # cloud's answers are the final exit's, unless they were computed from a rounded hidden state
+        early = [r for r in rows if answers[r].tier != Tier.CLOUD.label or s.wire.format != "float32"]
         try:
-            final = {r: answers[r].label_id for r in rows}  # cloud's answers are the final exit's
+            final = {r: answers[r].label_id for r in rows}
             if early:
                 request = TierRequest(self.tiers.mobile.store(hidden, early))
                 reply = await asyncio.wait_for(self.tiers.handle(Tier.CLOUD, request).remote(request),

@@ -23,12 +23,13 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from deployments.schemas import HiddenArrays, HiddenRef, TierReply, TierRequest, Tokens
+from deployments.schemas import HiddenArrays, HiddenRef, HiddenWire, TierReply, TierRequest, Tokens
 from deployments import weights
 from dimee_models import artifact
 from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState
 from dimee_models.tiers import Tier
+from dimee_models.wire import Format, pack, unpack
 
 log = logging.getLogger("ray.serve")
 # The hidden state's owner (this replica) keeps each reference alive this long: a reference that
@@ -36,7 +37,7 @@ log = logging.getLogger("ray.serve")
 # under load the object was freed before edge/cloud fetched it. Far above any hop's timeout.
 HIDDEN_TTL_S = 30.0
 # A hidden state up to this size travels inside the tier call itself, as Ray passes arguments up to
-# its max_direct_call_object_size (100 KiB) inline: one text's (~46 KB for MiniLM) then costs no put
+# its max_direct_call_object_size (100 KiB) inline: one text's (~42 KB for MiniLM in float32) then costs no put
 # and no fetch from the owner, which cost 7-8 ms more than its bytes (docs/DECISIONS.md, "Serving"). Larger ones
 # go through the object store.
 INLINE_BYTES = 100 * 1024
@@ -47,13 +48,6 @@ def pad_stack(arrays: list[np.ndarray], length: int, value: float = 0) -> np.nda
     padded = [np.pad(a, [(0, 0), (0, length - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
               for a in arrays]
     return np.concatenate(padded)
-
-
-def select_rows(arrays: HiddenArrays, rows: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """(hidden (b, t, H), mask (b, t)) of `rows` (all if None), trimmed to the padding those rows need."""
-    hidden, mask = (arrays.hidden, arrays.mask) if rows is None else (arrays.hidden[rows], arrays.mask[rows])
-    length = int(mask.sum(1).max())
-    return np.ascontiguousarray(hidden[:, :length]), np.ascontiguousarray(mask[:, :length])
 
 
 class TierRunner:
@@ -123,7 +117,7 @@ class TierRunner:
                 self.offloaded.inc(r.input.nbytes, tags={"hop": f"{self.source[r.input.layer].label}->{self.tier.label}"})
         self.batch_size.observe(len(requests))
         self.requests_served += len(requests)
-        inputs = [HiddenArrays(*next(fetched), r.input.layer) if isinstance(r.input, HiddenRef) else r.input
+        inputs = [HiddenWire(next(fetched), r.input.layer) if isinstance(r.input, HiddenRef) else r.input
                   for r in requests]
         replies: list[TierReply | None] = [None] * len(requests)
         for start in sorted({i.layer for i in inputs}):  # one forward per starting layer
@@ -133,7 +127,7 @@ class TierRunner:
                 replies[k] = reply
         return replies
 
-    def _forward(self, requests: list[TierRequest], inputs: list[Tokens] | list[HiddenArrays], start: int,
+    def _forward(self, requests: list[TierRequest], inputs: list[Tokens] | list[HiddenWire], start: int,
                  batch: int) -> list[TierReply]:
         began = time.perf_counter()
         with torch.inference_mode():
@@ -145,7 +139,7 @@ class TierRunner:
         self.compute_ms.observe(compute_ms)
         replies, lo = [], 0
         for r, i in zip(requests, inputs):
-            rows = slice(lo, lo + len(i.input_ids if isinstance(i, Tokens) else i.hidden))
+            rows = slice(lo, lo + len(i.input_ids if isinstance(i, Tokens) else i.packed.lengths))
             lo = rows.stop
             hidden = None
             if r.keep_hidden:
@@ -158,13 +152,15 @@ class TierRunner:
             ))
         return replies
 
-    def store(self, arrays: HiddenArrays, rows: list[int] | None = None) -> HiddenArrays | HiddenRef:
-        """`rows` of a hidden state (all by default) for the next tier: inline if small, else put
-        into the object store with the reference held."""
-        payload = select_rows(arrays, rows)
-        if payload[0].nbytes + payload[1].nbytes <= INLINE_BYTES:
-            return HiddenArrays(*payload, arrays.layer)
-        return HiddenRef(self._hold(ray.put(payload)), arrays.layer, payload[0].nbytes)
+    def store(self, arrays: HiddenArrays, rows: list[int] | None = None,
+              fmt: Format = "float32") -> HiddenWire | HiddenRef:
+        """`rows` of a hidden state (all by default) for the next tier, as `fmt` (dimee_models/wire.py):
+        inline if small, else put into the object store with the reference held."""
+        hidden, mask = (arrays.hidden, arrays.mask) if rows is None else (arrays.hidden[rows], arrays.mask[rows])
+        packed = pack(hidden, mask, fmt)
+        if packed.nbytes <= INLINE_BYTES:
+            return HiddenWire(packed, arrays.layer)
+        return HiddenRef(self._hold(ray.put(packed)), arrays.layer, packed.nbytes)
 
     def _hold(self, ref: ray.ObjectRef) -> ray.ObjectRef:
         now = time.monotonic()
@@ -174,7 +170,7 @@ class TierRunner:
         self.refs_held.set(len(self.held))
         return ref
 
-    def _state(self, inputs: list[Tokens] | list[HiddenArrays], start: int) -> HiddenState:
+    def _state(self, inputs: list[Tokens] | list[HiddenWire], start: int) -> HiddenState:
         if start == 0:
             length = max(len(row) for t in inputs for row in t.input_ids)
             ids = np.concatenate([_pad_rows(t.input_ids, length, self.pad_id) for t in inputs])
@@ -183,13 +179,14 @@ class TierRunner:
             if all(t.token_type_ids is not None for t in inputs):
                 types = torch.as_tensor(np.concatenate([_pad_rows(t.token_type_ids, length, 0) for t in inputs]))
             return self.model.embed(torch.as_tensor(ids), torch.as_tensor(mask), types)
-        length = max(h.hidden.shape[1] for h in inputs)
-        hidden = pad_stack([h.hidden for h in inputs], length)
-        mask = pad_stack([h.mask for h in inputs], length)
+        unpacked = [unpack(h.packed) for h in inputs]
+        length = max(hidden.shape[1] for hidden, _ in unpacked)
+        hidden = pad_stack([hidden for hidden, _ in unpacked], length)
+        mask = pad_stack([mask for _, mask in unpacked], length)
         return HiddenState(torch.from_numpy(hidden), torch.from_numpy(mask), start)
 
 
-RECEIVED = {Tokens: "tokens", HiddenArrays: "inline", HiddenRef: "object_store"}  # how a tier's input arrived
+RECEIVED = {Tokens: "tokens", HiddenWire: "inline", HiddenRef: "object_store"}  # how a tier's input arrived
 
 
 def threads_from_cpu_share() -> None:
@@ -237,7 +234,8 @@ class TierModel:
         if reply.hidden is None:
             return reply
         rows = None if request.keep_below is None else np.flatnonzero(reply.probs.max(-1) < request.keep_below).tolist()
-        return dataclasses.replace(reply, hidden=self.runner.store(reply.hidden, rows) if rows != [] else None)
+        stored = self.runner.store(reply.hidden, rows, request.wire) if rows != [] else None
+        return dataclasses.replace(reply, hidden=stored)
 
 
 def _pad_rows(rows, length: int, value: int) -> np.ndarray:

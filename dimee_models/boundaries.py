@@ -57,7 +57,7 @@ def choose_boundaries(choice: ExitOutputs, cost: CostModel, pairs: list[tuple[in
                       max_drop_pp: float) -> BoundaryChoice:
     """The pair and cascade kind whose cheapest setting within the budget (point estimate, losses
     alone) costs least on `choice` (the training split's outputs); ties go to the deeper mobile exit."""
-    reference = float((choice.tier_predictions[:, 2] == choice.labels).mean())
+    reference = float((choice.reference == choice.labels).mean())
     found = []
     for m, e in pairs:
         at = choice.at(m, e)

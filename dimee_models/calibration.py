@@ -23,19 +23,20 @@ from dimee_models import artifact
 from dimee_models.boundaries import choose_boundaries
 from dimee_models.candidates import Candidates, Outcome, choose, score, score_candidates
 from dimee_models.cost import CostModel
-from dimee_models.data import read_texts
+from dimee_models.data import TextDataset, read_texts
 from dimee_models.manifest import Exits, PolicyRef
 from dimee_models.outputs import ExitOutputs, OutputSource
 from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CloudOnlyPolicy, Policy
 from dimee_models.policy_doc import PolicyDoc, Unlabeled
 from dimee_models.risk import DEFAULT_DELTA, RiskBound, fixed_sequence
 from dimee_models.tiers import Tier
+from dimee_models.wire import CARRIERS, FORMATS, Wire
 
 
 def disagreements(policy: Policy, out: ExitOutputs) -> int:
     """Samples of `out` (at the policy's exits) the policy answers otherwise than the final exit."""
-    tiers, _ = policy.assign(out.z, out.probs(policy.mobile_exit), out.probs(policy.edge_exit))
-    return int((out.tier_predictions[np.arange(len(tiers)), tiers] != out.tier_predictions[:, 2]).sum())
+    _, paths = policy.assign(out.z, out.probs(policy.mobile_exit), out.probs(policy.edge_exit))
+    return int((out.answers(paths) != out.reference).sum())
 
 def certify(c: Candidates, max_drop_pp: float, delta: float,
             unlabeled: ExitOutputs | None = None) -> tuple[int, RiskBound]:
@@ -70,7 +71,7 @@ def calibrate(out: ExitOutputs, cost: CostModel, max_drop_pp: float = 0.3, k: in
     and the `unlabeled` rows too if given (`certify`). `candidates`:
     `score_candidates(out, cost, k, seed)` computed once for several budgets or deltas."""
     candidates = candidates or score_candidates(out, cost, k, seed)
-    reference = float((out.tier_predictions[:, 2] == out.labels).mean())
+    reference = float((out.reference == out.labels).mean())
     policies, curves, warnings = {}, {}, []
     for c in candidates:
         point = choose(c.outcomes[:c.grid], reference, max_drop_pp, c.strict)
@@ -100,14 +101,15 @@ GUARANTEED_PREFERENCE = ("dimee_cascade_constrained", "dimee_direct_cascade_cons
 def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: float | None, folds: int = 5,
                   seed: int = 0, default: str | None = None, candidates: list[Candidates] | None = None,
                   pairs: list[tuple[int, int]] | None = None, choice: ExitOutputs | None = None,
-                  unlabeled: ExitOutputs | None = None) -> tuple[Calibration, str]:
+                  unlabeled: ExitOutputs | None = None, prefer: str | None = None) -> tuple[Calibration, str]:
     """Every policy kind calibrated on `out`, and the policy to serve by default: with
     the point estimate, the cheapest constrained policy on these outputs (never the test split);
     with a guarantee, the first guaranteed one of GUARANTEED_PREFERENCE (else the first); either,
     unless no split is cheaper than cloud-only (`no_split_if_cheaper`). With several boundary
     `pairs`, the `choice` outputs (the training split's) choose the tier boundaries first
     (`choose_boundaries`) and all of `out` is calibrated on, at the chosen exits
-    (`Calibration.boundaries` says which). `unlabeled` outputs add to the guarantee (`certify`)."""
+    (`Calibration.boundaries` says which; `prefer`: the kind that chose them, where that was done
+    before). `unlabeled` outputs add to the guarantee (`certify`)."""
     chosen = None
     if pairs is not None and len(pairs) > 1:
         if choice is None:
@@ -128,7 +130,8 @@ def calibrate_all(out: ExitOutputs, cost: CostModel, max_drop_pp: float, delta: 
         constrained = [name for name in cal.policies if name.endswith("_constrained")]
         default = min(constrained, key=lambda name: policy_outcome(out, cal.policies[name], cost).cost)
     else:
-        order = ((f"{chosen.policy}_constrained",) if chosen else ()) + GUARANTEED_PREFERENCE
+        prefer = chosen.policy if chosen else prefer
+        order = ((f"{prefer}_constrained",) if prefer else ()) + GUARANTEED_PREFERENCE
         default = next((name for name in order if cal.policies[name].risk.guaranteed), order[0])
     return cal, no_split_if_cheaper(out, cal, cost, default, delta, max_drop_pp)
 
@@ -166,30 +169,71 @@ def save_policies(directory: Path, cal: Calibration, cost: CostModel, default: s
     (directory / POLICY_JSON).write_text(doc.to_json())
     return doc
 
+def wire_cost(cost: CostModel, savings: dict[str, dict[str, float]] | None, wire: Wire, mobile_exit: int) -> CostModel:
+    """`cost` (float32 hidden states) for a deployment whose links carry `wire`: each hop less what the
+    format saves (`profile.wire_savings`); a text sent straight to cloud as token ids pays cloud-only's
+    hop, and cloud runs the mobile layers again."""
+    update = {hop: getattr(cost, hop) - ms for hop, ms in savings[wire.format].items()} if savings else {}
+    if wire.carrier == "tokens":
+        update["o_2"] = cost.raw_to_cloud + cost.lambda_cloud * mobile_exit
+    return cost.model_copy(update=update)
+
+def choose_wire(source: OutputSource, mobile_exit: int, edge_exit: int, cost: CostModel,
+                savings: dict[str, dict[str, float]], max_drop_pp: float) -> tuple[Wire, list[dict]]:
+    """The format and carrier whose cheapest cascade within the budget (point estimate, as
+    `choose_boundaries`) costs least on the training split's outputs as served over it; ties go to the
+    first of FORMATS x CARRIERS, float32 and the hidden state first."""
+    found = []
+    for wire in (Wire(format=f, carrier=c) for f in FORMATS for c in CARRIERS):
+        served = source.wire_split("train", mobile_exit, edge_exit, wire)
+        best = choose_boundaries(served, wire_cost(cost, savings, wire, mobile_exit), [(mobile_exit, edge_exit)],
+                                 max_drop_pp)
+        [row] = [c for c in best.candidates if c["policy"] == best.policy]
+        found.append({**wire.model_dump(), "policy": best.policy, "cost": row["cost"], "losses": row["losses"]})
+    pick = min(found, key=lambda f: f["cost"])
+    return Wire(format=pick["format"], carrier=pick["carrier"]), found
+
 def write_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
                       default: str | None = None, delta: float | None = DEFAULT_DELTA,
-                      pairs: list[tuple[int, int]] | None = None, unlabeled: Path | None = None) -> PolicyDoc:
+                      pairs: list[tuple[int, int]] | None = None, unlabeled: Path | None = None,
+                      wire: Wire | None = None, savings: dict[str, dict[str, float]] | None = None) -> PolicyDoc:
     """Calibrate every policy kind on the calibration split and store the policies in the artifact; with
     boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits; with an
-    `unlabeled` file of texts (`data.read_texts`), certified on those too. The model is loaded at
-    most once (for outputs not cached yet, or new tier files), the manifest written once, last."""
+    `unlabeled` file of texts (`data.read_texts`), certified on those too. What crosses the links is
+    `wire`, else chosen (`choose_wire`) where the links are known (`savings`: `profile.wire_savings`),
+    else float32 hidden states; the outputs calibrated and certified on are those served over it.
+    The model is loaded at most once, the manifest written once, last."""
     source = OutputSource(directory)
     manifest = source.manifest
     out = source.split("calibration")
-    choice = source.split("train") if pairs is not None and len(pairs) > 1 else None
+    choice = source.split("train") if (pairs is not None and len(pairs) > 1) or savings else None
     texts, about = None, None
     if unlabeled is not None:
         if delta is None:
             raise ValueError("--unlabeled texts add to the guarantee: they need a --delta")
-        texts = source.texts(read_texts(unlabeled))
-        about = Unlabeled(file=str(Path(unlabeled).resolve()), rows=len(texts.labels))
+        lines = read_texts(unlabeled)
+        texts = TextDataset("unlabeled", lines, [-1] * len(lines), manifest.labels)
+        about = Unlabeled(file=str(Path(unlabeled).resolve()), rows=len(texts))
+    boundaries, prefer, wire_choice = None, None, None
+    if wire is not None or savings:
+        m, e = pairs[0] if pairs else out.tier_exits()[:2]
+        if pairs is not None and len(pairs) > 1:
+            chosen = choose_boundaries(choice, cost, pairs, max_drop_pp)
+            m, e, prefer, boundaries = chosen.mobile_exit, chosen.edge_exit, chosen.policy, chosen.to_json(pairs)
+        if wire is None:
+            wire, wire_choice = choose_wire(source, m, e, cost, savings, max_drop_pp)
+        cost, pairs = wire_cost(cost, savings, wire, m), [(m, e)]
+        out = source.wire_split("calibration", m, e, wire)
+    served = None if texts is None else source.served(texts, wire or Wire(), pairs[0] if wire else None)
     cal, default = calibrate_all(out, cost, max_drop_pp, delta, folds, seed, default, pairs=pairs, choice=choice,
-                                 unlabeled=texts)
+                                 unlabeled=served, prefer=prefer)
+    cal.boundaries = cal.boundaries or boundaries
     exits = Exits(mobile=cal.policies[default].mobile_exit, edge=cal.policies[default].edge_exit)
     if exits != manifest.exits:
         tiers = artifact.write_tiers(directory, source.model[0], exits.mobile, exits.edge)
         manifest = manifest.model_copy(update={"exits": exits, "tiers": tiers})
-    doc = save_policies(directory, cal, cost, default, max_drop_pp, delta=delta, folds=folds, unlabeled=about)
+    doc = save_policies(directory, cal, cost, default, max_drop_pp, delta=delta, folds=folds, unlabeled=about,
+                        wire=wire or Wire(), wire_choice=wire_choice)
     artifact.write_manifest(directory, manifest.model_copy(update={"policy": PolicyRef(default=default,
                                                                                         file="policy.json")}))
     return doc

@@ -72,12 +72,13 @@ def score(out: ExitOutputs, tiers: np.ndarray, cost: CostModel, paths: np.ndarra
     """Accuracy, mean cost and the DIMEE reward C_tier - mu * cost of answering on `tiers`.
     `paths` (indices into cost.PATHS) overrides the default path of each tier (cascades)."""
     n = len(tiers)
-    preds = out.tier_predictions[np.arange(n), tiers]
-    conf = out.tier_confidences[np.arange(n), tiers]
-    costs = cost.costs_of(tiers if paths is None else paths, out.mobile_exit, out.edge_exit, out.num_layers)
+    paths = tiers if paths is None else paths  # a tier's id is the index of its own path
+    preds = out.answers(paths)
+    conf = out.path_confidences[np.arange(n), paths]
+    costs = cost.costs_of(paths, out.mobile_exit, out.edge_exit, out.num_layers)
     fractions = tuple(float((tiers == t).mean()) for t in range(3))
     accuracy = float((preds == out.labels).mean())
-    losses = float(((preds != out.labels) & (out.tier_predictions[:, 2] == out.labels)).mean())
+    losses = float(((preds != out.labels) & (out.reference == out.labels)).mean())
     return Outcome(accuracy, float(costs.mean()), float((conf - cost.mu * costs).mean()), fractions, losses, n)
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def centroid_candidates(out: ExitOutputs, cost: CostModel, k: int = 5, seed: int
 
 def agreement_targets(out: ExitOutputs) -> np.ndarray:
     preds = out.tier_predictions
-    return np.stack([preds[:, 0] == preds[:, 2], preds[:, 1] == preds[:, 2]], axis=1).astype(np.float64)
+    return np.stack([preds[:, 0] == out.reference, preds[:, 1] == out.reference], axis=1).astype(np.float64)
 
 def cross_fitted_scores(x: np.ndarray, targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Every sample scored by regressions fitted without its fold."""
@@ -198,13 +199,12 @@ def grid_outcomes(out: ExitOutputs, cost: CostModel, mobile: np.ndarray, edge: n
     answer goes on to cloud if up[b]. mobile (A, N), edge (C, N), up (B, N) are bool. Sums over
     samples are matrix products of these indicators with per-sample quantities."""
     n = len(out.labels)
-    tier_of_path = (Tier.MOBILE, Tier.EDGE, Tier.CLOUD, Tier.CLOUD)  # mobile, edge, cloud, edge_cloud
-    correct = out.tier_predictions == out.labels[:, None]
+    correct = out.path_predictions[:, :4] == out.labels[:, None]  # mobile, edge, cloud, edge_cloud
     per_sample = {  # (4 paths, N) each
         "count": np.ones((4, n)),
-        "correct": correct[:, tier_of_path].T.astype(np.float64),
-        "conf": out.tier_confidences[:, tier_of_path].T.astype(np.float64),
-        "loss": (~correct[:, tier_of_path] & correct[:, 2:3]).T.astype(np.float64),
+        "correct": correct.T.astype(np.float64),
+        "conf": out.path_confidences[:, :4].T.astype(np.float64),
+        "loss": (~correct & (out.reference == out.labels)[:, None]).T.astype(np.float64),
     }
     m, e, u = mobile.astype(np.float64), edge.astype(np.float64), up.astype(np.float64)
     shape = (len(m), len(e), len(u))

@@ -14,6 +14,7 @@ from dimee_models.artifact import ArtifactError
 from dimee_models.cost import CostModel
 from dimee_models.data import DEFAULT_SPLITS, DatasetError
 from dimee_models.risk import DEFAULT_DELTA
+from dimee_models.wire import CARRIERS, FORMATS
 
 COST_FLAGS = tuple(name for name in CostModel.model_fields if name != "unit")  # unit: a cost profile's
 
@@ -161,6 +162,15 @@ def _latency_model(args):
     return latency_cost_model(read_profile(args.cost_profile), 1.0 if args.mu is None else args.mu, links)
 
 
+def _wire_savings(args) -> dict | None:
+    """What each hidden-state format saves on the profiled links (`profile.wire_savings`), or None."""
+    from dimee_models.profile import read_links, read_profile, wire_savings
+
+    if args.cost_profile is None:
+        return None
+    return wire_savings(read_profile(args.cost_profile), read_links(args.links) if args.links is not None else None)
+
+
 def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="fit the DIMEE routing policies on the calibration split")
     p.add_argument("dir", type=Path)
@@ -189,6 +199,13 @@ def add_calibrate(sub) -> None:
                         "--choose-boundaries)")
     g.add_argument("--edge-layers", type=layer_range, default=None, metavar="RANGE",
                    help="layers the edge exit may be at, e.g. 3-6 (implies --choose-boundaries)")
+    g = p.add_argument_group("what crosses the links (default: chosen with the boundaries where a --cost-profile "
+                             "knows the links, else float32 hidden states)")
+    g.add_argument("--wire", choices=FORMATS, default=None,
+                   help="the format every hidden state is sent in: float32, float16, or int8 with a scale per token")
+    g.add_argument("--carrier", choices=CARRIERS, default=None,
+                   help="what a text sent straight from mobile to cloud carries: the hidden state, or its token ids "
+                        "(cloud runs every layer)")
     _cost_flags(p, "a cost profile of the cluster (`dimee profile`): calibrate for its latency in ms instead "
                    "of the paper's abstract costs (only --mu may be added)")
 
@@ -223,9 +240,14 @@ def cmd_calibrate(args) -> int:
             getattr(args, k) is not None for k in COST_FLAGS if k != "mu")):
         raise ValueError("--cost-profile sets every cost from the measured profile: drop --cost-config and the "
                          "per-cost flags (only --mu may be added)")
+    from dimee_models.wire import Wire
+
+    forced = None
+    if args.wire is not None or args.carrier is not None:
+        forced = Wire(format=args.wire or "float32", carrier=args.carrier or "hidden")
     doc = write_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
                           default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir),
-                          unlabeled=args.from_traffic or args.unlabeled)
+                          unlabeled=args.from_traffic or args.unlabeled, wire=forced, savings=_wire_savings(args))
     print(f"cost model: {json.dumps(doc.cost_model.model_dump())}")
     print(f"calibration reference (final exit) accuracy: {doc.calibration_reference_accuracy:.4f}")
     for name, pol in doc.policies.items():
@@ -242,6 +264,9 @@ def cmd_calibrate(args) -> int:
         print(f"tier boundaries: mobile exit {b['mobile']}, edge exit {b['edge']} (chosen by {b['chosen_by']} among "
               f"{len(b['pairs'])} pairs on {b['choice_rows']} rows of the training split; the guarantee is "
               f"certified on the calibration split, which the choice did not see)")
+    chosen = "chosen on the training split" if doc.wire_choice else "as asked" if forced else "the default"
+    print(f"what crosses the links: {doc.wire.format} hidden states; a text sent straight to cloud carries "
+          f"{'its token ids' if doc.wire.carrier == 'tokens' else 'the hidden state'} ({chosen})")
     print(f"default serving policy: {doc.default}")
     for warning in doc.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -7,16 +7,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dimee_models import artifact
 from dimee_models.candidates import ALPHA_GRID, Outcome, centroids_of, escalation_can_help, pools, score
 from dimee_models.cost import PATHS, CostModel
-from dimee_models.outputs import ExitOutputs, split_outputs
+from dimee_models.outputs import ExitOutputs, OutputSource, softmax, split_outputs
 from dimee_models.policy import CascadePolicy, Mode, Policy, load_policies, nearest_centroid
 from dimee_models.risk import RISK_PATH
+from dimee_models.manifest import Manifest
 from dimee_models.tiers import TIER_NAMES, Tier
-from dimee_models.batching import batches, model_inputs
+from dimee_models.wire import Wire
 
 
 def oracle_tiers(out: ExitOutputs) -> np.ndarray:
@@ -59,11 +59,11 @@ def evaluate(out: ExitOutputs, policies: dict[str, Policy], cost: CostModel,
     n = len(out.labels)
     exits = out.mobile_exit, out.edge_exit, out.num_layers
     base_cost = cost.path_costs(*exits)["cloud_only"]
-    reference = out.tier_predictions[:, 2] == out.labels
+    reference = out.reference == out.labels
     methods = {}
     for name, (tiers, paths) in rows.items():
         o: Outcome = score(out, tiers, cost, paths)
-        correct = out.tier_predictions[np.arange(n), tiers] == out.labels
+        correct = out.answers(tiers if paths is None else paths) == out.labels
         methods[name] = {
             "accuracy": o.accuracy,
             "accuracy_drop_pp": float(reference.mean() - o.accuracy) * 100,
@@ -148,13 +148,19 @@ def run_evaluation(directory: Path, cost: CostModel | None = None,
     latency = latency or (stored if stored.unit == "ms" else None)
     if cost.unit != "abstract" or (latency is not None and latency.unit != "ms"):
         raise ValueError("the evaluation's cost model must be in abstract units and its latency model in ms")
-    test_out = split_outputs(directory, "test", manifest)
+    test_out, cal_out = (served_split(directory, part, manifest, doc.wire) for part in ("test", "calibration"))
     methods = evaluate(test_out, policies, cost, latency)
     result = {"dataset": manifest.dataset.name, "split": "test", "n": int(len(test_out.labels)),
               "cost_model": cost.model_dump(), "methods": methods}
     if latency is not None:
         result["latency_model"] = latency.model_dump()
-    return result, split_outputs(directory, "calibration", manifest), test_out
+    return result, cal_out, test_out
+
+
+def served_split(directory: Path, part: str, manifest: Manifest, wire: Wire) -> ExitOutputs:
+    """A split's outputs as the artifact serves them: at its exits, over its links' `wire`."""
+    out = split_outputs(directory, part, manifest)
+    return OutputSource(directory, manifest).wire_split(part, out.mobile_exit, out.edge_exit, wire)
 
 
 def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee", pairs: list[str] | None = None,
@@ -163,21 +169,21 @@ def predict_texts(directory: str | Path, texts: list[str], mode: Mode = "dimee",
     with the same plan (`Policy.plan`):
     [{"tier", "label_id", "confidence", "exit_layer", "escalated"}] in input order."""
     from dimee_models.data import TextDataset
+
     manifest = artifact.read_manifest(directory)
-    exits = manifest.tier_exits
-    ds = TextDataset("texts", texts, [0] * len(texts), manifest.labels, pairs)
-    model, tokenizer = artifact.load_full(directory, manifest), artifact.load_tokenizer(directory)
-    with torch.inference_mode():
-        (enc, _), = batches(ds, tokenizer, len(texts), manifest.max_length)
-        outs = model(**model_inputs(enc))
-    probs = {tier: outs[layer - 1].logits.softmax(-1).numpy() for tier, layer in exits.items()}
     policies, doc = load_policies(directory)
     policy = policies[policy_name or doc.default]
     plan = policy.plan(mode)
-    tiers = (np.full(len(texts), Tier.CLOUD) if plan.skips_mobile
-             else plan.tiers(outs[exits[Tier.MOBILE] - 1].pooled.numpy(), probs[Tier.MOBILE]))
-    escalated = (tiers == Tier.EDGE) & plan.escalated(probs[Tier.EDGE])
-    tiers = np.where(escalated, Tier.CLOUD, tiers)
-    return [{"tier": Tier(t).label, "label_id": int(probs[t][i].argmax()), "confidence": float(probs[t][i].max()),
-             "exit_layer": exits[t], "escalated": bool(escalated[i])}
-            for i, t in enumerate(tiers)]
+    out = OutputSource(directory, manifest).served(
+        TextDataset("texts", texts, [0] * len(texts), manifest.labels, pairs), doc.wire)
+    n, exits = len(texts), out.tier_exits()
+    if plan.skips_mobile:
+        tiers, paths = np.full(n, Tier.CLOUD), np.full(n, PATHS.index("cloud_only"))
+    else:
+        tiers = plan.tiers(out.z, out.probs(out.mobile_exit))
+        escalated = (tiers == Tier.EDGE) & plan.escalated(out.probs(out.edge_exit))
+        tiers, paths = np.where(escalated, Tier.CLOUD, tiers), np.where(escalated, PATHS.index("edge_cloud"), tiers)
+    probs = [softmax(logits) for logits in out.path_logits()]
+    return [{"tier": Tier(t).label, "label_id": int(probs[p][i].argmax()), "confidence": float(probs[p][i].max()),
+             "exit_layer": exits[t], "escalated": bool(p == PATHS.index("edge_cloud"))}
+            for i, (t, p) in enumerate(zip(tiers, paths))]

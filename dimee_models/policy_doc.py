@@ -10,6 +10,7 @@ import json
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from dimee_models.cost import CostModel
+from dimee_models.wire import Wire
 
 
 class Unlabeled(BaseModel):
@@ -36,6 +37,9 @@ class PolicyDoc(BaseModel):
     delta: float | None = None
     folds: int | None = None
     unlabeled: Unlabeled | None = None
+    # what crosses the links (calibration chooses it where the links are known; older docs: float32 hidden states)
+    wire: Wire = Wire()
+    wire_choice: list[dict] | None = None  # each wire's point estimate on the training split, where calibration chose
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dimee_models.cost import CostModel
 from dimee_models.tiers import TierName
+from dimee_models.wire import FORMATS, bytes_per_token
 
 HOPS = ("noop", "ingress_edge", "ingress_cloud", "ingress_cloud_tokens", "edge_cloud")
 
@@ -62,7 +63,10 @@ class Link(BaseModel):
 
     def ms(self, nbytes: float) -> float:
         """What sending `nbytes` over this link adds to a hop: the round trip, then the bytes."""
-        return self.rtt_ms + nbytes * 8 / (self.mbit_s * 1000)
+        return self.rtt_ms + self.bytes_ms(nbytes)
+
+    def bytes_ms(self, nbytes: float) -> float:
+        return nbytes * 8 / (self.mbit_s * 1000)
 
 
 class Links(BaseModel):
@@ -166,6 +170,23 @@ def predicted_hops(profile: Profile, links: Links) -> dict[str, float]:
     added = link_costs(links, profile.hidden_bytes_per_token * profile.tokens_per_text,
                        profile.tokens_per_text * TOKEN_ID_BYTES)
     return {hop: stat.mean_ms + added[hop] for hop, stat in profile.hops.items()}
+
+
+def wire_savings(profile: Profile, links: Links | None = None) -> dict[str, dict[str, float]] | None:
+    """Per hidden-state format, the ms each hop of the cost model saves on one text against float32:
+    the bytes it does not send over the links' rates (`links`, else the profile's own, else those it
+    was measured across). None where no link is known: on loopback the bytes cost nothing measurable."""
+    links = links or profile.links or profile.measured_across
+    if links is None or profile.tokens_per_text is None:
+        return None
+    float32 = profile.hidden_bytes_per_token * profile.tokens_per_text
+    hidden_size = round(profile.hidden_bytes_per_token / 4)
+    savings = {}
+    for fmt in FORMATS:
+        saved = float32 * (1 - bytes_per_token(fmt, hidden_size) / bytes_per_token("float32", hidden_size))
+        edge, cloud = links.mobile_edge.bytes_ms(saved), links.mobile_cloud.bytes_ms(saved)
+        savings[fmt] = {"o_1": edge, "o_2": cloud, "o_edge_cloud": edge + cloud}  # escalation crosses both (link_costs)
+    return savings
 
 
 def latency_cost_model(profile: Profile, mu: float = 1.0, links: Links | None = None) -> CostModel:

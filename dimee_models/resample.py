@@ -51,7 +51,7 @@ def summarize(drops_pp: np.ndarray, cuts: np.ndarray, oracle_cuts: np.ndarray, b
 def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_drop_pp: float,
               deltas: list[float | None], k: int, seed: int = 0, folds: int = 5,
               pairs: list[tuple[int, int]] | None = None, choice: ExitOutputs | None = None,
-              unlabeled: ExitOutputs | None = None) -> dict:
+              unlabeled: ExitOutputs | None = None, prefer: str | None = None) -> dict:
     """{delta: {"methods": {name: summary}, "default_choices": {policy: redraws}}}; the method
     `served_default` is whichever policy the default chooser picked on each redraw. With boundary
     `pairs`, each redraw is calibrated at the boundaries the `choice` outputs (the training split's)
@@ -73,10 +73,11 @@ def resampled(calibration: ExitOutputs, test: ExitOutputs, cost: CostModel, max_
             drawn = pooled.take(rest[:n_unlabeled])
             unlabeled = replace(drawn, labels=np.full(n_unlabeled, -1))  # certified by agreement alone
         candidates = score_candidates(cal_part, cost, folds, seed) if pairs is None else None
-        reference = float((test_part.tier_predictions[:, 2] == test_part.labels).mean())
+        reference = float((test_part.reference == test_part.labels).mean())
         for delta in deltas:
             cal, default = calibrate_all(cal_part, cost, max_drop_pp, delta, folds, seed,
-                                         candidates=candidates, pairs=pairs, choice=choice, unlabeled=unlabeled)
+                                         candidates=candidates, pairs=pairs, choice=choice, unlabeled=unlabeled,
+                                         prefer=prefer)
             served = cal.policies[default]
             choices[delta][f"{default}@{served.mobile_exit}/{served.edge_exit}" if pairs else default] += 1
             rows = method_assignments(test_part.at(served.mobile_exit, served.edge_exit), cal.policies, seed)
@@ -106,15 +107,21 @@ def add_resampled(result: dict, directory: Path, calibration: ExitOutputs, test:
     stored = doc.cost_model
     cost = stored if stored.unit == "ms" else CostModel(**result["cost_model"])
     choice = split_outputs(directory, "train") if pairs is not None else None
+    prefer = None
+    if doc.wire.rounds:
+        # The exits and the wire were chosen on the training split, the same in every redraw; the
+        # outputs (`calibration`, `test`) are those served over the wire, at those exits only.
+        pairs, choice = [(test.mobile_exit, test.edge_exit)], None
+        prefer = doc.boundaries["chosen_by"] if doc.boundaries is not None else None
     unlabeled = None
     if doc.unlabeled is not None:
         file = doc.unlabeled.file
-        unlabeled = text_outputs(directory, read_texts(file))
+        unlabeled = text_outputs(directory, read_texts(file), wire=doc.wire).at(test.mobile_exit, test.edge_exit)
         labels = read_labels(file)
         if labels is not None:
             unlabeled = replace(unlabeled, labels=np.asarray(labels))
     found = resampled(calibration, test, cost, budget, [delta], k, seed, doc.folds or 5, pairs, choice,
-                      unlabeled)[delta]
+                      unlabeled, prefer)[delta]
     methods = {name: {**row, "resampled": found["methods"][name]} if name in found["methods"] else row
                for name, row in result["methods"].items()}
     return {**result, "methods": methods, "resampled": {

@@ -21,7 +21,7 @@ import requests
 import torch
 
 from deployments import local_cluster
-from deployments.schemas import HiddenArrays, TierRequest, Tokens
+from deployments.schemas import HiddenWire, TierRequest, Tokens
 from deployments.tier import TierRunner
 from dimee_models import artifact
 from dimee_models.manifest import Manifest
@@ -60,10 +60,10 @@ def layer_compute(directory: Path, manifest: Manifest, texts: list[str]) -> dict
     torch.set_num_threads(1)
     tok, runners = artifact.load_tokenizer(directory), {t: TierRunner(str(directory), t) for t in Tier}
 
-    def tier(t: Tier, given: Tokens | HiddenArrays) -> HiddenArrays:
+    def tier(t: Tier, given: Tokens | HiddenWire) -> HiddenWire:
         start = 0 if isinstance(given, Tokens) else given.layer
         [reply] = runners[t]._forward([TierRequest(given, keep_hidden=True)], [given], start, 1)
-        return reply.hidden
+        return runners[t].store(reply.hidden)  # one text's travels inline: packed, not put
 
     def once(text: str) -> list[float]:
         t = [time.perf_counter()]

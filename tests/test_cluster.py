@@ -16,10 +16,11 @@ import ray
 import requests
 from ray.util.state import list_actors
 
-from deployments.schemas import HiddenArrays, HiddenRef, RouterConfig, TierRequest, Tokens
+from deployments.schemas import HiddenRef, HiddenWire, RouterConfig, TierRequest, Tokens
 from dimee_models.evaluate import predict_texts
 from dimee_models.tiers import Tier
 from dimee_models import artifact
+from dimee_models.wire import pack
 from tests.conftest import (ESCALATE_TEXTS, HOSTILE_TEXTS, HOSTS, SHADOW, THREE_WAY_TEXTS, deploy, moto_server,
                             serve_config, upload, wait_running)
 
@@ -159,7 +160,7 @@ def test_hidden_state_travels_inline_when_small_and_through_the_object_store_whe
     mobile = TierRunner(str(served_artifact), Tier.MOBILE)  # the ingress's own code, in this process
     [reply] = asyncio.run(mobile.forward([TierRequest(Tokens(ids), keep_hidden=True)]))
     small = mobile.store(reply.hidden, rows=[0, 5])
-    assert isinstance(small, HiddenArrays) and small.hidden.shape[0] == 2 and small.nbytes <= INLINE_BYTES
+    assert isinstance(small, HiddenWire) and len(small.packed.lengths) == 2 and small.nbytes <= INLINE_BYTES
     inline_reply = edge.remote(TierRequest(small)).result(timeout_s=60)
     assert inline_reply.received == "inline" and inline_reply.probs.shape[0] == 2
     rows = list(range(16))
@@ -179,7 +180,7 @@ def test_hidden_state_travels_inline_when_small_and_through_the_object_store_whe
     confidence = edge_reply.probs.max(-1)
     unsure = float(confidence.min()) + 1e-6
     kept = edge.remote(TierRequest(stored, keep_hidden=True, keep_below=unsure)).result(timeout_s=60)
-    assert isinstance(kept.hidden, HiddenArrays)
+    assert isinstance(kept.hidden, HiddenWire)
     want = int((confidence < unsure).sum())
     assert 1 <= want < len(rows), "the test needs some rows below the threshold and some above"
     assert cloud.remote(TierRequest(kept.hidden)).result(timeout_s=60).probs.shape[0] == want
@@ -272,7 +273,7 @@ def test_batched_requests_answer_exactly_as_single_ones(cluster, served_artifact
 
     mobile_requests = [TierRequest(Tokens([row]), keep_hidden=True) for row in ids]
     alone, batched = single("mobile", mobile_requests), together("mobile", mobile_requests)
-    edge_requests = [TierRequest(HiddenRef(ray.put((r.hidden.hidden, r.hidden.mask)), r.hidden.layer,
+    edge_requests = [TierRequest(HiddenRef(ray.put(pack(r.hidden.hidden, r.hidden.mask, "float32")), r.hidden.layer,
                                            r.hidden.hidden.nbytes)) for r in alone]
     edge_alone, edge_batched = single("edge", edge_requests), together("edge", edge_requests)
     assert {r.batch_size for r in alone + edge_alone} == {1}
@@ -772,6 +773,48 @@ def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, se
             assert abs(got["confidence"] - want["confidence"]) < 1e-4, mode
     assert {p["exit_layer"] for p in served["mobile_only"]} == {3}
     assert {p["exit_layer"] for p in served["edge_only"]} == {exits.edge}
+
+
+def test_a_wire_of_int8_hidden_states_and_token_ids_to_cloud_is_served_as_offline(cluster, served_artifact, tmp_path):
+    """An artifact whose links carry int8 hidden states, and a text's token ids where it goes straight
+    to cloud: edge computes from the int8 state mobile sent, an escalated text's cloud from edge's,
+    cloud from the token ids, each exactly as offline outputs do (dimee_models/wire.py)."""
+    import shutil
+
+    from dimee_models.policy_doc import PolicyDoc
+    from dimee_models.wire import Wire
+
+    wired = shutil.copytree(served_artifact, tmp_path / "int8")
+    doc = PolicyDoc.model_validate_json((wired / "policy.json").read_text())
+    (wired / "policy.json").write_text(doc.model_copy(update={"wire": Wire(format="int8", carrier="tokens")}).to_json())
+    artifact.write_manifest(wired, artifact.read_manifest(wired, verify=False))
+    texts = THREE_WAY_TEXTS * 2 + ["an utterly forgettable sequel."]
+    replicas = {"mobile": 1, "edge": 1, "cloud": 1}
+    deploy(serve_config(wired, replicas), tmp_path)
+    try:
+        wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["wire"]["format"] == "int8", 120,
+                 "the int8 wire serving")
+        served = {mode: classify(cluster, texts, mode) for mode in ("dimee", "edge_only")}
+        deploy(serve_config(wired, replicas, policy="escalating"), tmp_path)
+        wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["policy"]["name"] == "escalating", 120,
+                 "the escalating policy serving")
+        escalated = classify(cluster, ESCALATE_TEXTS)
+    finally:
+        deploy(serve_config(served_artifact, replicas), tmp_path)
+    offline = {mode: predict_texts(wired, texts, mode, policy_name="three_way") for mode in served}
+    offline["escalating"] = predict_texts(wired, ESCALATE_TEXTS, "dimee", policy_name="escalating")
+    for mode, predictions in {**served, "escalating": escalated}.items():
+        for got, want in zip(predictions, offline[mode]):
+            assert (got["tier"], got["label_id"], got["exit_layer"], got["escalated"]) == (
+                want["tier"], want["label_id"], want["exit_layer"], want["escalated"]), mode
+            assert abs(got["confidence"] - want["confidence"]) < 1e-4, mode
+    assert [p["tier"] for p in served["dimee"][:3]] == ["mobile", "edge", "cloud"]
+    assert {p["tier"] for p in escalated} == {"edge", "cloud"}
+    # cloud answered from the token ids: the float32 model's final exit; edge from a rounded state
+    final = predict_texts(served_artifact, texts, "cloud_only")
+    assert abs(served["dimee"][2]["confidence"] - final[2]["confidence"]) < 1e-4
+    float32 = predict_texts(served_artifact, texts, "edge_only")
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(served["edge_only"], float32)) > 1e-6
 
 
 def live_risk(url: str) -> dict:

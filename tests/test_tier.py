@@ -1,5 +1,5 @@
-"""What the ingress puts into the object store for a later tier: only the rows it sends, only the
-padding they need; and how a tier batches token ids and hidden states (no cluster)."""
+"""What the ingress sends a later tier: only the rows it sends, no padding, in the wire's format;
+and how a tier batches token ids and hidden states (no cluster)."""
 
 import asyncio
 from types import SimpleNamespace
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import ray
 
-from deployments.schemas import HiddenArrays, HiddenRef, TierRequest, Tokens
-from deployments.tier import TierRunner, select_rows
+from deployments.schemas import HiddenArrays, HiddenRef, HiddenWire, TierRequest, Tokens
+from deployments.tier import TierRunner
 from dimee_models.artifact import load_tokenizer
 from dimee_models.tiers import Tier
+from dimee_models.wire import pack, unpack
 from tests.conftest import THREE_WAY_TEXTS
 
 
@@ -21,19 +22,16 @@ def arrays(lengths: list[int], width: int = 7, hidden: int = 3) -> HiddenArrays:
     return HiddenArrays(values, mask, layer=2)
 
 
-def test_only_the_chosen_rows_and_their_padding_are_stored():
+def test_only_the_chosen_rows_are_sent_without_their_padding(runners):
+    mobile, _ = runners
     state = arrays([7, 2, 4, 3])
-    hidden, mask = select_rows(state, [1, 3])
-    assert hidden.shape == (2, 3, 3) and mask.tolist() == [[1, 1, 0], [1, 1, 1]]
-    np.testing.assert_array_equal(hidden, state.hidden[[1, 3], :3])
-    assert hidden.flags.c_contiguous  # what ray.put serializes, not a view of the whole batch
-
-
-def test_all_rows_trimmed_to_the_longest():
-    state = arrays([5, 2])
-    hidden, mask = select_rows(state, None)
-    assert hidden.shape == (2, 5, 3) and mask.shape == (2, 5)
-    np.testing.assert_array_equal(hidden, state.hidden[:, :5])
+    sent = mobile.store(state, [1, 3])
+    assert isinstance(sent, HiddenWire) and sent.layer == 2 and sent.packed.lengths.tolist() == [2, 3]
+    assert sent.packed.values.shape == (5, 3) and sent.nbytes == 5 * 3 * 4 + 2 * 4  # float32 values, int32 lengths
+    hidden, mask = unpack(sent.packed)
+    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    np.testing.assert_array_equal(hidden[mask.astype(bool)], state.hidden[[1, 3], :3][mask.astype(bool)])
+    assert mobile.store(state, None, "int8").packed.values.dtype == np.int8
 
 
 @pytest.fixture
@@ -54,12 +52,14 @@ def test_a_batch_of_tokens_and_hidden_states_answers_each_as_alone(served_artifa
     def requests() -> list[TierRequest]:
         """Each text as tokens, then as mobile's hidden state in the object store (a coroutine stands
         in for it: each is awaited once, so every call builds new ones), then inline."""
+        def packed(row: int):
+            return pack(from_mobile.hidden.hidden[[row]], from_mobile.hidden.mask[[row]], "float32")
+
         def stored(row: int) -> HiddenRef:
-            hidden, mask = select_rows(from_mobile.hidden, [row])
-            return HiddenRef(asyncio.sleep(0, result=(hidden, mask)), from_mobile.hidden.layer, hidden.nbytes)
+            return HiddenRef(asyncio.sleep(0, result=packed(row)), from_mobile.hidden.layer, packed(row).nbytes)
         return [r for row, row_ids in enumerate(ids) for r in (
             TierRequest(Tokens([row_ids])), TierRequest(stored(row)),
-            TierRequest(HiddenArrays(*select_rows(from_mobile.hidden, [row]), from_mobile.hidden.layer)))]
+            TierRequest(HiddenWire(packed(row), from_mobile.hidden.layer)))]
 
     alone = [asyncio.run(cloud.forward([r]))[0] for r in requests()]
     together = asyncio.run(cloud.forward(requests()))
