@@ -6,7 +6,9 @@ the artifact (it profiles the cluster and tunes the tier boundaries and threshol
   - the profile's hops against the bridge's profile plus what `--links` adds (`predicted_hops`);
   - served mean one-text latency of the tuned default and of cloud_only (texts of the test split,
     alternating, over HTTP through the mobile host's front door) against what the tuned cost model
-    predicts for the test split (`dimee evaluate --cost-profile`).
+    predicts for the test split (`dimee evaluate`, with the cost model the default was tuned for);
+  - what crosses the links (the wire tuning chose), the bytes per forwarded text it sends against
+    float32's, and the default's guarantee over 50 redraws (`dimee evaluate --resamples 50`).
 
     python -m load.links_bench --artifact artifacts/default --out docs/results/links/bench.json
 
@@ -31,7 +33,10 @@ from deployments import links
 from dimee_models import artifact
 from dimee_models.artifact import CLUSTER_PROFILE
 from dimee_models.policy import load_policies
-from dimee_models.profile import HOPS, LINK_PRESETS, Profile, predicted_hops, read_profile
+from dimee_models.evaluate import served_split
+from dimee_models.profile import HOPS, LINK_PRESETS, TOKEN_ID_BYTES, Profile, predicted_hops, read_profile
+from dimee_models.tiers import Tier
+from dimee_models.wire import pack
 from load.client import emit, post, request_body
 
 NETWORKS = ("loopback", "bridge", "lan", "mobile")
@@ -59,13 +64,51 @@ def served_latency(url: str, texts: list[str]) -> dict[str, dict]:
 
 
 def predicted_latency(copy: Path) -> dict:
-    """The tuned default's and cloud_only's mean ms on the test split, from the cluster's profile."""
+    """The tuned default's and cloud_only's mean ms on the test split, from the cost model it was tuned
+    for (the cluster's profile, its wire's bytes), and its guarantee over 50 redraws."""
     out = copy / "evaluate.json"
-    dimee("evaluate", str(copy), "--cost-profile", str(copy / CLUSTER_PROFILE), "--json", str(out))
-    methods, default = json.loads(out.read_text())["methods"], load_policies(copy)[1].default
+    dimee("evaluate", str(copy), "--resamples", "50", "--json", str(out))
+    result, default = json.loads(out.read_text()), load_policies(copy)[1].default
+    methods, held = result["methods"], result["resampled"]["served_default"]
     return {"policy": default, "dimee_mean_ms": methods[default]["latency_ms"]["mean"],
             "cloud_only_mean_ms": methods["cloud_only"]["latency_ms"]["mean"],
-            "tier_fraction": methods[default]["tier_fraction"]}
+            "tier_fraction": methods[default]["tier_fraction"],
+            "resampled": {"k": held["k"], "within_budget_share": held["within_budget_share"]}}
+
+
+def forwarded_bytes(copy: Path, per_request: int) -> dict:
+    """Bytes per text the tuned default sends past mobile on the test split, in requests of
+    `per_request` texts (one send per tier a request reaches), as `wire.pack` packs them: over the
+    tuned wire, as float32, and as float32 was sent before wires (padded to the longest row sent,
+    with an int64 mask)."""
+    manifest = artifact.read_manifest(copy)
+    policies, doc = load_policies(copy)
+    policy, wire = policies[doc.default], doc.wire
+    out = served_split(copy, "test", manifest, wire)
+    tiers, _ = policy.assign(out.z, out.probs(out.mobile_exit), out.probs(out.edge_exit))
+    ds = artifact.load_split(copy, "test", manifest)
+    tokens = artifact.load_tokenizer(copy)(ds.texts, ds.text_pairs, truncation=True,
+                                           max_length=manifest.max_length)["input_ids"]
+    width = artifact.load_tier(copy, Tier.MOBILE, manifest).config.hidden_size
+    sent = {"wire": 0, "float32": 0, "float32_padded": 0}
+    texts = 0
+    for lo in range(0, len(tiers), per_request):
+        for tier in (Tier.EDGE, Tier.CLOUD):
+            rows = [r for r in range(lo, min(lo + per_request, len(tiers))) if tiers[r] == tier]
+            if not rows:
+                continue
+            lengths = [len(tokens[r]) for r in rows]
+            mask = (np.arange(max(lengths))[None] < np.array(lengths)[:, None]).astype(np.int64)
+            hidden = np.zeros(mask.shape + (width,), dtype=np.float32)
+            texts += len(rows)
+            sent["float32"] += pack(hidden, mask, "float32").nbytes
+            sent["float32_padded"] += hidden.nbytes + mask.nbytes
+            sent["wire"] += (sum(lengths) * TOKEN_ID_BYTES if tier is Tier.CLOUD and wire.carrier == "tokens"
+                             else pack(hidden, mask, wire.format).nbytes)
+    per_text = {k: v / max(texts, 1) for k, v in sent.items()}
+    return {"texts_forwarded": texts, "bytes_per_text": per_text,
+            "wire_over_float32": per_text["wire"] / max(per_text["float32"], 1),
+            "wire_over_float32_padded": per_text["wire"] / max(per_text["float32_padded"], 1)}
 
 
 def one_network(net: str, source: Path, work: Path, texts: list[str]) -> dict:
@@ -90,7 +133,9 @@ def one_network(net: str, source: Path, work: Path, texts: list[str]) -> dict:
     doc = load_policies(copy)[1]
     served = doc.policies[doc.default]
     result |= {"profile": json.loads(profile.model_dump_json()), "predicted": predicted_latency(copy),
-               "exits": served["exits"], "thresholds": served["thresholds"]}
+               "exits": served["exits"], "thresholds": served["thresholds"], "wire": doc.wire.model_dump(),
+               "wire_choice": doc.wire_choice,
+               "bytes": {str(k): forwarded_bytes(copy, k) for k in (1, 16)}}
     result["served"]["ratio"] = result["served"]["dimee"]["mean_ms"] / result["served"]["cloud_only"]["mean_ms"]
     p = result["predicted"]
     p["ratio"] = p["dimee_mean_ms"] / p["cloud_only_mean_ms"]
@@ -119,8 +164,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="links-bench-") as work:
         for net in args.networks:
             runs[net] = one_network(net, args.artifact, Path(work), texts)
-            print(f"{net}: served {runs[net]['served']['ratio']:.2f}x, predicted {runs[net]['predicted']['ratio']:.2f}x",
-                  flush=True)
+            r = runs[net]
+            print(f"{net}: served {r['served']['ratio']:.3f}x, predicted {r['predicted']['ratio']:.3f}x, wire "
+                  f"{r['wire']}, bytes {r['bytes']['1']['wire_over_float32']:.3f}x of float32", flush=True)
     if "bridge" in runs:
         for net in set(runs) & set(LINK_PRESETS):
             runs[net]["hops_against_prediction"] = compare_hops(runs["bridge"], runs[net], net)
