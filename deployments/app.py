@@ -45,7 +45,7 @@ def deployment_options(args: AppArgs, tier: Tier) -> dict:
 def tier_deployment(args: AppArgs, tier: Tier):
     options: TierOptions = getattr(args, tier.label)
     return TierModel.options(**deployment_options(args, tier)).bind(
-        args.artifact, tier, options.max_batch_size, options.batch_wait_timeout_s
+        args.artifact, tier, options.max_batch_size, options.batch_wait_timeout_s, options.runtime
     )
 
 

@@ -71,7 +71,7 @@ class Router:
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, monitor: DeploymentHandle, args: AppArgs):
         self.args = args
         threads_from_cpu_share()
-        self.mobile = fetched_runner(args.artifact, Tier.MOBILE)  # with the tokenizer and the policies
+        self.mobile = fetched_runner(args.artifact, Tier.MOBILE, args.mobile.runtime)  # with the tokenizer and policies
         self.mobile_batch.set_max_batch_size(args.mobile.max_batch_size)
         self.mobile_batch.set_batch_wait_timeout_s(args.mobile.batch_wait_timeout_s)
         self.api_key = args.api_key.get_secret_value() if args.api_key else None

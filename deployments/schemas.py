@@ -67,6 +67,9 @@ class ClassifyResponse(BaseModel):
 # app builder ----------------------------------------------------------------------------------------
 
 
+Runtime = Literal["onnxruntime", "torch"]
+
+
 class TierOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -81,6 +84,8 @@ class TierOptions(BaseModel):
     health_check_period_s: float = Field(
         1.0, gt=0, description="how often Serve's controller checks each replica; a dead one is noticed (and "
                                "replaced, and no longer called) at its next check")
+    runtime: Runtime = Field("onnxruntime", description="what runs the tier's layers: ONNX Runtime (the same float32 "
+                                                        "weights, exported when the replica starts) or eager torch")
 
 
 class IngressOptions(TierOptions):

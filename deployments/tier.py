@@ -23,11 +23,12 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from deployments.schemas import HiddenArrays, HiddenRef, HiddenWire, TierReply, TierRequest, Tokens
+from deployments.schemas import HiddenArrays, HiddenRef, HiddenWire, Runtime, TierReply, TierRequest, Tokens
 from deployments import weights
 from dimee_models import artifact
 from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState
+from dimee_models.outputs import softmax
 from dimee_models.tiers import Tier
 from dimee_models.wire import Format, pack, unpack
 
@@ -54,14 +55,23 @@ class TierRunner:
     """One tier's layers, exit head and metrics; `forward` runs a batch of requests through them."""
 
     def __init__(self, artifact_dir: str, tier: Tier, manifest: Manifest | None = None, source: str | None = None,
-                 fetch_report: dict | None = None):
+                 fetch_report: dict | None = None, runtime: Runtime = "onnxruntime"):
         """`manifest`: the directory's, already checked (a fetched view holds only this tier's files);
-        `source`, `fetch_report`: where they were fetched from and how (`weights.fetch`)."""
+        `source`, `fetch_report`: where they were fetched from and how (`weights.fetch`); `runtime`:
+        what runs the layers (deployments/onnx_layers.py), torch's eager modules or ONNX Runtime."""
         manifest = manifest or artifact.read_manifest(artifact_dir)
         self.artifact_dir = artifact_dir
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
         self.end = manifest.tier_exits[tier]
+        self.runtime = runtime
+        self.onnx = None
+        if runtime == "onnxruntime":
+            from deployments.onnx_layers import OnnxLayers
+
+            # where this tier's batches start: token ids (mobile, and cloud for cloud-only), or a hidden state
+            starts = {0, manifest.exits.mobile, manifest.exits.edge} & set(range(self.model.first_layer, self.end))
+            self.onnx = OnnxLayers(self.model, starts, self.end, torch.get_num_threads())
         self.source = {manifest.exits.mobile: Tier.MOBILE, manifest.exits.edge: Tier.EDGE}  # who stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # None: no Ray
@@ -105,6 +115,7 @@ class TierRunner:
                                 if p.is_file()),
                 "fetch": self.fetch_report,
                 "parameters": params, "parameter_bytes": nbytes,
+                "runtime": self.runtime,
                 "holds_embeddings": self.model.embeddings is not None, "first_layer": self.model.first_layer,
                 "layers": len(self.model.layers), "exit_heads": sorted(int(k) for k in self.model.heads),
                 "requests_served": self.requests_served}
@@ -132,22 +143,24 @@ class TierRunner:
         began = time.perf_counter()
         with torch.inference_mode():
             state = self._state(inputs, start)
-            state = self.model.run_layers(state, self.end)
-            out = self.model.exit(state)
-        probs = out.logits.softmax(-1).numpy()
+            if self.onnx is not None:
+                logits, pooled, hidden = self.onnx.run(state)
+            else:
+                last = self.model.run_layers(state, self.end)
+                out = self.model.exit(last)
+                logits, pooled, hidden = out.logits.numpy(), out.pooled.numpy(), last.hidden.numpy()
+        probs = softmax(logits)
+        mask = state.attention_mask.numpy()
         compute_ms = (time.perf_counter() - began) * 1000
         self.compute_ms.observe(compute_ms)
         replies, lo = [], 0
         for r, i in zip(requests, inputs):
             rows = slice(lo, lo + len(i.input_ids if isinstance(i, Tokens) else i.packed.lengths))
             lo = rows.stop
-            hidden = None
-            if r.keep_hidden:
-                hidden = HiddenArrays(state.hidden[rows].numpy(), state.attention_mask[rows].numpy(), self.end)
+            kept = HiddenArrays(hidden[rows], mask[rows], self.end) if r.keep_hidden else None
             replies.append(TierReply(
-                probs=probs[rows], exit_layer=self.end,
-                z=out.pooled[rows].numpy() if self.tier is Tier.MOBILE else None,
-                hidden=hidden, compute_ms=compute_ms, batch_size=batch,
+                probs=probs[rows], exit_layer=self.end, z=pooled[rows] if self.tier is Tier.MOBILE else None,
+                hidden=kept, compute_ms=compute_ms, batch_size=batch,
                 received=RECEIVED[type(r.input)], node_id=self.node_id,
             ))
         return replies
@@ -195,21 +208,22 @@ def threads_from_cpu_share() -> None:
     torch.set_num_threads(max(1, math.ceil(cpus)))
 
 
-def fetched_runner(source: str, tier: Tier) -> TierRunner:
+def fetched_runner(source: str, tier: Tier, runtime: Runtime) -> TierRunner:
     """A tier's runner on its weights fetched from `source` into this node's cache (deployments/weights.py)."""
     directory, report = weights.fetch(source, tier.label)
     log.info("%s tier: %s fetched %s, cached %s in %.2f s", tier.label, source, report["fetched"], report["cached"],
              report["seconds"])
-    return TierRunner(str(directory), tier, artifact.read_manifest(directory, verify=False), source, report)
+    return TierRunner(str(directory), tier, artifact.read_manifest(directory, verify=False), source, report, runtime)
 
 
 @serve.deployment
 class TierModel:
     """Edge or cloud: a `TierRunner` behind a Serve handle, batching the requests that arrive together."""
 
-    def __init__(self, source: str, tier: Tier, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, source: str, tier: Tier, max_batch_size: int, batch_wait_timeout_s: float,
+                 runtime: Runtime = "onnxruntime"):
         threads_from_cpu_share()
-        self.runner = fetched_runner(source, tier)
+        self.runner = fetched_runner(source, tier, runtime)
         self.max_batch_size = max_batch_size
         self.forward_batch.set_max_batch_size(max_batch_size)
         self.forward_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -187,3 +187,23 @@ def test_default_backbone_loads_offline(monkeypatch):
     assert model.num_layers == 6 and len(model.layers) == 6
     assert model.config.hidden_size == 384
     assert sorted(model.heads, key=int) == [str(i) for i in range(1, 7)]
+
+
+@torch.no_grad()
+def test_onnx_runtime_runs_every_family_as_torch_does(family):
+    """The tiers' layers exported to ONNX Runtime (deployments/onnx_layers.py) answer as the torch
+    module does, for batches longer and shorter than the export's example, padded or not."""
+    from deployments.onnx_layers import OnnxLayers
+
+    model, _ = tiny_model(family)
+    onnx = OnnxLayers(model, {0, M}, L, threads=1)
+    for length in (3, 9):
+        ids, mask = padded_batch(length=length)
+        for start in (0, M):
+            state = model.run_layers(model.embed(ids, mask), start)
+            last = model.run_layers(state, L)
+            logits, pooled, hidden = onnx.run(state)
+            assert torch.allclose(torch.from_numpy(logits), model.exit(last).logits, atol=ATOL)
+            assert torch.allclose(torch.from_numpy(pooled), model.exit(last).pooled, atol=ATOL)
+            real = mask.bool()
+            assert torch.allclose(torch.from_numpy(hidden)[real], last.hidden[real], atol=1e-4)

@@ -70,3 +70,18 @@ def test_a_batch_of_tokens_and_hidden_states_answers_each_as_alone(served_artifa
     for tokens, hidden, inline in zip(together[::3], together[1::3], together[2::3]):  # 1..6, 3..6 after 1..2
         np.testing.assert_allclose(tokens.probs, hidden.probs, atol=1e-4)
         np.testing.assert_array_equal(hidden.probs, inline.probs)
+
+
+def test_onnx_runtime_answers_as_eager_torch_does(served_artifact, runners):
+    """The same float32 weights on either runtime: a padded batch from token ids and one from hidden
+    states give the same probabilities and hidden states."""
+    mobile, cloud = runners
+    eager = TierRunner(str(served_artifact), Tier.CLOUD, runtime="torch")
+    assert cloud.describe()["runtime"] == "onnxruntime" and eager.onnx is None
+    ids = load_tokenizer(served_artifact)(THREE_WAY_TEXTS + ["ok."])["input_ids"]
+    [from_mobile] = asyncio.run(mobile.forward([TierRequest(Tokens(ids), keep_hidden=True)]))
+    for given in (TierRequest(Tokens(ids), keep_hidden=True), TierRequest(mobile.store(from_mobile.hidden), True)):
+        [a], [b] = (asyncio.run(runner.forward([given])) for runner in (cloud, eager))
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+        np.testing.assert_allclose(a.hidden.hidden, b.hidden.hidden, atol=1e-4)
+        np.testing.assert_array_equal(a.hidden.mask, b.hidden.mask)
