@@ -5,7 +5,8 @@ matrix product of a one-text request; a graph runtime does not.
 
 A tier starts from a hidden state at one or a few layers (edge at the mobile exit; cloud from token
 ids, the mobile exit, or edge's on escalation), so one session per starting layer, exported from the
-tier's torch module when the replica starts (~2 s each). Embeddings stay in torch (a lookup).
+tier's torch module when the replica starts (~2 s each; any other start when first asked for).
+Embeddings stay in torch (a lookup).
 """
 
 from __future__ import annotations
@@ -46,17 +47,19 @@ class OnnxLayers:
         self.model, self.end = model, end
         self.options = ort.SessionOptions()
         self.options.intra_op_num_threads, self.options.inter_op_num_threads = threads, 1
-        with tempfile.TemporaryDirectory(prefix="dimee-onnx-") as directory:
-            self.sessions = {start: self._export(start, Path(directory)) for start in sorted(starts)}
+        self.sessions = {start: self._export(start) for start in sorted(starts)}
 
     def run(self, state: HiddenState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits (B, C), pooled (B, H), hidden (B, T, H)) after layers [state.layer, end)."""
+        if state.layer not in self.sessions:  # a start not foreseen (a profile's hop from edge's last layer)
+            self.sessions[state.layer] = self._export(state.layer)
         inputs = {"hidden": state.hidden.numpy(), "mask": state.attention_mask.numpy()}
         return tuple(self.sessions[state.layer].run(None, inputs))
 
-    def _export(self, start: int, directory: Path) -> ort.InferenceSession:
+    def _export(self, start: int) -> ort.InferenceSession:
         began = time.perf_counter()
-        path = directory / f"layers-{start}-{self.end}.onnx"
+        directory = tempfile.TemporaryDirectory(prefix="dimee-onnx-")
+        path = Path(directory.name) / f"layers-{start}-{self.end}.onnx"
         width = self.model.config.hidden_size
         # padding in the example: tracing records the masked path, which every batch then takes
         example = torch.zeros(2, 4, width), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -66,5 +69,6 @@ class OnnxLayers:
                               input_names=["hidden", "mask"], output_names=["logits", "pooled", "out"],
                               dynamic_axes={"hidden": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}})
         session = ort.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
+        directory.cleanup()  # the session holds the graph
         log.info("layers [%d, %d) exported to ONNX Runtime in %.1f s", start, self.end, time.perf_counter() - began)
         return session

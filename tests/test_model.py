@@ -199,7 +199,7 @@ def test_onnx_runtime_runs_every_family_as_torch_does(family):
     onnx = OnnxLayers(model, {0, M}, L, threads=1)
     for length in (3, 9):
         ids, mask = padded_batch(length=length)
-        for start in (0, M):
+        for start in (0, M, L):  # L: no layer, the exit head alone, exported when first asked for
             state = model.run_layers(model.embed(ids, mask), start)
             last = model.run_layers(state, L)
             logits, pooled, hidden = onnx.run(state)
