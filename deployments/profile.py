@@ -29,6 +29,7 @@ from deployments.schemas import HiddenArrays, TierRequest, Tokens
 from dimee_models.manifest import public_model_name
 from dimee_models.profile import HOPS, Links, Profile, Stat, TierCompute, latency_cost_model
 from dimee_models.tiers import Tier
+from dimee_models.wire import FORMATS, pack
 
 if TYPE_CHECKING:  # the CLI side of this module needs no torch
     from deployments.tier import TierRunner
@@ -96,6 +97,7 @@ def run_profile(url: str, app: str, texts: int, batch: int, headers: dict, links
         hops={hop: Stat.of(per_text[hop]) for hop in HOPS},
         hidden_bytes_per_token=float(np.median(per_text["hidden_bytes_per_token"])),
         tokens_per_text=float(np.mean([len(row) for row in ids[WARMUP:WARMUP + texts]])), links=links,
+        wire_bytes_per_token={fmt: float(np.median(per_text[f"{fmt}_bytes_per_token"])) for fmt in FORMATS},
         measured_across=shaped_links.network(),
     )
 
@@ -117,7 +119,9 @@ def format_profile(profile: Profile) -> str:
     e = profile.exits
     paths = cost.path_costs(e["mobile"], e["edge"], e["cloud"])
     lines.append(f"hidden state: {profile.hidden_bytes_per_token:.0f} bytes per token"
-                 + (f", {profile.tokens_per_text:.1f} tokens per text" if profile.tokens_per_text else ""))
+                 + (f", {profile.tokens_per_text:.1f} tokens per text" if profile.tokens_per_text else "")
+                 + (" (on the wire: " + ", ".join(f"{f} {b:.0f}" for f, b in profile.wire_bytes_per_token.items()) + ")"
+                    if profile.wire_bytes_per_token else ""))
     if profile.links is not None:
         lines.append(f"links added to the hops: {profile.links.model_dump_json()}")
     if profile.measured_across is not None:
@@ -153,10 +157,13 @@ async def measure_tiers(mobile: TierRunner, handle, rows: list[list[int]]) -> di
     escalate_rt, escalate_ms, _ = await call(Tier.CLOUD, TierRequest(kept.hidden))  # at once, as on escalation
     ingress_cloud, _, _, _ = await from_store(Tier.CLOUD, local.hidden)
     tokens_rt, cloud_ms, _ = await call(Tier.CLOUD, TierRequest(Tokens(rows)))
+    tokens = sum(len(row) for row in rows)
     return {
         "noop": noop, "mobile_ms": local.compute_ms, "edge_ms": edge_ms, "cloud_ms": cloud_ms,
         "ingress_edge": ingress_edge, "ingress_cloud": ingress_cloud, "ingress_cloud_tokens": tokens_rt - cloud_ms,
         # edge storing its hidden state for cloud, then cloud fetching it
         "edge_cloud": keeping - ingress_edge + escalate_rt - escalate_ms,
-        "hidden_bytes_per_token": stored.nbytes / sum(len(row) for row in rows),
+        "hidden_bytes_per_token": stored.nbytes / tokens,
+        **{f"{fmt}_bytes_per_token": pack(local.hidden.hidden, local.hidden.mask, fmt).nbytes / tokens
+           for fmt in FORMATS},
     }

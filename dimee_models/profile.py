@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dimee_models.cost import CostModel
 from dimee_models.tiers import TierName
-from dimee_models.wire import FORMATS, bytes_per_token
+from dimee_models.wire import FORMATS, Format, bytes_per_token
 
 HOPS = ("noop", "ingress_edge", "ingress_cloud", "ingress_cloud_tokens", "edge_cloud")
 
@@ -120,6 +120,9 @@ class Profile(BaseModel):
     hops: dict[str, Stat]
     hidden_bytes_per_token: float = Field(..., gt=0)
     tokens_per_text: float | None = Field(None, gt=0, description="mean tokens of the measured texts")
+    wire_bytes_per_token: dict[Format, float] | None = Field(
+        None, description="what each wire format sends per token of the measured texts' mobile hidden states "
+                          "(int8's values deflated, so measured)")
     links: Links | None = Field(None, description="the network between tiers, added to the measured hops")
     measured_across: Links | None = Field(None, description="the shaped links between the hosts the hops were "
                                                             "measured across (`dimee cluster up --links`), if any")
@@ -179,11 +182,11 @@ def wire_savings(profile: Profile, links: Links | None = None) -> dict[str, dict
     links = links or profile.links or profile.measured_across
     if links is None or profile.tokens_per_text is None:
         return None
-    float32 = profile.hidden_bytes_per_token * profile.tokens_per_text
     hidden_size = round(profile.hidden_bytes_per_token / 4)
+    sent = profile.wire_bytes_per_token or {fmt: bytes_per_token(fmt, hidden_size) for fmt in FORMATS}
     savings = {}
     for fmt in FORMATS:
-        saved = float32 * (1 - bytes_per_token(fmt, hidden_size) / bytes_per_token("float32", hidden_size))
+        saved = profile.tokens_per_text * (sent["float32"] - sent[fmt])
         edge, cloud = links.mobile_edge.bytes_ms(saved), links.mobile_cloud.bytes_ms(saved)
         savings[fmt] = {"o_1": edge, "o_2": cloud, "o_edge_cloud": edge + cloud}  # escalation crosses both (link_costs)
     return savings

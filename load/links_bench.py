@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import torch
 
 from deployments import links
 from dimee_models import artifact
@@ -78,9 +79,10 @@ def predicted_latency(copy: Path) -> dict:
 
 def forwarded_bytes(copy: Path, per_request: int) -> dict:
     """Bytes per text the tuned default sends past mobile on the test split, in requests of
-    `per_request` texts (one send per tier a request reaches), as `wire.pack` packs them: over the
-    tuned wire, as float32, and as float32 was sent before wires (padded to the longest row sent,
-    with an int64 mask)."""
+    `per_request` texts (one send per tier a request reaches), as `wire.pack` packs the mobile hidden
+    states of those rows (int8 is deflated, so its bytes depend on the values): over the tuned wire,
+    as float32, and as float32 was sent before wires (padded to the longest row sent, with an int64
+    mask)."""
     manifest = artifact.read_manifest(copy)
     policies, doc = load_policies(copy)
     policy, wire = policies[doc.default], doc.wire
@@ -89,7 +91,7 @@ def forwarded_bytes(copy: Path, per_request: int) -> dict:
     ds = artifact.load_split(copy, "test", manifest)
     tokens = artifact.load_tokenizer(copy)(ds.texts, ds.text_pairs, truncation=True,
                                            max_length=manifest.max_length)["input_ids"]
-    width = artifact.load_tier(copy, Tier.MOBILE, manifest).config.hidden_size
+    mobile = artifact.load_tier(copy, Tier.MOBILE, manifest)
     sent = {"wire": 0, "float32": 0, "float32_padded": 0}
     texts = 0
     for lo in range(0, len(tiers), per_request):
@@ -99,7 +101,11 @@ def forwarded_bytes(copy: Path, per_request: int) -> dict:
                 continue
             lengths = [len(tokens[r]) for r in rows]
             mask = (np.arange(max(lengths))[None] < np.array(lengths)[:, None]).astype(np.int64)
-            hidden = np.zeros(mask.shape + (width,), dtype=np.float32)
+            ids = np.array([tokens[r] + [0] * (mask.shape[1] - len(tokens[r])) for r in rows])
+            with torch.inference_mode():
+                state = mobile.run_layers(mobile.embed(torch.from_numpy(ids), torch.from_numpy(mask)),
+                                          manifest.exits.mobile)
+            hidden = state.hidden.numpy()
             texts += len(rows)
             sent["float32"] += pack(hidden, mask, "float32").nbytes
             sent["float32_padded"] += hidden.nbytes + mask.nbytes

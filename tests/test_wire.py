@@ -35,16 +35,29 @@ def test_int8_keeps_each_token_within_half_a_step_in_a_quarter_of_the_bytes():
     hidden, mask = batch([9, 3])
     hidden[1, 0] = 0  # a token of zeros
     packed = pack(hidden, mask, "int8")
-    assert packed.values.dtype == np.int8 and packed.scales.dtype == np.float16
+    assert packed.values.dtype == np.uint8 and packed.scales.dtype == np.float16
     back, _ = unpack(packed)
     real = mask.astype(bool)
     step = packed.scales.astype(np.float32)[:, None]
     assert (np.abs(back[real] - hidden[real]) <= step / 2 + 1e-6).all()
     assert not back[1, 0].any()
     assert bytes_per_token("int8", 384) / bytes_per_token("float32", 384) == pytest.approx(386 / 1536)
-    assert packed.nbytes == 12 * 386 + 2 * 4  # values and scales per token, a length per row
+    # at most a byte a value and the scales per token, a length per row, and deflate's header
+    assert packed.nbytes <= 12 * 386 + 2 * 4 + 16
     fp16, _ = unpack(pack(hidden, mask, "float16"))
     np.testing.assert_allclose(fp16[real], hidden[real], rtol=1e-3, atol=1e-3)
+
+
+def test_int8_values_near_zero_are_sent_in_fewer_bits():
+    # a transformer's hidden state: most values small against a few large dimensions that set the scale
+    hidden, mask = batch([9, 5])
+    hidden /= 10
+    hidden[..., :3] = 20
+    packed = pack(hidden, mask, "int8")
+    assert packed.nbytes < 0.7 * 14 * bytes_per_token("int8", 384)
+    back, _ = unpack(packed)
+    real = mask.astype(bool)
+    assert (np.abs(back[real] - hidden[real]) <= packed.scales.astype(np.float32)[:, None] / 2 + 1e-6).all()
 
 
 def test_offline_rounding_is_what_the_next_tier_is_sent():
@@ -84,6 +97,8 @@ def test_savings_are_the_bytes_not_sent_over_each_link(served_artifact):
     assert saved["int8"]["o_1"] == pytest.approx(int8_bytes * 8 / 10_000)  # 10 Mbit/s
     assert saved["int8"]["o_edge_cloud"] == pytest.approx(2 * int8_bytes * 8 / 10_000)
     assert saved["float32"]["o_2"] == 0
+    measured = profile.model_copy(update={"wire_bytes_per_token": {"float32": 1536, "float16": 768, "int8": 200}})
+    assert wire_savings(measured, LINK_PRESETS["mobile"])["int8"]["o_1"] == pytest.approx(25 * 1336 * 8 / 10_000)
 
 
 @pytest.fixture
