@@ -467,7 +467,8 @@ def tune_and_serve(args) -> int:
         print(format_profile(profile))
         latency = latency_cost_model(profile)
     pairs = boundary_pairs(read_manifest(args.artifact).num_layers, args.mobile_layers, args.edge_layers)
-    doc = write_calibration(args.artifact, latency, 0.3, pairs=pairs, savings=wire_savings(profile))
+    doc = write_calibration(args.artifact, latency, 0.3, pairs=pairs, savings=wire_savings(profile),
+                            mobile_slice=doc.wire.mobile_slice)  # as the artifact was calibrated (`--mobile-slice`)
     served = doc.policies[doc.default]
     print(f"tuned for the measured latency: {doc.default} at mobile exit {served['exits']['mobile']}, "
           f"edge exit {served['exits']['edge']} (thresholds {served['thresholds']}), {doc.wire.format} hidden "

@@ -53,8 +53,8 @@ class ShadowAuditor:
                     at: int | None, texts: list[str], pairs: list[str] | None) -> None:
         """The final exit on the audited rows answered early, from the mobile hidden state (cloud runs
         the layers after mobile's), compared with what was answered; the counts go to the monitor."""
-        # cloud's answers are the final exit's, unless they were computed from a rounded hidden state
-        early = [r for r in rows if answers[r].tier != Tier.CLOUD.label or s.wire.format != "float32"]
+        # cloud's answers are the final exit's, unless computed from a rounded state or by an int8 slice
+        early = [r for r in rows if answers[r].tier != Tier.CLOUD.label or s.wire.changes_states]
         try:
             final = {r: answers[r].label_id for r in rows}
             if early:

@@ -29,6 +29,7 @@ from dimee_models import artifact
 from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState
 from dimee_models.outputs import softmax
+from dimee_models.policy import served_wire
 from dimee_models.tiers import Tier
 from dimee_models.wire import Format, pack, unpack
 
@@ -58,20 +59,25 @@ class TierRunner:
                  fetch_report: dict | None = None, runtime: Runtime = "onnxruntime"):
         """`manifest`: the directory's, already checked (a fetched view holds only this tier's files);
         `source`, `fetch_report`: where they were fetched from and how (`weights.fetch`); `runtime`:
-        what runs the layers (deployments/onnx_layers.py), torch's eager modules or ONNX Runtime."""
+        what runs the layers (dimee_models/onnx_layers.py), torch's eager modules or ONNX Runtime."""
         manifest = manifest or artifact.read_manifest(artifact_dir)
         self.artifact_dir = artifact_dir
         self.tier = tier
         self.model = artifact.load_tier(artifact_dir, tier, manifest)
         self.end = manifest.tier_exits[tier]
-        self.runtime = runtime
+        # an int8 mobile slice where the policies were certified on one (dimee_models/onnx_layers.py)
+        self.int8 = tier is Tier.MOBILE and served_wire(artifact_dir).mobile_slice == "int8"
+        if self.int8 and runtime != "onnxruntime":
+            raise ValueError(f"{artifact_dir}: its policies were certified on an int8 mobile slice, which only "
+                             "ONNX Runtime runs (the mobile tier's runtime is torch)")
+        self.runtime = runtime + " int8" * self.int8
         self.onnx = None
         if runtime == "onnxruntime":
-            from deployments.onnx_layers import OnnxLayers
+            from dimee_models.onnx_layers import OnnxLayers
 
             # where this tier's batches start: token ids (mobile, and cloud for cloud-only), or a hidden state
             starts = {0, manifest.exits.mobile, manifest.exits.edge} & set(range(self.model.first_layer, self.end))
-            self.onnx = OnnxLayers(self.model, starts, self.end, torch.get_num_threads())
+            self.onnx = OnnxLayers(self.model, starts, self.end, torch.get_num_threads(), self.int8)
         self.source = {manifest.exits.mobile: Tier.MOBILE, manifest.exits.edge: Tier.EDGE}  # who stored a hidden state
         self.pad_id = self.model.config.pad_token_id or 0
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None  # None: no Ray

@@ -30,7 +30,7 @@ from dimee_models.policy import POLICY_JSON, POLICY_TENSORS, CloudOnlyPolicy, Po
 from dimee_models.policy_doc import PolicyDoc, Unlabeled
 from dimee_models.risk import DEFAULT_DELTA, RiskBound, fixed_sequence
 from dimee_models.tiers import Tier
-from dimee_models.wire import CARRIERS, FORMATS, Wire
+from dimee_models.wire import CARRIERS, FORMATS, Slice, Wire
 
 
 def disagreements(policy: Policy, out: ExitOutputs) -> int:
@@ -178,30 +178,35 @@ def wire_cost(cost: CostModel, savings: dict[str, dict[str, float]] | None, wire
         update["o_2"] = cost.raw_to_cloud + cost.lambda_cloud * mobile_exit
     return cost.model_copy(update=update)
 
+
 def choose_wire(source: OutputSource, mobile_exit: int, edge_exit: int, cost: CostModel,
-                savings: dict[str, dict[str, float]], max_drop_pp: float) -> tuple[Wire, list[dict]]:
+                savings: dict[str, dict[str, float]], max_drop_pp: float,
+                mobile_slice: Slice = "float32") -> tuple[Wire, list[dict]]:
     """The format and carrier whose cheapest cascade within the budget (point estimate, as
-    `choose_boundaries`) costs least on the training split's outputs as served over it; ties go to the
-    first of FORMATS x CARRIERS, float32 and the hidden state first."""
+    `choose_boundaries`) costs least on the training split's outputs as served over it (from a mobile
+    slice in `mobile_slice`'s arithmetic); ties go to the first of FORMATS x CARRIERS, float32 and the
+    hidden state first."""
     found = []
-    for wire in (Wire(format=f, carrier=c) for f in FORMATS for c in CARRIERS):
+    for wire in (Wire(format=f, carrier=c, mobile_slice=mobile_slice) for f in FORMATS for c in CARRIERS):
         served = source.wire_split("train", mobile_exit, edge_exit, wire)
         best = choose_boundaries(served, wire_cost(cost, savings, wire, mobile_exit), [(mobile_exit, edge_exit)],
                                  max_drop_pp)
         [row] = [c for c in best.candidates if c["policy"] == best.policy]
         found.append({**wire.model_dump(), "policy": best.policy, "cost": row["cost"], "losses": row["losses"]})
     pick = min(found, key=lambda f: f["cost"])
-    return Wire(format=pick["format"], carrier=pick["carrier"]), found
+    return Wire(format=pick["format"], carrier=pick["carrier"], mobile_slice=mobile_slice), found
 
 def write_calibration(directory: Path, cost: CostModel, max_drop_pp: float, folds: int = 5, seed: int = 0,
                       default: str | None = None, delta: float | None = DEFAULT_DELTA,
                       pairs: list[tuple[int, int]] | None = None, unlabeled: Path | None = None,
-                      wire: Wire | None = None, savings: dict[str, dict[str, float]] | None = None) -> PolicyDoc:
+                      wire: Wire | None = None, savings: dict[str, dict[str, float]] | None = None,
+                      mobile_slice: Slice = "float32") -> PolicyDoc:
     """Calibrate every policy kind on the calibration split and store the policies in the artifact; with
     boundary `pairs` (`boundary_pairs`), also the tier weight files cut at the chosen exits; with an
     `unlabeled` file of texts (`data.read_texts`), certified on those too. What crosses the links is
     `wire`, else chosen (`choose_wire`) where the links are known (`savings`: `profile.wire_savings`),
-    else float32 hidden states; the outputs calibrated and certified on are those served over it.
+    else float32 hidden states, from a mobile slice in `mobile_slice`'s arithmetic unless `wire` says;
+    the outputs calibrated and certified on are those served over it.
     The model is loaded at most once, the manifest written once, last."""
     source = OutputSource(directory)
     manifest = source.manifest
@@ -215,13 +220,14 @@ def write_calibration(directory: Path, cost: CostModel, max_drop_pp: float, fold
         texts = TextDataset("unlabeled", lines, [-1] * len(lines), manifest.labels)
         about = Unlabeled(file=str(Path(unlabeled).resolve()), rows=len(texts))
     boundaries, prefer, wire_choice = None, None, None
-    if wire is not None or savings:
+    if wire is not None or savings or mobile_slice != "float32":
         m, e = pairs[0] if pairs else out.tier_exits()[:2]
         if pairs is not None and len(pairs) > 1:
             chosen = choose_boundaries(choice, cost, pairs, max_drop_pp)
             m, e, prefer, boundaries = chosen.mobile_exit, chosen.edge_exit, chosen.policy, chosen.to_json(pairs)
-        if wire is None:
-            wire, wire_choice = choose_wire(source, m, e, cost, savings, max_drop_pp)
+        if wire is None and savings:
+            wire, wire_choice = choose_wire(source, m, e, cost, savings, max_drop_pp, mobile_slice)
+        wire = wire or Wire(mobile_slice=mobile_slice)
         cost, pairs = wire_cost(cost, savings, wire, m), [(m, e)]
         out = source.wire_split("calibration", m, e, wire)
     served = None if texts is None else source.served(texts, wire or Wire(), pairs[0] if wire else None)

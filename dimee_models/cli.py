@@ -206,6 +206,9 @@ def add_calibrate(sub) -> None:
     g.add_argument("--carrier", choices=CARRIERS, default=None,
                    help="what a text sent straight from mobile to cloud carries: the hidden state, or its token ids "
                         "(cloud runs every layer)")
+    g.add_argument("--mobile-slice", choices=("float32", "int8"), default="float32",
+                   help="the mobile slice's arithmetic: float32, or int8 weights and products (ONNX Runtime's "
+                        "MatMulNBits), what a device runs; certified on the outputs it computes")
     _cost_flags(p, "a cost profile of the cluster (`dimee profile`): calibrate for its latency in ms instead "
                    "of the paper's abstract costs (only --mu may be added)")
 
@@ -244,10 +247,11 @@ def cmd_calibrate(args) -> int:
 
     forced = None
     if args.wire is not None or args.carrier is not None:
-        forced = Wire(format=args.wire or "float32", carrier=args.carrier or "hidden")
+        forced = Wire(format=args.wire or "float32", carrier=args.carrier or "hidden", mobile_slice=args.mobile_slice)
     doc = write_calibration(args.dir, _latency_model(args) or _cost_model(args), args.max_accuracy_drop, args.folds,
                           default=args.default_policy, delta=args.delta, pairs=boundary_pairs_of(args, args.dir),
-                          unlabeled=args.from_traffic or args.unlabeled, wire=forced, savings=_wire_savings(args))
+                          unlabeled=args.from_traffic or args.unlabeled, wire=forced, savings=_wire_savings(args),
+                          mobile_slice=args.mobile_slice)
     print(f"cost model: {json.dumps(doc.cost_model.model_dump())}")
     print(f"calibration reference (final exit) accuracy: {doc.calibration_reference_accuracy:.4f}")
     for name, pol in doc.policies.items():
@@ -266,7 +270,8 @@ def cmd_calibrate(args) -> int:
               f"certified on the calibration split, which the choice did not see)")
     chosen = "chosen on the training split" if doc.wire_choice else "as asked" if forced else "the default"
     print(f"what crosses the links: {doc.wire.format} hidden states; a text sent straight to cloud carries "
-          f"{'its token ids' if doc.wire.carrier == 'tokens' else 'the hidden state'} ({chosen})")
+          f"{'its token ids' if doc.wire.carrier == 'tokens' else 'the hidden state'} ({chosen}); the mobile "
+          f"slice in {doc.wire.mobile_slice}")
     print(f"default serving policy: {doc.default}")
     for warning in doc.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -27,6 +27,7 @@ from dimee_models.data import TextDataset
 from dimee_models.manifest import Manifest
 from dimee_models.model import HiddenState, MultiExitEncoder
 from dimee_models.batching import batches, model_inputs
+from dimee_models.onnx_layers import OnnxLayers
 from dimee_models.wire import Wire, round_trip
 
 TRAIN_ROWS = 4000  # of the training split, to choose the tier boundaries on
@@ -163,9 +164,10 @@ class OutputSource:
         out = self.split(part).at(mobile_exit, edge_exit)
         if not wire.rounds:
             return out
-        if wire.format == "float32":  # nothing rounds: only cloud's carrier differs
+        if not wire.changes_states:  # only cloud's carrier differs
             return with_wire(out, wire, None)
-        cache = self.root / "outputs" / f"{part}-{wire.format}-{mobile_exit}-{edge_exit}.safetensors"
+        int8 = "-int8-mobile" if wire.mobile_slice == "int8" else ""
+        cache = self.root / "outputs" / f"{part}-{wire.format}-{mobile_exit}-{edge_exit}{int8}.safetensors"
         if not cache.is_file():
             ds = artifact.load_split(self.root, part, self.manifest)
             if part == "train":
@@ -177,17 +179,26 @@ class OutputSource:
         """These texts' outputs, not cached, at `exits` (default: the manifest's) as served over `wire`."""
         out = self._outputs(self._compute(ds))
         out = out.at(*exits) if exits else out
-        if not wire.rounds or wire.format == "float32":
+        if not wire.changes_states:
             return with_wire(out, wire, None)
         return with_wire(out, wire, self._compute_wire(ds, out.mobile_exit, out.edge_exit, wire))
 
     def _compute_wire(self, ds: TextDataset, m: int, e: int, wire: Wire) -> dict[str, np.ndarray]:
         model, tokenizer = self.model
-        after, escalated = [], []
+        # the int8 slice as a mobile replica runs it: a row's answer does not depend on its batch
+        int8 = OnnxLayers(model, {0}, m, torch.get_num_threads(), int8=True) if wire.mobile_slice == "int8" else None
+        after, escalated, at_mobile, z = [], [], [], []
         with torch.inference_mode():
             for enc, _ in batches(ds, tokenizer, 64, self.manifest.max_length):
                 inputs = model_inputs(enc)
-                state = model.run_layers(model.embed(**inputs), m)
+                state = model.embed(**inputs)
+                if int8 is None:
+                    state = model.run_layers(state, m)
+                else:
+                    logits, pooled, hidden = int8.run(state)
+                    at_mobile.append(logits)
+                    z.append(pooled)
+                    state = HiddenState(torch.from_numpy(hidden), state.attention_mask, m)
                 state = self._crossed(state, wire)
                 logits = []
                 for layer in range(m + 1, model.num_layers + 1):
@@ -199,7 +210,10 @@ class OutputSource:
                 if e < model.num_layers:
                     state = model.run_layers(self._crossed(edge_state, wire), model.num_layers)
                 escalated.append(model.exit(state).logits)
-        return {"after_mobile": torch.cat(after).numpy(), "escalated": torch.cat(escalated).numpy()}
+        arrays = {"after_mobile": torch.cat(after).numpy(), "escalated": torch.cat(escalated).numpy()}
+        if int8 is not None:
+            arrays |= {"mobile": np.concatenate(at_mobile), "z": np.concatenate(z)}
+        return arrays
 
     @staticmethod
     def _crossed(state: HiddenState, wire: Wire) -> HiddenState:
@@ -232,13 +246,15 @@ def with_wire(out: ExitOutputs, wire: Wire, arrays: dict[str, np.ndarray] | None
     cloud's as its carrier brings them, and the float32 final exit as the reference."""
     if not wire.rounds:
         return out
-    m, final = out.mobile_exit, out.logits[:, -1]
+    m, final, z = out.mobile_exit, out.logits[:, -1], out.z
     logits = out.logits.copy()
     if arrays is not None:
         logits[:, m:] = arrays["after_mobile"]
+    if arrays is not None and "mobile" in arrays:  # an int8 mobile slice: its exit and z too
+        logits[:, m - 1], z = arrays["mobile"], arrays["z"]
     cloud = final if wire.carrier == "tokens" else logits[:, -1]
     escalated = logits[:, -1] if arrays is None else arrays["escalated"]
-    return ExitOutputs(logits, out.z, out.labels, m, out.edge_exit, None, cloud, escalated, final, wire)
+    return ExitOutputs(logits, z, out.labels, m, out.edge_exit, None, cloud, escalated, final, wire)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

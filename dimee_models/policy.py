@@ -36,6 +36,7 @@ from dimee_models.cost import PATHS
 from dimee_models.policy_doc import PolicyDoc
 from dimee_models.risk import RISK_PATH, RiskBound
 from dimee_models.tiers import Tier
+from dimee_models.wire import Wire
 
 # A request's mode: route with the served `Policy`, or a baseline that sends every sample to one tier.
 Mode = Literal["dimee", "cloud_only", "mobile_only", "edge_only"]
@@ -256,6 +257,12 @@ def threshold_route(scores: np.ndarray, t_mobile: float, t_edge: float) -> np.nd
 
 
 # persistence -------------------------------------------------------------------------------------
+
+
+def served_wire(directory: str | Path) -> Wire:
+    """The wire policy.json was certified on (float32 hidden states where nothing is calibrated yet)."""
+    path = Path(directory) / POLICY_JSON
+    return PolicyDoc.model_validate_json(path.read_text()).wire if path.is_file() else Wire()
 
 
 def load_policies(directory: str | Path) -> tuple[dict[str, Policy], PolicyDoc]:

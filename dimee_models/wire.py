@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Format = Literal["float32", "float16", "int8"]
 Carrier = Literal["hidden", "tokens"]
+Slice = Literal["float32", "int8"]
 FORMATS: tuple[Format, ...] = ("float32", "float16", "int8")
 CARRIERS: tuple[Carrier, ...] = ("hidden", "tokens")
 INT8_MAX = 127
@@ -29,7 +30,8 @@ DEFLATE_LEVEL = 1  # zlib's fastest: higher levels save little more on int8 valu
 
 
 class Wire(BaseModel):
-    """A deployment's choice of what crosses its links (policy.json's `wire`)."""
+    """A deployment's choice of what crosses its links (policy.json's `wire`), and of the arithmetic of
+    the mobile slice that computes the hidden state it sends (dimee_models/onnx_layers.py)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -37,10 +39,18 @@ class Wire(BaseModel):
     carrier: Carrier = Field("hidden", description="what a text sent straight from mobile to cloud carries: "
                                                    "the mobile hidden state, or its token ids (cloud runs every layer)")
 
+    mobile_slice: Slice = Field("float32", description="the mobile slice's weights and products: float32, or int8 "
+                                                        "(a device's; certified like the rest of the wire)")
+
     @property
     def rounds(self) -> bool:
-        """Whether the answers past mobile differ from the float32 model's: they then need outputs of their own."""
-        return self.format != "float32" or self.carrier != "hidden"
+        """Whether the answers differ from the float32 model's: they then need outputs of their own."""
+        return self.format != "float32" or self.carrier != "hidden" or self.mobile_slice != "float32"
+
+    @property
+    def changes_states(self) -> bool:
+        """Whether the hidden states past mobile differ from the float32 model's (rounded, or computed in int8)."""
+        return self.format != "float32" or self.mobile_slice != "float32"
 
 
 @dataclass(frozen=True)

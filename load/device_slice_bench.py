@@ -1,8 +1,10 @@
-"""The device slice on three runtimes, one text at a time, one thread (a 0.5-CPU replica's): eager
-torch float32 (what served before), ONNX Runtime float32 (what tiers run now, deployments/onnx_layers.py)
-and ONNX Runtime int8 (`onnxruntime.quantization.quantize_dynamic`: int8 weights per output channel,
-activations scaled per tensor at run time). Per layer: the slice of m layers less the slice of one, over
-m - 1, median over the test split's texts. Per exit 1..m: test accuracy against eager torch's.
+"""The device slice on four runtimes, one text at a time, one thread (a 0.5-CPU replica's): eager
+torch float32, ONNX Runtime float32 (what tiers run, dimee_models/onnx_layers.py), ONNX Runtime int8
+as `--mobile-slice int8` serves it (MatMulNBits: int8 weights with a scale per block of 32, products
+in int8, each row's activations scaled per block) and ONNX Runtime's dynamic int8 (`quantize_dynamic`:
+weights per output channel, activations scaled per tensor, so a text's answer depends on its batch;
+not served). Per layer: the slice of m layers less the slice of one, over m - 1, median over the
+test split's texts. Per exit 1..m: test accuracy against eager torch's.
 
     python -m load.device_slice_bench --artifact artifacts/default --out docs/results/links/device-slice.json
 """
@@ -10,6 +12,7 @@ m - 1, median over the test split's texts. Per exit 1..m: test accuracy against 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 import warnings
@@ -22,6 +25,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
 from dimee_models import artifact
+from dimee_models.onnx_layers import quantize_int8
 from load.client import emit
 
 
@@ -42,13 +46,15 @@ class Exits(nn.Module):
 
 def sessions(module: nn.Module, directory: Path, name: str) -> dict:
     """The eager module, and ONNX Runtime sessions of it in float32 and int8, each as ids -> logits."""
-    path, int8 = directory / f"{name}.onnx", directory / f"{name}-int8.onnx"
+    path, dynamic, int8 = (directory / f"{name}{kind}.onnx" for kind in ("", "-dynamic", "-int8"))
     example = torch.tensor([[101, 2000, 2001, 102], [101, 2000, 102, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), input_names=["ids", "mask"], output_names=["logits"],
                           dynamic_axes={"ids": {0: "b", 1: "t"}, "mask": {0: "b", 1: "t"}}, dynamo=False)
-    quantize_dynamic(str(path), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(path), str(dynamic), weight_type=QuantType.QInt8, per_channel=True)
+    shutil.copy(path, int8)
+    quantize_int8(int8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
 
@@ -60,7 +66,8 @@ def sessions(module: nn.Module, directory: Path, name: str) -> dict:
         with torch.inference_mode():
             return module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
 
-    return {"torch_float32": eager, "onnxruntime_float32": onnx(path), "onnxruntime_int8": onnx(int8)}
+    return {"torch_float32": eager, "onnxruntime_float32": onnx(path), "onnxruntime_int8_dynamic": onnx(dynamic),
+            "onnxruntime_int8": onnx(int8)}
 
 
 def main() -> None:

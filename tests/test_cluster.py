@@ -775,10 +775,11 @@ def test_tier_boundaries_chosen_at_calibration_are_served_as_offline(cluster, se
     assert {p["exit_layer"] for p in served["edge_only"]} == {exits.edge}
 
 
-def test_a_wire_of_int8_hidden_states_and_token_ids_to_cloud_is_served_as_offline(cluster, served_artifact, tmp_path):
-    """An artifact whose links carry int8 hidden states, and a text's token ids where it goes straight
-    to cloud: edge computes from the int8 state mobile sent, an escalated text's cloud from edge's,
-    cloud from the token ids, each exactly as offline outputs do (dimee_models/wire.py)."""
+def test_an_int8_mobile_slice_and_wire_are_served_as_offline(cluster, served_artifact, tmp_path):
+    """An artifact certified on an int8 mobile slice whose links carry int8 hidden states, and a text's
+    token ids where it goes straight to cloud: mobile answers from the int8 slice, edge computes from
+    the int8 state mobile sent, an escalated text's cloud from edge's, cloud from the token ids, each
+    exactly as offline outputs do (dimee_models/wire.py, dimee_models/onnx_layers.py)."""
     import shutil
 
     from dimee_models.policy_doc import PolicyDoc
@@ -786,15 +787,16 @@ def test_a_wire_of_int8_hidden_states_and_token_ids_to_cloud_is_served_as_offlin
 
     wired = shutil.copytree(served_artifact, tmp_path / "int8")
     doc = PolicyDoc.model_validate_json((wired / "policy.json").read_text())
-    (wired / "policy.json").write_text(doc.model_copy(update={"wire": Wire(format="int8", carrier="tokens")}).to_json())
+    wire = Wire(format="int8", carrier="tokens", mobile_slice="int8")
+    (wired / "policy.json").write_text(doc.model_copy(update={"wire": wire}).to_json())
     artifact.write_manifest(wired, artifact.read_manifest(wired, verify=False))
     texts = THREE_WAY_TEXTS * 2 + ["an utterly forgettable sequel."]
     replicas = {"mobile": 1, "edge": 1, "cloud": 1}
     deploy(serve_config(wired, replicas), tmp_path)
     try:
-        wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["wire"]["format"] == "int8", 120,
-                 "the int8 wire serving")
-        served = {mode: classify(cluster, texts, mode) for mode in ("dimee", "edge_only")}
+        wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["wire"] == wire.model_dump(), 120,
+                 "the int8 slice and wire serving")
+        served = {mode: classify(cluster, texts, mode) for mode in ("dimee", "edge_only", "mobile_only")}
         deploy(serve_config(wired, replicas, policy="escalating"), tmp_path)
         wait_for(lambda: requests.get(f"{cluster}/v1/info", timeout=30).json()["policy"]["name"] == "escalating", 120,
                  "the escalating policy serving")
@@ -813,8 +815,9 @@ def test_a_wire_of_int8_hidden_states_and_token_ids_to_cloud_is_served_as_offlin
     # cloud answered from the token ids: the float32 model's final exit; edge from a rounded state
     final = predict_texts(served_artifact, texts, "cloud_only")
     assert abs(served["dimee"][2]["confidence"] - final[2]["confidence"]) < 1e-4
-    float32 = predict_texts(served_artifact, texts, "edge_only")
-    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(served["edge_only"], float32)) > 1e-6
+    for mode in ("edge_only", "mobile_only"):
+        float32 = predict_texts(served_artifact, texts, mode)
+        assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(served[mode], float32)) > 1e-6, mode
 
 
 def live_risk(url: str) -> dict:

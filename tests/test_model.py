@@ -3,6 +3,7 @@
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, BertConfig, DistilBertConfig, GPT2Config, MPNetConfig, RobertaConfig
@@ -191,9 +192,9 @@ def test_default_backbone_loads_offline(monkeypatch):
 
 @torch.no_grad()
 def test_onnx_runtime_runs_every_family_as_torch_does(family):
-    """The tiers' layers exported to ONNX Runtime (deployments/onnx_layers.py) answer as the torch
+    """The tiers' layers exported to ONNX Runtime (dimee_models/onnx_layers.py) answer as the torch
     module does, for batches longer and shorter than the export's example, padded or not."""
-    from deployments.onnx_layers import OnnxLayers
+    from dimee_models.onnx_layers import OnnxLayers
 
     model, _ = tiny_model(family)
     onnx = OnnxLayers(model, {0, M}, L, threads=1)
@@ -207,3 +208,23 @@ def test_onnx_runtime_runs_every_family_as_torch_does(family):
             assert torch.allclose(torch.from_numpy(pooled), model.exit(last).pooled, atol=ATOL)
             real = mask.bool()
             assert torch.allclose(torch.from_numpy(hidden)[real], last.hidden[real], atol=1e-4)
+
+
+@torch.no_grad()
+def test_an_int8_slice_answers_each_row_as_it_does_alone():
+    """An int8 slice (MatMulNBits) scales each row's activations on its own: a row's answer does not
+    depend on the batch it ran in, so offline outputs certify what is served; it stays near float32's."""
+    from dimee_models.onnx_layers import OnnxLayers
+
+    model, _ = tiny_model("bert")
+    int8 = OnnxLayers(model, {0}, M, threads=1, int8=True)
+    ids, mask = padded_batch(length=9)
+    logits, _, hidden = int8.run(model.embed(ids, mask))
+    for row in range(len(ids)):
+        n = int(mask[row].sum())
+        alone, _, alone_hidden = int8.run(model.embed(ids[row:row + 1, :n], mask[row:row + 1, :n]))
+        np.testing.assert_allclose(alone[0], logits[row], atol=ATOL)
+        np.testing.assert_allclose(alone_hidden[0], hidden[row, :n], atol=1e-4)
+    float32 = model.exit(model.run_layers(model.embed(ids, mask), M)).logits.numpy()
+    assert not np.allclose(logits, float32, atol=ATOL)  # int8 products, not float32's
+    np.testing.assert_allclose(logits, float32, atol=0.05)

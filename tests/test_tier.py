@@ -31,7 +31,8 @@ def test_only_the_chosen_rows_are_sent_without_their_padding(runners):
     hidden, mask = unpack(sent.packed)
     assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     np.testing.assert_array_equal(hidden[mask.astype(bool)], state.hidden[[1, 3], :3][mask.astype(bool)])
-    assert mobile.store(state, None, "int8").packed.values.dtype == np.int8
+    int8 = mobile.store(state, None, "int8").packed
+    assert int8.scales.shape == (16,) and int8.values.dtype == np.uint8  # a scale per token; values deflated
 
 
 @pytest.fixture

@@ -133,3 +133,19 @@ def test_a_wire_is_chosen_only_where_its_bytes_save_something(wired):
     wire, found = choose_wire(source, 2, 4, cost, dear, 0.3)
     costs = {(f["format"], f["carrier"]): f["cost"] for f in found}
     assert costs[wire.format, wire.carrier] == min(costs.values()) < costs["float32", "hidden"]
+
+
+def test_an_int8_mobile_slice_is_certified_on_what_it_computes(wired, served_artifact):
+    """`--mobile-slice int8`: the mobile exit, z and every answer after them come from the int8 slice
+    (dimee_models/onnx_layers.py), certified against the float32 model's final exit."""
+    doc = write_calibration(wired, CostModel(), 0.3, mobile_slice="int8")
+    assert doc.wire == Wire(mobile_slice="int8")
+    out = OutputSource(wired).wire_split("calibration", 2, 4, doc.wire)
+    assert (wired / "outputs" / "calibration-float32-2-4-int8-mobile.safetensors").is_file()
+    float32 = OutputSource(wired).split("calibration")
+    np.testing.assert_array_equal(out.logits[:, 0], float32.logits[:, 0])  # an exit the slice does not serve
+    assert not np.array_equal(out.logits[:, 1], float32.logits[:, 1]) and not np.array_equal(out.z, float32.z)
+    assert (out.logits[:, 1].argmax(-1) == float32.logits[:, 1].argmax(-1)).mean() > 0.95
+    np.testing.assert_array_equal(out.reference, float32.reference)
+    rounded, exact = (predict_texts(a, THREE_WAY_TEXTS, "mobile_only") for a in (wired, served_artifact))
+    assert 0 < max(abs(r["confidence"] - e["confidence"]) for r, e in zip(rounded, exact)) < 0.05
