@@ -1,5 +1,5 @@
 """A tier's layers and exit head on ONNX Runtime: the same weights and the same float32 arithmetic as
-the torch module they are exported from, at 0.54x of eager torch's cost per layer for one text on
+the torch module they are exported from, at about half of eager torch's cost per layer for one text on
 this CPU (docs/RESULTS.md, "The device slice"). Eager torch pays its Python dispatch on every small
 matrix product of a one-text request; a graph runtime does not.
 
