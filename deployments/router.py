@@ -94,12 +94,8 @@ class Router:
         """Serve's `user_config`. A bad one is refused, logged and shown in /v1/info while the previous
         settings keep serving: raising here would make Serve restart the replica."""
         try:
-            settings = build_settings(RouterConfig.model_validate(config or {}), self.args, self.manifest,
-                                      self.directory)
-            if (settings.wire.mobile_slice == "int8") != self.mobile.int8:
-                raise ValueError(f"policy_artifact was certified on an {settings.wire.mobile_slice} mobile slice, "
-                                 "which this ingress does not run: deploy it instead")
-            self.settings = settings
+            self.settings = build_settings(RouterConfig.model_validate(config or {}), self.args, self.manifest,
+                                           self.directory)
             self.config_error = None
         except (ValueError, OSError) as err:
             self.config_error = f"user_config refused, the previous settings stay: {err}"

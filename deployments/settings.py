@@ -9,7 +9,7 @@ from deployments.schemas import AppArgs, RouterConfig
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.manifest import Manifest
-from dimee_models.policy import CentroidPolicy, Policy, load_policies
+from dimee_models.policy import CentroidPolicy, Policy, load_policies, served_wire
 from dimee_models.policy_doc import PolicyDoc
 from dimee_models.wire import Wire
 from dimee_models.risk import DEFAULT_DELTA
@@ -38,6 +38,7 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest, dire
     """Settings from a validated config, checked against the served artifact (its files fetched to
     `directory`); ValueError says what is wrong."""
     source = config.policy_artifact or args.artifact
+    runs = served_wire(directory).mobile_slice  # the served mobile slice's arithmetic, fixed when it started
     if config.policy_artifact:
         directory, _ = weights.fetch(config.policy_artifact, "policy")  # each file checked against its manifest
         other = artifact.read_manifest(directory, verify=False)
@@ -45,6 +46,9 @@ def build_settings(config: RouterConfig, args: AppArgs, manifest: Manifest, dire
             raise ValueError(f"policy_artifact {source} holds other weights than the served artifact: "
                              "only a recalibrated copy of the same model can be switched to live")
     policies, doc = load_policies(directory)
+    if doc.wire.mobile_slice != runs:
+        raise ValueError(f"policy_artifact {source} was certified on a mobile slice in {doc.wire.mobile_slice}; this "
+                         f"deployment runs one in {runs}: deploy it instead")
     name = config.policy or args.policy or doc.default
     if name not in policies:
         raise ValueError(f"policy {name!r} is not in {source}; it has {sorted(policies)}")

@@ -12,6 +12,8 @@ from deployments.schemas import AppArgs, RouterConfig
 from dimee_models import artifact
 from dimee_models.cost import CostModel
 from dimee_models.policy import load_policies
+from dimee_models.policy_doc import PolicyDoc
+from dimee_models.wire import Wire
 
 
 def settings(served_artifact, config: dict, policy: str | None = None):
@@ -69,6 +71,11 @@ def test_a_recalibrated_copy_can_be_switched_to_but_other_weights_cannot(served_
         settings(served_artifact, {"policy_artifact": str(tampered)})
     with pytest.raises(ValueError):
         settings(served_artifact, {"policy_artifact": str(tmp_path / "missing")})
+    doc = PolicyDoc.model_validate_json((copy / "policy.json").read_text())
+    (copy / "policy.json").write_text(doc.model_copy(update={"wire": Wire(mobile_slice="int8")}).to_json())
+    artifact.write_manifest(copy, artifact.read_manifest(copy, verify=False))
+    with pytest.raises(ValueError, match="certified on a mobile slice in int8; this deployment runs one in float32"):
+        settings(served_artifact, {"policy_artifact": str(copy)})
 
 
 def test_info_says_where_the_model_is_cut_and_why(served_artifact, tmp_path):
